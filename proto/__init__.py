@@ -1,0 +1,1 @@
+"""Ferry's wire contract: the Open Inference Protocol stubs and the tensor wire codec."""

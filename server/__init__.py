@@ -1,0 +1,3 @@
+"""Ferry's server: a dynamic-batching Open Inference Protocol server for ONNX models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""The application: wires the repository, the servicer, health and reflection into one
+grpc.aio server, and runs its start-up and drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from ferry.proto import grpc_service_pb2 as pb
+from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.proto._pool import POOL
+
+from .repository import ModelManager, ModelRepository
+from .scheduler import Instance
+from .servicer import InferenceServicer, RequestObserver
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    """Everything `ferry serve` can be told. A port of 0 picks a free one."""
+
+    model_path: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int | None = 8002  # None: no metrics endpoint
+    shutdown_grace_s: float = 30.0
+    max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc port must be within 0..65535, got {self.grpc_port}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message size must be >= 1024 bytes, got {self.max_message_bytes}")
+
+
+def _register_in_pool(*files: object) -> None:
+    """Let reflection describe the health and reflection services too."""
+    for file in files:
+        name = file.name  # type: ignore[attr-defined]
+        try:
+            POOL.FindFileByName(name)
+        except KeyError:
+            POOL.AddSerializedFile(file.serialized_pb)  # type: ignore[attr-defined]
+
+
+class FerryServer:
+    """One Ferry process: models, the gRPC port and the health service."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        *,
+        wrap_instance: Callable[[str, Instance], Instance] | None = None,
+        request_observers: Sequence[RequestObserver] = (),
+    ) -> None:
+        self.options = options
+        self.manager = ModelManager(
+            ModelRepository(options.model_path),
+            drain_grace_s=options.shutdown_grace_s,
+            wrap_instance=wrap_instance,
+            on_change=self._models_changed,
+        )
+        self._draining = False
+        self.health = HealthServicer()
+        self.servicer = InferenceServicer(
+            self.manager, is_ready=self.is_ready, request_observers=request_observers
+        )
+        message_limit = options.max_message_bytes
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection(
+            [INFERENCE_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME],
+            self._server,
+            pool=POOL,
+        )
+        self.grpc_port = 0
+
+    def is_ready(self) -> bool:
+        return not self._draining and self.manager.all_ready()
+
+    async def start(self) -> int:
+        """Load the repository, then open the port; returns the bound gRPC port."""
+        address = f"{self.options.host}:{self.options.grpc_port}"
+        self.grpc_port = self._server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await self._models_changed()
+        await self._server.start()
+        await self.manager.load_all()
+        log.info(
+            "serving the Open Inference Protocol on %s:%d (%d models ready)",
+            self.options.host, self.grpc_port, len(self.manager.models),
+        )
+        return self.grpc_port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: refuse new work, answer every accepted request, then close the port."""
+        grace = self.options.shutdown_grace_s if grace_s is None else grace_s
+        self._draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.manager.close(grace)
+        await self._server.stop(grace=min(grace, 1.0))
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _models_changed(self) -> None:
+        """Keep the health service in step with the models."""
+        if self._draining:
+            return
+        for name in self.manager.repository.model_names() + list(self.manager.models):
+            ready = name in self.manager.models
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
+        overall = SERVING if self.is_ready() else NOT_SERVING
+        await self.health.set("", overall)
+        await self.health.set(INFERENCE_SERVICE, overall)

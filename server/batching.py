@@ -1,0 +1,272 @@
+"""The batching core: which queued requests run together, and when.
+
+Pure Python over plain data. It imports neither grpc nor onnxruntime and owns no clock:
+every call takes `now` (monotonic seconds), so each policy decision is a plain function
+call in a test.
+
+The event loop / executor boundary (design A of the house style): batches are formed on
+the asyncio event loop by `server.scheduler`, which asks this queue for a batch whenever
+an executor instance is free, and hands only the model execution to that instance's
+worker thread. A batch is therefore not sealed until an executor is free, and keeps
+growing while the model is busy.
+
+Rules, in Triton's vocabulary:
+- Size is counted in rows along axis 0, never in requests; a batch never exceeds
+  `max_batch_size` rows. A request that does not fit waits for the next batch and keeps
+  its place in line.
+- Requests whose non-batch shapes differ (their `shape_key`) never share a batch. The
+  oldest request in priority order decides the group of the next batch.
+- A batch is dispatched when it is full, when a preferred size can be formed (the
+  largest one that can), when the oldest request has waited `max_queue_delay_s`, or at
+  once when that delay is 0: an idle server adds no wait.
+- Priority level 1 is the highest. A request that has waited `priority_aging_s` is
+  served ahead of every level, oldest first, so low levels are never starved.
+- Expired requests are removed before any batch forms and handed back to the caller.
+- A full queue rejects a new request at once; nothing ever waits for room.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .errors import ErrorKind, FerryError
+
+P = TypeVar("P")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPolicy:
+    """How one model's queue forms batches. Times are in seconds."""
+
+    max_batch_size: int
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0  # requests; 0 means unbounded
+    priority_levels: int = 1
+    priority_aging_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"preferred batch size {size} is outside 1..{self.max_batch_size}"
+                )
+        if self.max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.priority_levels < 1:
+            raise ValueError(f"priority_levels must be at least 1, got {self.priority_levels}")
+        if self.priority_aging_s is not None and self.priority_aging_s < 0:
+            raise ValueError(f"priority_aging_s must be >= 0, got {self.priority_aging_s}")
+
+
+@dataclass(slots=True, eq=False)
+class PendingRequest(Generic[P]):
+    """One queued request. `payload` is opaque to the core."""
+
+    payload: P
+    rows: int
+    shape_key: Hashable
+    arrival_s: float
+    deadline_s: float | None = None
+    priority: int = 1
+    sequence: int = field(default=0, init=False)
+
+
+@dataclass(slots=True)
+class Batch(Generic[P]):
+    requests: list[PendingRequest[P]]
+    rows: int
+    formed_s: float
+
+
+class BatchQueue(Generic[P]):
+    """The queue of one model, answering "send these rows now" or "wait until then"."""
+
+    def __init__(self, policy: BatchPolicy) -> None:
+        self.policy = policy
+        self._levels: list[deque[PendingRequest[P]]] = [
+            deque() for _ in range(policy.priority_levels)
+        ]
+        self._count = 0
+        self._rows = 0
+        self._with_deadline = 0
+        self._sequence = itertools.count()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def queued_rows(self) -> int:
+        return self._rows
+
+    def submit(self, request: PendingRequest[P]) -> None:
+        """Queue a request, or raise FerryError if it can never run or there is no room."""
+        policy = self.policy
+        if request.rows < 1 or request.rows > policy.max_batch_size:
+            raise FerryError(
+                ErrorKind.INVALID_INPUT,
+                f"request has {request.rows} rows; this model takes 1 to "
+                f"{policy.max_batch_size} rows per request",
+            )
+        if policy.max_queue_size and self._count >= policy.max_queue_size:
+            raise FerryError(
+                ErrorKind.QUEUE_FULL,
+                f"queue is full ({policy.max_queue_size} requests waiting); retry later",
+            )
+        if not 1 <= request.priority <= policy.priority_levels:
+            raise FerryError(
+                ErrorKind.INVALID_INPUT,
+                f"priority {request.priority} is outside 1..{policy.priority_levels}",
+            )
+        request.sequence = next(self._sequence)
+        self._levels[request.priority - 1].append(request)
+        self._count += 1
+        self._rows += request.rows
+        if request.deadline_s is not None:
+            self._with_deadline += 1
+
+    def discard(self, request: PendingRequest[P]) -> bool:
+        """Remove a request nobody waits for any more; False if it was not queued."""
+        try:
+            self._levels[request.priority - 1].remove(request)
+        except ValueError:
+            return False
+        self._forget(request)
+        return True
+
+    def expire(self, now: float) -> list[PendingRequest[P]]:
+        """Remove and return the requests whose deadline has passed."""
+        if not self._with_deadline:
+            return []
+        expired: list[PendingRequest[P]] = []
+        for index, level in enumerate(self._levels):
+            if not any(r.deadline_s is not None and r.deadline_s <= now for r in level):
+                continue
+            keep: deque[PendingRequest[P]] = deque()
+            for request in level:
+                if request.deadline_s is not None and request.deadline_s <= now:
+                    expired.append(request)
+                else:
+                    keep.append(request)
+            self._levels[index] = keep
+        for request in expired:
+            self._forget(request)
+        return expired
+
+    def take_batch(self, now: float) -> Batch[P] | None:
+        """The batch to run now that an executor is free, or None to wait.
+
+        Call `expire(now)` first: this method does not look at deadlines.
+        """
+        if not self._count:
+            return None
+        policy = self.policy
+        ordered = self._in_order(now)
+        head = next(ordered)
+        candidate = [head]
+        rows = head.rows
+        blocked = False  # a same-shape request is waiting that does not fit
+        for request in ordered:
+            if request.shape_key != head.shape_key:
+                continue
+            if rows + request.rows > policy.max_batch_size:
+                blocked = True
+                break
+            candidate.append(request)
+            rows += request.rows
+
+        take = 0
+        if rows == policy.max_batch_size or blocked or policy.max_queue_delay_s == 0:
+            take = len(candidate)
+        else:
+            take = self._preferred_prefix(candidate)
+            if not take and now - head.arrival_s >= policy.max_queue_delay_s:
+                take = len(candidate)
+        if not take:
+            return None
+        chosen = candidate[:take]
+        for request in chosen:
+            self._levels[request.priority - 1].remove(request)
+            self._forget(request)
+        return Batch(requests=chosen, rows=sum(r.rows for r in chosen), formed_s=now)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the answer of take_batch or expire may change without a new submit."""
+        if not self._count:
+            return None
+        times: list[float] = []
+        deadline = self.next_deadline()
+        if deadline is not None:
+            times.append(deadline)
+        head = next(self._in_order(now))
+        times.append(head.arrival_s + self.policy.max_queue_delay_s)
+        aging = self.policy.priority_aging_s
+        if aging is not None and len(self._levels) > 1:
+            # A lower level's head that ages into first place may change the next batch.
+            times.extend(level[0].arrival_s + aging for level in self._levels[1:] if level)
+        return min(times)
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a queued request, if any has one."""
+        if not self._with_deadline:
+            return None
+        return min(
+            r.deadline_s for level in self._levels for r in level if r.deadline_s is not None
+        )
+
+    def drain(self) -> list[PendingRequest[P]]:
+        """Remove and return every queued request, oldest first within each level."""
+        everything = [r for level in self._levels for r in level]
+        for level in self._levels:
+            level.clear()
+        self._count = self._rows = self._with_deadline = 0
+        return everything
+
+    def _forget(self, request: PendingRequest[P]) -> None:
+        self._count -= 1
+        self._rows -= request.rows
+        if request.deadline_s is not None:
+            self._with_deadline -= 1
+
+    def _in_order(self, now: float) -> Iterator[PendingRequest[P]]:
+        """Queued requests in service order: aged ones first, then by level and age."""
+        levels = self._levels
+        aging = self.policy.priority_aging_s
+        if len(levels) == 1:
+            yield from levels[0]
+            return
+        aged: list[PendingRequest[P]] = []
+        if aging is not None:
+            for level in levels[1:]:
+                for request in level:
+                    if now - request.arrival_s < aging:
+                        break  # arrivals within a level are in order
+                    aged.append(request)
+            aged.sort(key=lambda r: r.sequence)
+            yield from aged
+        seen = {id(r) for r in aged}
+        for level in levels:
+            for request in level:
+                if id(request) not in seen:
+                    yield request
+
+    def _preferred_prefix(self, candidate: list[PendingRequest[P]]) -> int:
+        """Requests in the longest prefix whose rows make a preferred size, or 0."""
+        preferred = self.policy.preferred_batch_sizes
+        if not preferred:
+            return 0
+        best = 0
+        rows = 0
+        for count, request in enumerate(candidate, start=1):
+            rows += request.rows
+            if rows in preferred:
+                best = count
+        return best

@@ -1,0 +1,121 @@
+"""`ferry serve`: the command line, logging set-up and signal handling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .app import FerryServer, ServerOptions
+
+log = logging.getLogger("ferry")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferry",
+        description="Ferry: a dynamic-batching inference server for ONNX models that speaks "
+        "the KServe v2 / Open Inference Protocol over gRPC.",
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository or a single .onnx file",
+        description="Serve every model of a Triton-style model repository "
+        "(<repository>/<model>/<version>/model.onnx, optional <model>/config.pbtxt), or a "
+        "single model.onnx as version 1 of a model named after the file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("model_path", metavar="REPOSITORY|MODEL.onnx", type=Path)
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    serve.add_argument(
+        "--grpc-port", type=int, default=8001, help="gRPC port (0 picks a free port)"
+    )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8002,
+        help="HTTP port of the Prometheus /metrics endpoint (-1 turns it off)",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long accepted requests may take to finish before "
+        "they are answered UNAVAILABLE",
+    )
+    serve.add_argument(
+        "--max-message-size",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest gRPC message received or sent",
+    )
+    serve.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    return parser
+
+
+async def serve(options: ServerOptions) -> int:
+    server = FerryServer(options)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s received: draining (send it again to stop at once)",
+                     signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.warning("second signal: answering queued requests UNAVAILABLE and stopping")
+            server.manager.abort("server is stopping")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    await stop.wait()
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        options = ServerOptions(
+            model_path=args.model_path,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+            shutdown_grace_s=args.shutdown_grace,
+            max_message_bytes=args.max_message_size,
+        )
+        if not args.model_path.exists():
+            raise ValueError(f"{args.model_path} does not exist")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(serve(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Model configuration: config.pbtxt and the ONNX graph, merged into frozen settings.
+
+`config.pbtxt` is protobuf text of Triton's ModelConfig. Settings Ferry honours are read
+into `ModelSettings`; Triton fields Ferry has no use for are listed in one warning, never a
+failure. Without a config, everything comes from the graph.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from ferry.proto import model_config_pb2 as mc
+from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME
+
+from .runtime import GraphSignature, TensorSignature
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_SIZE = 1024
+DEFAULT_INSTANCE_COUNT = 1
+DEFAULT_MODEL_FILENAME = "model.onnx"
+
+# Fields of Triton's ModelConfig that Ferry reads but does not act on: setting them is
+# worth a warning, since the user expects an effect.
+_IGNORED_BUT_KNOWN = {
+    "dynamic_batching.preserve_ordering": "responses are sent as soon as each is ready",
+    "optimization.input_pinned_memory": "",
+    "optimization.output_pinned_memory": "",
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be served; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A tensor the model takes or gives; `dims` exclude the batch dimension when the
+    model batches. -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    dims: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    name: str
+    max_batch_size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    priority_levels: int = 1
+    default_priority_level: int = 1
+    default_timeout_s: float | None = None
+    allow_timeout_override: bool = True
+    instance_count: int = DEFAULT_INSTANCE_COUNT
+    instance_kind: str = "KIND_CPU"
+    gpus: tuple[int, ...] = ()
+    graph_optimization_level: int = 0
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def batchable(self) -> bool:
+        return self.max_batch_size > 0
+
+    def input_shape(self, spec: TensorSpec) -> list[int]:
+        """The shape a client sees in metadata: with the batch dimension as -1."""
+        return [-1, *spec.dims] if self.batchable else list(spec.dims)
+
+    def to_proto(self) -> mc.ModelConfig:
+        """The complete configuration as Triton's ModelConfig, for the ModelConfig RPC."""
+        config = mc.ModelConfig(
+            name=self.name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=self.max_batch_size,
+            default_model_filename=DEFAULT_MODEL_FILENAME,
+        )
+        for spec in self.inputs:
+            config.input.add(
+                name=spec.name,
+                data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
+                dims=spec.dims,
+                optional=spec.optional,
+            )
+        for spec in self.outputs:
+            config.output.add(
+                name=spec.name,
+                data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
+                dims=spec.dims,
+            )
+        if self.batchable:
+            batching = config.dynamic_batching
+            batching.max_queue_delay_microseconds = round(self.max_queue_delay_s * 1e6)
+            batching.preferred_batch_size.extend(self.preferred_batch_sizes)
+            batching.priority_levels = self.priority_levels if self.priority_levels > 1 else 0
+            batching.default_priority_level = (
+                self.default_priority_level if self.priority_levels > 1 else 0
+            )
+            policy = batching.default_queue_policy
+            policy.max_queue_size = self.max_queue_size
+            policy.allow_timeout_override = self.allow_timeout_override
+            if self.default_timeout_s is not None:
+                policy.default_timeout_microseconds = round(self.default_timeout_s * 1e6)
+        group = config.instance_group.add(
+            name=f"{self.name}_0",
+            count=self.instance_count,
+            kind=mc.ModelInstanceGroup.Kind.Value(self.instance_kind),
+        )
+        group.gpus.extend(self.gpus)
+        if self.graph_optimization_level:
+            config.optimization.graph.level = self.graph_optimization_level
+        return config
+
+
+def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
+    """Parse config.pbtxt: the message, the top-level fields set, and warnings."""
+    text = path.read_text(encoding="utf-8")
+    set_fields = _top_level_fields(text)
+    known = {f.name for f in mc.ModelConfig.DESCRIPTOR.fields}
+    unknown = sorted(set_fields - known)
+    config = mc.ModelConfig()
+    try:
+        text_format.Parse(text, config, allow_unknown_field=True)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from exc
+    warnings = []
+    if unknown:
+        warnings.append(f"ignoring Triton settings Ferry does not support: {', '.join(unknown)}")
+    for dotted, why in _IGNORED_BUT_KNOWN.items():
+        if _is_set(config, dotted):
+            warnings.append(f"ignoring {dotted}" + (f" ({why})" if why else ""))
+    return config, set_fields & known, warnings
+
+
+def _top_level_fields(text: str) -> set[str]:
+    """Names of the fields written at the outermost level of a protobuf text message.
+
+    At depth 0, a word is a field name unless it follows a colon (then it is a value).
+    """
+    names: set[str] = set()
+    depth = 0
+    previous = ""
+    for match in _TOKEN.finditer(text):
+        item = match.group()
+        if item[0] in "\"'#":
+            previous = "value" if item[0] != "#" else previous
+            continue
+        if item in "{[<":
+            depth += 1
+        elif item in "}]>":
+            depth -= 1
+        elif depth == 0 and previous != ":" and (item[0].isalpha() or item[0] == "_"):
+            names.add(item)
+        previous = item
+    return names
+
+
+_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|#[^\n]*|[{}\[\]<>:]|[A-Za-z_][\w.]*|[^\s]')
+
+
+def _is_set(message: object, dotted: str) -> bool:
+    current = message
+    for part in dotted.split("."):
+        value = getattr(current, part)
+        if hasattr(value, "ListFields"):
+            if not value.ListFields():
+                return False
+        elif not value:
+            return False
+        current = value
+    return True
+
+
+def settings_from(
+    name: str,
+    graph: GraphSignature,
+    config: mc.ModelConfig | None,
+    set_fields: set[str] = frozenset(),  # type: ignore[assignment]
+    warnings: list[str] | None = None,
+) -> ModelSettings:
+    """Merge a model's graph and its optional config into validated settings."""
+    config = config or mc.ModelConfig()
+    if config.name and config.name != name:
+        raise ConfigError(f"config names the model '{config.name}' but its folder is '{name}'")
+    graph_batchable = all(t.shape[:1] == (-1,) for t in (*graph.inputs, *graph.outputs))
+    if "max_batch_size" in set_fields:
+        max_batch_size = config.max_batch_size
+        if max_batch_size < 0:
+            raise ConfigError(f"max_batch_size must be >= 0, got {max_batch_size}")
+        if max_batch_size > 0 and not graph_batchable:
+            fixed = [
+                f"'{t.name}' {list(t.shape)}"
+                for t in (*graph.inputs, *graph.outputs)
+                if t.shape[:1] != (-1,)
+            ]
+            raise ConfigError(
+                f"max_batch_size {max_batch_size} needs a variable first dimension on every "
+                f"input and output, but the graph has {', '.join(fixed)}"
+            )
+    else:
+        max_batch_size = DEFAULT_MAX_BATCH_SIZE if graph_batchable else 0
+    batching = max_batch_size > 0
+
+    inputs = _merge_tensors("input", graph.inputs, config.input, batching)
+    outputs = _merge_tensors("output", graph.outputs, config.output, batching)
+
+    db = config.dynamic_batching
+    policy = db.default_queue_policy
+    preferred = tuple(sorted(set(db.preferred_batch_size)))
+    for size in preferred:
+        if not 1 <= size <= max(1, max_batch_size):
+            raise ConfigError(
+                f"preferred_batch_size {size} is outside 1..{max_batch_size} (max_batch_size)"
+            )
+    priority_levels = max(1, db.priority_levels)
+    default_priority = db.default_priority_level or (priority_levels + 1) // 2
+    if db.priority_levels and not 1 <= default_priority <= priority_levels:
+        raise ConfigError(
+            f"default_priority_level {default_priority} is outside 1..{priority_levels}"
+        )
+    if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
+        (warnings if warnings is not None else []).append(
+            "default_queue_policy.timeout_action DELAY is treated as REJECT"
+        )
+
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup()]
+    count = sum(max(1, g.count) for g in groups)
+    kind = mc.ModelInstanceGroup.Kind.Name(groups[0].kind)
+    gpus = tuple(gpu for g in groups for gpu in g.gpus)
+
+    return ModelSettings(
+        name=name,
+        max_batch_size=max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
+        preferred_batch_sizes=preferred,
+        max_queue_size=policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE,
+        priority_levels=priority_levels,
+        default_priority_level=default_priority if db.priority_levels else 1,
+        default_timeout_s=(
+            policy.default_timeout_microseconds / 1e6
+            if policy.default_timeout_microseconds
+            else None
+        ),
+        allow_timeout_override=policy.allow_timeout_override
+        or not policy.default_timeout_microseconds,
+        instance_count=count,
+        instance_kind="KIND_CPU" if kind == "KIND_AUTO" else kind,
+        gpus=gpus,
+        graph_optimization_level=config.optimization.graph.level,
+        warnings=tuple(warnings or ()),
+    )
+
+
+def _merge_tensors(
+    role: str,
+    graph: tuple[TensorSignature, ...],
+    configured: object,
+    batching: bool,
+) -> tuple[TensorSpec, ...]:
+    by_name = {t.name: t for t in graph}
+    entries = list(configured)  # type: ignore[call-overload]
+    if not entries:
+        return tuple(
+            TensorSpec(t.name, t.datatype, t.shape[1:] if batching else t.shape) for t in graph
+        )
+    specs = []
+    for entry in entries:
+        sig = by_name.get(entry.name)
+        if sig is None:
+            raise ConfigError(
+                f"config {role} '{entry.name}' is not in the graph, whose {role}s are "
+                f"{', '.join(repr(n) for n in by_name)}"
+            )
+        graph_dims = sig.shape[1:] if batching else sig.shape
+        datatype = sig.datatype
+        if entry.data_type:
+            configured_type = DATATYPES_BY_CONFIG_NAME.get(mc.DataType.Name(entry.data_type))
+            if configured_type != datatype:
+                raise ConfigError(
+                    f"config {role} '{entry.name}' is {mc.DataType.Name(entry.data_type)}, "
+                    f"but the graph has {CONFIG_TYPE_NAMES[datatype]}"
+                )
+        dims = tuple(entry.dims) or graph_dims
+        if len(dims) != len(graph_dims) or any(
+            g != -1 and c != g for c, g in zip(dims, graph_dims, strict=True)
+        ):
+            raise ConfigError(
+                f"config {role} '{entry.name}' has dims {list(dims)}, which do not fit the "
+                f"graph's {list(graph_dims)}" + (" (batch dimension excluded)" if batching else "")
+            )
+        specs.append(
+            TensorSpec(entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)))
+        )
+    if role == "input":
+        missing = [n for n in by_name if n not in {s.name for s in specs}]
+        if missing:
+            raise ConfigError(f"config leaves out graph inputs {', '.join(missing)}")
+    return tuple(specs)

@@ -1,0 +1,362 @@
+"""The model repository: Triton's folder layout on disk, and the models loaded from it.
+
+Layout: `<repository>/<model>/<version>/model.onnx`, with an optional
+`<repository>/<model>/config.pbtxt`; or a single `model.onnx` served as version 1 of a
+model named after the file. Loading builds the sessions on a worker thread, so a slow
+load never stalls requests to other models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.proto import model_config_pb2 as mc
+
+from .batching import BatchPolicy
+from .config import (
+    DEFAULT_MODEL_FILENAME,
+    ConfigError,
+    ModelSettings,
+    read_config_file,
+    settings_from,
+)
+from .errors import ErrorKind, FerryError, not_found
+from .runtime import OnnxInstance, SessionSettings, default_intra_op_threads
+from .scheduler import BatchObserver, Instance, ModelScheduler
+from .stats import ModelStatistics
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(enum.Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where one model's files are."""
+
+    name: str
+    folder: Path
+    config_path: Path | None
+    versions: dict[int, Path]  # version -> model file
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    version: str
+    settings: ModelSettings
+    scheduler: ModelScheduler
+    stats: ModelStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    name: str
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+class ModelRepository:
+    """Finds models on disk; knows nothing of sessions."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        self.single_file = self.path.is_file()
+        if not self.path.exists():
+            raise FileNotFoundError(f"model repository {path} does not exist")
+
+    def model_names(self) -> list[str]:
+        if self.single_file:
+            return [self.path.stem]
+        return sorted(
+            p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def locate(self, name: str) -> ModelSource:
+        if self.single_file:
+            if name != self.path.stem:
+                raise not_found(f"unknown model '{name}'")
+            return ModelSource(name, self.path.parent, None, {1: self.path})
+        folder = self._model_folder(name)
+        config_path = folder / "config.pbtxt"
+        filename = DEFAULT_MODEL_FILENAME
+        if config_path.is_file():
+            config, _, _ = read_config_file(config_path)
+            filename = config.default_model_filename or filename
+        versions = {
+            int(p.name): p / filename
+            for p in folder.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
+        }
+        return ModelSource(name, folder, config_path if config_path.is_file() else None, versions)
+
+    def _model_folder(self, name: str) -> Path:
+        """The folder of a model, refusing names that would leave the repository."""
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise FerryError(ErrorKind.INVALID_INPUT, f"invalid model name {name!r}")
+        folder = self.path / name
+        resolved = folder.resolve()
+        if resolved.parent != self.path:
+            raise FerryError(
+                ErrorKind.INVALID_INPUT,
+                f"model '{name}' resolves outside the model repository",
+            )
+        if not folder.is_dir():
+            raise not_found(f"model '{name}' is not in the model repository")
+        return folder
+
+
+def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list[int]:
+    available = sorted(source.versions)
+    policy = config.version_policy if config is not None else mc.ModelVersionPolicy()
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "all":
+        return available
+    if choice == "specific":
+        missing = [v for v in policy.specific.versions if v not in source.versions]
+        if missing:
+            raise ConfigError(f"version_policy names versions {missing} that have no model file")
+        return sorted(policy.specific.versions)
+    count = policy.latest.num_versions if choice == "latest" else 1
+    return available[-max(1, count) :]
+
+
+def build_model(
+    source: ModelSource, version: int
+) -> tuple[ModelSettings, list[OnnxInstance]]:
+    """Read the config and create the sessions of one version (runs on a worker thread)."""
+    config, set_fields, warnings = (
+        read_config_file(source.config_path) if source.config_path else (None, set(), [])
+    )
+    model_file = source.versions[version]
+    first = OnnxInstance(model_file, SessionSettings())
+    settings = settings_from(source.name, first.signature, config, set_fields, warnings)
+    session_settings = SessionSettings(
+        intra_op_threads=default_intra_op_threads(settings.instance_count),
+        graph_optimization_level=settings.graph_optimization_level,
+    )
+    instances = [OnnxInstance(model_file, session_settings) for _ in range(settings.instance_count)]
+    return settings, instances
+
+
+def policy_for(settings: ModelSettings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=max(1, settings.max_batch_size),
+        max_queue_delay_s=settings.max_queue_delay_s,
+        preferred_batch_sizes=settings.preferred_batch_sizes,
+        max_queue_size=settings.max_queue_size,
+        priority_levels=settings.priority_levels,
+        priority_aging_s=PRIORITY_AGING_S if settings.priority_levels > 1 else None,
+    )
+
+
+# A queued request of any priority that has waited this long is served first.
+PRIORITY_AGING_S = 0.1
+
+ObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
+
+
+def describe(settings: ModelSettings, version: str) -> str:
+    """One log line: tensors, shapes, datatypes and batching settings."""
+
+    def tensors(specs: Sequence[object]) -> str:
+        return ", ".join(
+            f"{s.name} {s.datatype} {settings.input_shape(s)}"  # type: ignore[attr-defined]
+            for s in specs
+        )
+
+    batching = (
+        f"max_batch_size={settings.max_batch_size} "
+        f"max_queue_delay={settings.max_queue_delay_s * 1e6:.0f}us "
+        f"preferred={list(settings.preferred_batch_sizes)} "
+        f"max_queue_size={settings.max_queue_size}"
+        if settings.batchable
+        else "no batching"
+    )
+    return (
+        f"model '{settings.name}' version {version} ready: inputs [{tensors(settings.inputs)}] "
+        f"outputs [{tensors(settings.outputs)}]; {batching}; "
+        f"instances={settings.instance_count} ({settings.instance_kind})"
+    )
+
+
+class ModelManager:
+    """The models being served, by name and version, and their load/unload lifecycle."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        observers_for: ObserverFactory = lambda name, version: (),
+        drain_grace_s: float = 30.0,
+        wrap_instance: Callable[[str, Instance], Instance] | None = None,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self._observers_for = observers_for
+        self._wrap_instance = wrap_instance
+        self._on_change = on_change
+        self._drain_grace_s = drain_grace_s
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._failures: dict[str, str] = {}
+        self._states: dict[str, ModelState] = {}
+        self._draining: set[asyncio.Task[None]] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def models(self) -> dict[str, dict[str, LoadedModel]]:
+        return self._models
+
+    async def load_all(self) -> None:
+        for name in self.repository.model_names():
+            try:
+                await self.load(name)
+            except FerryError:
+                pass  # logged and recorded in the index; the other models still serve
+
+    def all_ready(self) -> bool:
+        """Every model found at start is loaded, and at least one is."""
+        return bool(self._models) and not self._failures
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        versions = self._models.get(name)
+        if not versions:
+            if name in self._failures:
+                raise FerryError(
+                    ErrorKind.UNAVAILABLE,
+                    f"model '{name}' is not loaded: {self._failures[name]}",
+                )
+            raise not_found(f"unknown model '{name}'")
+        if not version:
+            return versions[max(versions, key=int)]
+        model = versions.get(version)
+        if model is None:
+            raise not_found(
+                f"model '{name}' has no version '{version}'; available: "
+                f"{', '.join(sorted(versions, key=int))}"
+            )
+        return model
+
+    def index(self) -> list[IndexEntry]:
+        entries = []
+        names = set(self.repository.model_names()) | set(self._models) | set(self._failures)
+        for name in sorted(names):
+            if name in self._models:
+                entries.extend(
+                    IndexEntry(name, version, ModelState.READY)
+                    for version in sorted(self._models[name], key=int)
+                )
+            elif name in self._failures:
+                entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE, self._failures[name]))
+            else:
+                state = self._states.get(name, ModelState.UNAVAILABLE)
+                reason = "" if state is not ModelState.UNAVAILABLE else "not loaded"
+                entries.append(IndexEntry(name, "", state, reason))
+        return entries
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model; on failure the running versions keep serving."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            self._states[name] = ModelState.LOADING
+            try:
+                source = self.repository.locate(name)
+                loaded = await self._build_versions(source)
+            except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
+                reason = exc.message if isinstance(exc, FerryError) else str(exc)
+                where = self.repository.path / name
+                log.error("model '%s' (%s) failed to load: %s", name, where, reason)
+                if name not in self._models:
+                    self._failures[name] = reason
+                self._states[name] = (
+                    ModelState.READY if name in self._models else ModelState.UNAVAILABLE
+                )
+                kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
+                await self._changed()
+                raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc
+            previous = self._models.get(name, {})
+            self._models[name] = loaded
+            self._failures.pop(name, None)
+            self._states[name] = ModelState.READY
+            for model in previous.values():
+                self._retire(model)
+        await self._changed()
+
+    async def unload(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            versions = self._models.pop(name, None)
+            self._failures.pop(name, None)
+            if versions is None:
+                raise not_found(f"model '{name}' is not loaded")
+            self._states[name] = ModelState.UNAVAILABLE
+            for model in versions.values():
+                self._retire(model)
+            log.info("model '%s' unloaded", name)
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    async def close(self, grace_s: float | None) -> None:
+        """Finish every model's queued requests (up to grace_s), then stop them."""
+        closing = [
+            model.scheduler.close(grace_s)
+            for versions in self._models.values()
+            for model in versions.values()
+        ]
+        self._models = {}
+        await asyncio.gather(*closing, *self._draining)
+
+    def abort(self, reason: str) -> None:
+        for versions in self._models.values():
+            for model in versions.values():
+                model.scheduler.abort(reason)
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Let a replaced or unloaded version finish what it accepted, in the background."""
+        task = asyncio.get_running_loop().create_task(model.scheduler.close(self._drain_grace_s))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _build_versions(self, source: ModelSource) -> dict[str, LoadedModel]:
+        config = read_config_file(source.config_path)[0] if source.config_path else None
+        versions = _select_versions(source, config)
+        if not versions:
+            raise ConfigError(
+                f"no version folder with a model file in {source.folder} "
+                f"(expected {source.folder}/<version>/{DEFAULT_MODEL_FILENAME})"
+            )
+        loop = asyncio.get_running_loop()
+        loaded: dict[str, LoadedModel] = {}
+        for number in versions:
+            settings, instances = await loop.run_in_executor(None, build_model, source, number)
+            version = str(number)
+            for warning in settings.warnings:
+                log.warning("model '%s': %s", source.name, warning)
+            if self._wrap_instance is not None:
+                instances = [self._wrap_instance(source.name, i) for i in instances]  # type: ignore[misc]
+            stats = ModelStatistics(source.name, version)
+            scheduler = ModelScheduler(
+                source.name,
+                policy_for(settings),
+                instances,
+                [spec.name for spec in settings.outputs],
+                batchable=settings.batchable,
+                observers=(stats, *self._observers_for(source.name, version)),
+            )
+            scheduler.start()
+            loaded[version] = LoadedModel(source.name, version, settings, scheduler, stats)
+            log.info(describe(settings, version))
+        return loaded

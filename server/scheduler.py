@@ -1,0 +1,327 @@
+"""The asyncio driver of one model's batch queue, and the hand-off to executor threads.
+
+Owns the event-loop side of design A (see `server.batching`): handlers call `submit`,
+which queues the request and returns a future; one dispatcher task asks the queue for a
+batch whenever an executor instance is free and runs the batch on that instance's own
+worker thread. Gathering the inputs, the model call and slicing the outputs all happen on
+that thread; the futures are resolved back on the loop. Every path out of an execution,
+exceptions included, resolves every future of its batch.
+
+Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from .batching import Batch, BatchPolicy, BatchQueue, PendingRequest
+from .errors import ErrorKind, FerryError
+
+log = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.generic]
+Tensors = dict[str, Array]
+
+
+class Instance(Protocol):
+    """One executor of a model; called from one worker thread at a time."""
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTimings:
+    """What one execution cost, in nanoseconds; queue times are per request."""
+
+    rows: int
+    requests: int
+    queue_ns: tuple[int, ...]
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    failed: bool
+
+
+class BatchObserver(Protocol):
+    def batch_executed(self, timings: BatchTimings) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """The payload of a queued request."""
+
+    inputs: Tensors
+    outputs: tuple[str, ...]
+    future: asyncio.Future[Tensors]
+    arrival_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+def _resolve(future: asyncio.Future[Tensors], value: Tensors | BaseException) -> None:
+    """Settle a future unless its caller already left (deadline, cancellation)."""
+    if future.done():
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
+
+
+class ModelScheduler:
+    """Batches one model's requests and runs them on its instances."""
+
+    def __init__(
+        self,
+        name: str,
+        policy: BatchPolicy,
+        instances: Sequence[Instance],
+        output_names: Sequence[str],
+        *,
+        batchable: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[BatchObserver] = (),
+    ) -> None:
+        if not instances:
+            raise ValueError("a model needs at least one instance")
+        self.name = name
+        self.batchable = batchable
+        self._queue: BatchQueue[Work] = BatchQueue(policy)
+        self._clock = clock
+        self._output_order = tuple(output_names)
+        self._observers = tuple(observers)
+        self._free = list(instances)
+        self._threads = {
+            id(instance): ThreadPoolExecutor(1, thread_name_prefix=f"ferry-{name}")
+            for instance in instances
+        }
+        self._running: set[asyncio.Task[None]] = set()
+        self._inflight: dict[int, list[PendingRequest[Work]]] = {}
+        self._wakeup: asyncio.Future[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._closed = asyncio.Event()
+
+    @property
+    def policy(self) -> BatchPolicy:
+        return self._queue.policy
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or bool(self._running)
+
+    def start(self) -> None:
+        self._dispatcher = asyncio.get_running_loop().create_task(
+            self._dispatch_forever(), name=f"ferry-dispatch-{self.name}"
+        )
+
+    def submit(
+        self,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        *,
+        rows: int,
+        shape_key: object,
+        deadline_s: float | None = None,
+        priority: int = 1,
+    ) -> asyncio.Future[Tensors]:
+        """Queue one request; the future resolves to its own output rows.
+
+        Raises FerryError at once when the request cannot be queued. Cancelling the
+        future (as grpc.aio does when the caller leaves) takes it out of the queue.
+        """
+        if not self._accepting:
+            raise FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is shutting down")
+        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        pending = PendingRequest(
+            payload=Work(inputs, outputs, future),
+            rows=rows if self.batchable else 1,
+            shape_key=shape_key if self.batchable else object(),
+            arrival_s=self._clock(),
+            deadline_s=deadline_s,
+            priority=priority,
+        )
+        self._queue.submit(pending)
+        future.add_done_callback(lambda f: self._on_settled(f, pending))
+        self._wake()
+        return future
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """Stop taking requests, finish the queued ones, then stop the threads.
+
+        After `grace_s` seconds whatever is still queued or running is answered
+        UNAVAILABLE.
+        """
+        self._accepting = False
+        self._wake()
+        try:
+            await asyncio.wait_for(self._idle(), grace_s)
+        except TimeoutError:
+            self.abort("model stopped before the request ran")
+        await self._stop_dispatcher()
+
+    def abort(self, reason: str) -> None:
+        """Answer everything queued or running with UNAVAILABLE, at once."""
+        self._accepting = False
+        error = FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}': {reason}")
+        for pending in self._queue.drain():
+            _resolve(pending.payload.future, error)
+        for batch in self._inflight.values():
+            for pending in batch:
+                _resolve(pending.payload.future, error)
+        self._wake()
+
+    async def _idle(self) -> None:
+        while self.busy:
+            self._closed.clear()
+            await self._closed.wait()
+
+    async def _stop_dispatcher(self) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+            self._dispatcher = None
+        for thread in self._threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)
+
+    def _on_settled(self, future: asyncio.Future[Tensors], pending: PendingRequest[Work]) -> None:
+        if future.cancelled() and self._queue.discard(pending):
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _dispatch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            now = self._clock()
+            for pending in queue.expire(now):
+                _resolve(
+                    pending.payload.future,
+                    FerryError(
+                        ErrorKind.DEADLINE_EXCEEDED,
+                        f"request timed out after waiting in the queue of model '{self.name}'",
+                    ),
+                )
+            while self._free:
+                batch = queue.take_batch(now)
+                if batch is None:
+                    break
+                instance = self._free.pop()
+                task = loop.create_task(self._execute(instance, batch))
+                self._running.add(task)
+            if not self.busy:
+                self._closed.set()
+            # With every instance busy only deadlines matter: expired requests are
+            # answered on time, not when an instance frees up.
+            wakeup_at = queue.next_wakeup(now) if self._free else queue.next_deadline()
+            self._wakeup = loop.create_future()
+            timer = None
+            if wakeup_at is not None:
+                timer = loop.call_later(max(0.0, wakeup_at - now), self._wake)
+            await self._wakeup
+            if timer is not None:
+                timer.cancel()
+
+    async def _execute(self, instance: Instance, batch: Batch[Work]) -> None:
+        requests = batch.requests
+        key = id(batch)
+        self._inflight[key] = requests
+        start_ns = time.perf_counter_ns()
+        queue_ns = tuple(start_ns - r.payload.arrival_ns for r in requests)
+        try:
+            results, timings = await asyncio.get_running_loop().run_in_executor(
+                self._threads[id(instance)], self._run_batch, instance, batch
+            )
+        except Exception as exc:
+            error = self._execution_error(exc)
+            log.error(
+                "model '%s': batch of %d rows from %d requests failed: %s",
+                self.name, batch.rows, len(requests), error.message,
+            )
+            for pending in requests:
+                _resolve(pending.payload.future, error)
+            timings = (0, 0, 0)
+            failed = True
+        else:
+            for pending, result in zip(requests, results, strict=True):
+                _resolve(pending.payload.future, result)
+            failed = False
+        finally:
+            del self._inflight[key]
+            self._free.append(instance)
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._wake()
+        record = BatchTimings(batch.rows, len(requests), queue_ns, *timings, failed=failed)
+        for observer in self._observers:
+            observer.batch_executed(record)
+
+    def _execution_error(self, exc: Exception) -> FerryError:
+        if isinstance(exc, FerryError):
+            return exc
+        return FerryError(ErrorKind.INTERNAL, f"model '{self.name}' failed to run: {exc}")
+
+    def _run_batch(
+        self, instance: Instance, batch: Batch[Work]
+    ) -> tuple[list[Tensors], tuple[int, int, int]]:
+        """Runs on the instance's worker thread: gather, execute, slice."""
+        t0 = time.perf_counter_ns()
+        works = [r.payload for r in batch.requests]
+        inputs = gather(works) if self.batchable else works[0].inputs
+        wanted = {name for work in works for name in work.outputs}
+        output_names = [name for name in self._output_order if name in wanted]
+        t1 = time.perf_counter_ns()
+        outputs = instance.run(inputs, output_names)
+        t2 = time.perf_counter_ns()
+        if self.batchable:
+            results = scatter(outputs, batch.requests, batch.rows)
+        else:
+            results = [{name: outputs[name] for name in works[0].outputs}]
+        t3 = time.perf_counter_ns()
+        return results, (t1 - t0, t2 - t1, t3 - t2)
+
+
+def gather(works: Sequence[Work]) -> Tensors:
+    """Concatenate each input along axis 0; a lone request is passed through uncopied."""
+    if len(works) == 1:
+        return works[0].inputs
+    return {
+        name: np.concatenate([work.inputs[name] for work in works])
+        for name in works[0].inputs
+    }
+
+
+def scatter(
+    outputs: Mapping[str, Array], requests: Sequence[PendingRequest[Work]], rows: int
+) -> list[Tensors]:
+    """Give each request its own rows of the outputs it asked for, as views."""
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise FerryError(
+                ErrorKind.INTERNAL,
+                f"output '{name}' has shape {list(array.shape)}, which does not carry the "
+                f"{rows} rows of the batch along its first dimension",
+            )
+    results: list[Tensors] = []
+    start = 0
+    for pending in requests:
+        stop = start + pending.rows
+        results.append({name: outputs[name][start:stop] for name in pending.payload.outputs})
+        start = stop
+    return results

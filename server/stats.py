@@ -1,0 +1,98 @@
+"""Triton-compatible statistics of one model version, for the ModelStatistics RPC.
+
+Fed once per executed batch by the scheduler and once per finished request by the
+protocol layer; all calls happen on the event loop, so plain integers suffice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ferry.proto import grpc_service_pb2 as pb
+
+from .scheduler import BatchTimings
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def fill(self, message: pb.StatisticDuration) -> None:
+        message.count = self.count
+        message.ns = self.ns
+
+
+@dataclass(slots=True)
+class BatchSizeStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+class ModelStatistics:
+    """Counts and cumulative durations in Triton's vocabulary."""
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name = name
+        self.version = version
+        self.inference_count = 0  # rows
+        self.execution_count = 0  # batches
+        self.last_inference_ms = 0
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.by_batch_size: dict[int, BatchSizeStats] = {}
+
+    def batch_executed(self, timings: BatchTimings) -> None:
+        if timings.failed:
+            return
+        n = timings.requests
+        self.inference_count += timings.rows
+        self.execution_count += 1
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.queue.add(sum(timings.queue_ns), n)
+        # Like Triton, each request is charged the compute time of the batch it ran in.
+        self.compute_input.add(timings.input_ns * n, n)
+        self.compute_infer.add(timings.infer_ns * n, n)
+        self.compute_output.add(timings.output_ns * n, n)
+        sizes = self.by_batch_size.get(timings.rows)
+        if sizes is None:
+            sizes = self.by_batch_size[timings.rows] = BatchSizeStats()
+        sizes.compute_input.add(timings.input_ns)
+        sizes.compute_infer.add(timings.infer_ns)
+        sizes.compute_output.add(timings.output_ns)
+
+    def request_finished(self, ok: bool, duration_ns: int) -> None:
+        (self.success if ok else self.fail).add(duration_ns)
+
+    def to_proto(self) -> pb.ModelStatistics:
+        message = pb.ModelStatistics(
+            name=self.name,
+            version=self.version,
+            last_inference=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+        )
+        stats = message.inference_stats
+        self.success.fill(stats.success)
+        self.fail.fill(stats.fail)
+        self.queue.fill(stats.queue)
+        self.compute_input.fill(stats.compute_input)
+        self.compute_infer.fill(stats.compute_infer)
+        self.compute_output.fill(stats.compute_output)
+        for size in sorted(self.by_batch_size):
+            entry = self.by_batch_size[size]
+            batch = message.batch_stats.add(batch_size=size)
+            entry.compute_input.fill(batch.compute_input)
+            entry.compute_infer.fill(batch.compute_infer)
+            entry.compute_output.fill(batch.compute_output)
+        return message

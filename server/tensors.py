@@ -1,0 +1,206 @@
+"""Decode and validate a ModelInferRequest into arrays; encode arrays into a response.
+
+Everything a request can get wrong is found here, before anything is queued or
+allocated: names, datatypes, ranks, dimensions, byte lengths and BYTES prefixes. Every
+message names the input, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ferry.proto import grpc_service_pb2 as pb
+from ferry.proto.codec import CONTENTS_FIELDS, NUMPY_DTYPES, BytesFormatError, from_raw, to_raw
+
+from .config import ModelSettings, TensorSpec
+from .errors import invalid_input
+
+Array = npt.NDArray[np.generic]
+
+# No single tensor may claim more elements than this, whatever its byte length: a guard
+# against shapes whose product overflows or asks for absurd allocations.
+MAX_TENSOR_ELEMENTS = 1 << 31
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    inputs: dict[str, Array]
+    outputs: tuple[str, ...]
+    rows: int
+    shape_key: tuple[tuple[int, ...], ...]
+
+
+def _describe(datatype: str, shape: object) -> str:
+    return f"{datatype} {list(shape)}"  # type: ignore[call-overload]
+
+
+def decode_request(request: pb.ModelInferRequest, model: ModelSettings) -> DecodedRequest:
+    specs = {spec.name: spec for spec in model.inputs}
+    raw_contents = request.raw_input_contents
+    if raw_contents and len(raw_contents) != len(request.inputs):
+        raise invalid_input(
+            f"raw_input_contents has {len(raw_contents)} entries but the request has "
+            f"{len(request.inputs)} inputs; send one entry per input, in the same order"
+        )
+    arrays: dict[str, Array] = {}
+    for index, tensor in enumerate(request.inputs):
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise invalid_input(
+                f"unknown input '{tensor.name}': model '{model.name}' takes "
+                + ", ".join(f"'{name}'" for name in specs)
+            )
+        if tensor.name in arrays:
+            raise invalid_input(f"input '{tensor.name}' appears more than once")
+        shape = _check_shape(tensor, spec, model)
+        raw = raw_contents[index] if raw_contents else None
+        arrays[tensor.name] = _decode_tensor(tensor, spec, shape, raw)
+
+    missing = [name for name, spec in specs.items() if name not in arrays and not spec.optional]
+    if missing:
+        raise invalid_input(
+            f"missing input {', '.join(repr(n) for n in missing)} for model '{model.name}'"
+        )
+
+    rows = 1
+    if model.batchable:
+        batch_sizes = {name: array.shape[0] for name, array in arrays.items()}
+        rows = next(iter(batch_sizes.values()))
+        if len(set(batch_sizes.values())) > 1:
+            raise invalid_input(
+                "inputs disagree on the batch size (first dimension): "
+                + ", ".join(f"'{n}' has {b}" for n, b in batch_sizes.items())
+            )
+        if not 1 <= rows <= model.max_batch_size:
+            raise invalid_input(
+                f"batch size {rows} (first dimension of input '{next(iter(arrays))}') is "
+                f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
+            )
+    outputs = _requested_outputs(request, model)
+    shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    return DecodedRequest(arrays, outputs, rows, shape_key)
+
+
+def _check_shape(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, model: ModelSettings
+) -> tuple[int, ...]:
+    shape = tuple(tensor.shape)
+    expected = model.input_shape(spec)
+    if tensor.datatype != spec.datatype:
+        raise invalid_input(
+            f"input '{spec.name}': expected {_describe(spec.datatype, expected)}, got "
+            f"{_describe(tensor.datatype or '(no datatype)', shape)}"
+        )
+    if len(shape) != len(expected) or any(
+        e != -1 and s != e for s, e in zip(shape, expected, strict=True)
+    ):
+        raise invalid_input(
+            f"input '{spec.name}': expected shape {list(expected)}, got {list(shape)}"
+        )
+    if any(d < 0 for d in shape):
+        raise invalid_input(f"input '{spec.name}': negative dimension in shape {list(shape)}")
+    elements = 1
+    for dim in shape:
+        elements *= dim
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise invalid_input(
+                f"input '{spec.name}': shape {list(shape)} has more than "
+                f"{MAX_TENSOR_ELEMENTS} elements"
+            )
+    return shape
+
+
+def _decode_tensor(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    raw: bytes | None,
+) -> Array:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if raw is not None:
+        if tensor.HasField("contents"):
+            raise invalid_input(
+                f"input '{spec.name}' has both raw_input_contents and typed contents; "
+                "use one encoding"
+            )
+        try:
+            return from_raw(raw, spec.datatype, shape)
+        except BytesFormatError as exc:
+            raise invalid_input(f"input '{spec.name}': bad BYTES content: {exc}") from exc
+        except ValueError as exc:
+            raise invalid_input(
+                f"input '{spec.name}' {_describe(spec.datatype, shape)}: {exc}"
+            ) from exc
+    field = CONTENTS_FIELDS.get(spec.datatype)
+    if field is None:
+        raise invalid_input(
+            f"input '{spec.name}': {spec.datatype} has no typed contents field; "
+            "send it in raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise invalid_input(
+            f"input '{spec.name}' {_describe(spec.datatype, shape)}: expected {count} "
+            f"values in contents.{field}, got {len(values)}"
+        )
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if others:
+        raise invalid_input(
+            f"input '{spec.name}' is {spec.datatype}, which travels in contents.{field}, "
+            f"but the request set contents.{others[0]}"
+        )
+    dtype = NUMPY_DTYPES[spec.datatype]
+    if spec.datatype == "BYTES":
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        # Typed fields are wider than some datatypes (INT8 travels as int32): refuse
+        # values that do not fit instead of wrapping them around.
+        wide = np.asarray(values)
+        array = wide.astype(dtype)
+        if wide.size and dtype.kind in "iu" and not np.array_equal(array, wide):
+            raise invalid_input(
+                f"input '{spec.name}': values out of range for {spec.datatype}"
+            )
+    except OverflowError as exc:
+        raise invalid_input(f"input '{spec.name}': values out of range for {spec.datatype}") from exc
+    return array.reshape(shape)
+
+
+def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> tuple[str, ...]:
+    names = [spec.name for spec in model.outputs]
+    if not request.outputs:
+        return tuple(names)
+    wanted: list[str] = []
+    for output in request.outputs:
+        if output.name not in names:
+            raise invalid_input(
+                f"unknown output '{output.name}': model '{model.name}' gives "
+                + ", ".join(f"'{n}'" for n in names)
+            )
+        if output.name in wanted:
+            raise invalid_input(f"output '{output.name}' is requested more than once")
+        wanted.append(output.name)
+    return tuple(wanted)
+
+
+def encode_response(
+    request: pb.ModelInferRequest,
+    model: ModelSettings,
+    version: str,
+    outputs: Mapping[str, Array],
+) -> pb.ModelInferResponse:
+    """Outputs travel as raw_output_contents, as Triton sends them."""
+    response = pb.ModelInferResponse(model_name=model.name, model_version=version, id=request.id)
+    datatypes = {spec.name: spec.datatype for spec in model.outputs}
+    for name, array in outputs.items():
+        response.outputs.add(name=name, datatype=datatypes[name], shape=array.shape)
+        response.raw_output_contents.append(to_raw(array))
+    return response
