@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set everything up, then run the whole test suite: lint, type checks and pytest.
+#   scripts/test.sh                 everything
+#   scripts/test.sh -m "not slow"   extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh test
+scripts/install-test-tools.sh
+export PATH="$PWD/.tools/bin:$PATH"
+
+echo "== ruff"
+.venv/bin/ruff check server client tests benchmarks examples proto/generate.py proto/codec.py
+echo "== mypy"
+# mypy sees the installed package layout (ferry.server, ...) through symlinks.
+mkdir -p .typecheck/ferry
+for pkg in server client proto; do ln -sfn "../../$pkg" ".typecheck/ferry/$pkg"; done
+(cd .typecheck && ../.venv/bin/mypy -p ferry.server -p ferry.client)
+echo "== pytest"
+.venv/bin/python -m pytest "$@"

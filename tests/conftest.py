@@ -1,0 +1,120 @@
+"""Shared fixtures: a real Ferry server on an ephemeral loopback port, run on its own
+event-loop thread so that blocking clients (tritonclient) can talk to it from a test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from ferry.server.app import FerryServer, ServerOptions
+from ferry.server.scheduler import Instance
+
+T = TypeVar("T")
+
+
+class RunningServer:
+    """A FerryServer started in a background thread; stop it with close()."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        wrap_instance: Callable[[str, Instance], Instance] | None = None,
+        **options: Any,
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        options.setdefault("host", "127.0.0.1")
+        options.setdefault("grpc_port", 0)
+        options.setdefault("metrics_port", 0)
+        options.setdefault("shutdown_grace_s", 5.0)
+
+        async def create() -> FerryServer:
+            return FerryServer(ServerOptions(model_path=model_path, **options),
+                               wrap_instance=wrap_instance)
+
+        self.server = self.call(create())
+        self.port = self.call(self.server.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop(grace_s=5.0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., RunningServer]]:
+    """Factory: start_server(model_path, **ServerOptions fields) -> RunningServer."""
+    servers: list[RunningServer] = []
+
+    def start(model_path: Path, **kwargs: Any) -> RunningServer:
+        server = RunningServer(model_path, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class GatedInstance:
+    """Wraps a real instance: records every batch it runs, and can be held still.
+
+    `hold()` makes the next runs wait until `release()`; tests use it to let a queue
+    fill up deterministically, without sleeping.
+    """
+
+    def __init__(self, inner: Instance) -> None:
+        self.inner = inner
+        self.batches: list[dict[str, np.ndarray]] = []
+        self._gate = threading.Event()
+        self._gate.set()
+        self.entered = threading.Semaphore(0)
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+        self.entered.release()
+        if not self._gate.wait(60):
+            raise TimeoutError("GatedInstance was never released")
+        self.batches.append({name: np.array(value, copy=True) for name, value in inputs.items()})
+        return self.inner.run(inputs, output_names)
+
+    @property
+    def batch_rows(self) -> list[int]:
+        return [len(next(iter(batch.values()))) for batch in self.batches]
+
+
+@pytest.fixture
+def gated() -> Iterator[Callable[[str, Instance], GatedInstance]]:
+    """A wrap_instance hook that gates every instance; the gates are in `.instances`."""
+    instances: list[GatedInstance] = []
+
+    def wrap(model: str, inner: Instance) -> GatedInstance:
+        gate = GatedInstance(inner)
+        instances.append(gate)
+        return gate
+
+    wrap.instances = instances  # type: ignore[attr-defined]
+    yield wrap
+    for gate in instances:
+        gate.release()
