@@ -212,6 +212,7 @@ class ModelManager:
         self._states: dict[str, ModelState] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
 
     @property
     def models(self) -> dict[str, dict[str, LoadedModel]]:
@@ -229,6 +230,8 @@ class ModelManager:
         return bool(self._models) and not self._failures
 
     def get(self, name: str, version: str = "") -> LoadedModel:
+        if self._closing:
+            raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
         versions = self._models.get(name)
         if not versions:
             if name in self._failures:
@@ -311,6 +314,7 @@ class ModelManager:
 
     async def close(self, grace_s: float | None) -> None:
         """Finish every model's queued requests (up to grace_s), then stop them."""
+        self._closing = True
         closing = [
             model.scheduler.close(grace_s)
             for versions in self._models.values()

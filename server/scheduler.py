@@ -1,11 +1,12 @@
 """The asyncio driver of one model's batch queue, and the hand-off to executor threads.
 
 Owns the event-loop side of design A (see `server.batching`): handlers call `submit`,
-which queues the request and returns a future; one dispatcher task asks the queue for a
-batch whenever an executor instance is free and runs the batch on that instance's own
-worker thread. Gathering the inputs, the model call and slicing the outputs all happen on
-that thread; the futures are resolved back on the loop. Every path out of an execution,
-exceptions included, resolves every future of its batch.
+which queues the request and returns a future; the queue is asked for a batch whenever
+something changes (a submit, a finished batch, a timer) and an executor instance is free,
+and the batch runs on that instance's own worker thread. Gathering the inputs, the model
+call and slicing the outputs all happen on that thread; the futures are resolved back on
+the loop. Every path out of an execution, exceptions included, resolves every future of
+its batch.
 
 Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`.
 """
@@ -13,10 +14,10 @@ Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -65,6 +66,16 @@ class Work:
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
 
 
+@dataclass(slots=True, eq=False)
+class _Running:
+    instance: Instance
+    batch: Batch[Work]
+    start_ns: int
+
+
+_Outcome = tuple[list["Tensors"], tuple[int, int, int]]
+
+
 def _resolve(future: asyncio.Future[Tensors], value: Tensors | BaseException) -> None:
     """Settle a future unless its caller already left (deadline, cancellation)."""
     if future.done():
@@ -99,15 +110,17 @@ class ModelScheduler:
         self._observers = tuple(observers)
         self._free = list(instances)
         self._threads = {
-            id(instance): ThreadPoolExecutor(1, thread_name_prefix=f"ferry-{name}")
+            id(instance): concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"ferry-{name}"
+            )
             for instance in instances
         }
-        self._running: set[asyncio.Task[None]] = set()
-        self._inflight: dict[int, list[PendingRequest[Work]]] = {}
-        self._wakeup: asyncio.Future[None] | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._inflight: dict[int, _Running] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._accepting = True
-        self._closed = asyncio.Event()
+        self._idle_event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop
 
     @property
     def policy(self) -> BatchPolicy:
@@ -119,12 +132,11 @@ class ModelScheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or bool(self._running)
+        return bool(self._queue) or bool(self._inflight)
 
     def start(self) -> None:
-        self._dispatcher = asyncio.get_running_loop().create_task(
-            self._dispatch_forever(), name=f"ferry-dispatch-{self.name}"
-        )
+        """Bind to the running event loop; call once, from the loop, before submit."""
+        self._loop = asyncio.get_running_loop()
 
     def submit(
         self,
@@ -143,7 +155,7 @@ class ModelScheduler:
         """
         if not self._accepting:
             raise FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is shutting down")
-        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Tensors] = self._loop.create_future()
         pending = PendingRequest(
             payload=Work(inputs, outputs, future),
             rows=rows if self.batchable else 1,
@@ -154,7 +166,9 @@ class ModelScheduler:
         )
         self._queue.submit(pending)
         future.add_done_callback(lambda f: self._on_settled(f, pending))
-        self._wake()
+        # Dispatch right here rather than waking a dispatcher task: an idle server
+        # starts the batch within this call, with no extra trip around the loop.
+        self._dispatch()
         return future
 
     async def close(self, grace_s: float | None = None) -> None:
@@ -164,12 +178,14 @@ class ModelScheduler:
         UNAVAILABLE.
         """
         self._accepting = False
-        self._wake()
         try:
             await asyncio.wait_for(self._idle(), grace_s)
         except TimeoutError:
             self.abort("model stopped before the request ran")
-        await self._stop_dispatcher()
+        if self._timer is not None:
+            self._timer.cancel()
+        for thread in self._threads.values():
+            thread.shutdown(wait=False, cancel_futures=True)
 
     def abort(self, reason: str) -> None:
         """Answer everything queued or running with UNAVAILABLE, at once."""
@@ -178,103 +194,111 @@ class ModelScheduler:
         for pending in self._queue.drain():
             _resolve(pending.payload.future, error)
         for batch in self._inflight.values():
-            for pending in batch:
+            for pending in batch.requests:
                 _resolve(pending.payload.future, error)
-        self._wake()
+        self._notify_if_idle()
+
+    def poke(self) -> None:
+        """Re-evaluate the queue now (timers do this by themselves; tests with a fake
+        clock call it after moving time forward)."""
+        self._dispatch()
 
     async def _idle(self) -> None:
         while self.busy:
-            self._closed.clear()
-            await self._closed.wait()
+            self._idle_event.clear()
+            await self._idle_event.wait()
 
-    async def _stop_dispatcher(self) -> None:
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            try:
-                await self._dispatcher
-            except asyncio.CancelledError:
-                pass
-            self._dispatcher = None
-        for thread in self._threads.values():
-            thread.shutdown(wait=False, cancel_futures=True)
+    def _notify_if_idle(self) -> None:
+        if not self._queue and not self._inflight:
+            self._idle_event.set()
 
     def _on_settled(self, future: asyncio.Future[Tensors], pending: PendingRequest[Work]) -> None:
         if future.cancelled() and self._queue.discard(pending):
-            self._wake()
+            self._notify_if_idle()
 
-    def _wake(self) -> None:
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def _dispatch_forever(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _dispatch(self) -> None:
+        """Answer expired requests, start every batch an idle instance can take, and
+        arm a timer for the next moment the answer may change."""
         queue = self._queue
-        while True:
-            now = self._clock()
-            for pending in queue.expire(now):
-                _resolve(
-                    pending.payload.future,
-                    FerryError(
-                        ErrorKind.DEADLINE_EXCEEDED,
-                        f"request timed out after waiting in the queue of model '{self.name}'",
-                    ),
-                )
-            while self._free:
-                batch = queue.take_batch(now)
-                if batch is None:
-                    break
-                instance = self._free.pop()
-                task = loop.create_task(self._execute(instance, batch))
-                self._running.add(task)
-            if not self.busy:
-                self._closed.set()
-            # With every instance busy only deadlines matter: expired requests are
-            # answered on time, not when an instance frees up.
-            wakeup_at = queue.next_wakeup(now) if self._free else queue.next_deadline()
-            self._wakeup = loop.create_future()
-            timer = None
-            if wakeup_at is not None:
-                timer = loop.call_later(max(0.0, wakeup_at - now), self._wake)
-            await self._wakeup
-            if timer is not None:
-                timer.cancel()
-
-    async def _execute(self, instance: Instance, batch: Batch[Work]) -> None:
-        requests = batch.requests
-        key = id(batch)
-        self._inflight[key] = requests
-        start_ns = time.perf_counter_ns()
-        queue_ns = tuple(start_ns - r.payload.arrival_ns for r in requests)
-        try:
-            results, timings = await asyncio.get_running_loop().run_in_executor(
-                self._threads[id(instance)], self._run_batch, instance, batch
+        now = self._clock()
+        for pending in queue.expire(now):
+            _resolve(
+                pending.payload.future,
+                FerryError(
+                    ErrorKind.DEADLINE_EXCEEDED,
+                    f"request timed out after waiting in the queue of model '{self.name}'",
+                ),
             )
-        except Exception as exc:
+        while self._free:
+            batch = queue.take_batch(now)
+            if batch is None:
+                break
+            self._start(self._free.pop(), batch)
+        # With every instance busy only deadlines matter: expired requests are
+        # answered on time, not when an instance frees up.
+        wakeup_at = queue.next_wakeup(now) if self._free else queue.next_deadline()
+        if wakeup_at != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if wakeup_at is not None:
+                self._timer = self._loop.call_later(max(0.0, wakeup_at - now), self._on_timer)
+            self._timer_at = wakeup_at
+        self._notify_if_idle()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._dispatch()
+
+    def _start(self, instance: Instance, batch: Batch[Work]) -> None:
+        start_ns = time.perf_counter_ns()
+        running = _Running(instance, batch, start_ns)
+        self._inflight[id(running)] = running
+        job = self._threads[id(instance)].submit(self._run_batch, instance, batch)
+        loop = self._loop
+        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, running, done))
+
+    def _finish(self, running: _Running, job: concurrent.futures.Future[_Outcome]) -> None:
+        """Back on the loop: answer every request of the batch, whatever happened."""
+        del self._inflight[id(running)]
+        requests = running.batch.requests
+        failed = True
+        timings = (0, 0, 0)
+        try:
+            results, timings = job.result()
+        except BaseException as exc:  # includes a cancelled job at shutdown
             error = self._execution_error(exc)
             log.error(
                 "model '%s': batch of %d rows from %d requests failed: %s",
-                self.name, batch.rows, len(requests), error.message,
+                self.name, running.batch.rows, len(requests), error.message,
             )
             for pending in requests:
                 _resolve(pending.payload.future, error)
-            timings = (0, 0, 0)
-            failed = True
         else:
+            failed = False
             for pending, result in zip(requests, results, strict=True):
                 _resolve(pending.payload.future, result)
-            failed = False
-        finally:
-            del self._inflight[key]
-            self._free.append(instance)
-            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
-            self._wake()
-        record = BatchTimings(batch.rows, len(requests), queue_ns, *timings, failed=failed)
+        self._free.append(running.instance)
+        record = BatchTimings(
+            running.batch.rows,
+            len(requests),
+            tuple(running.start_ns - r.payload.arrival_ns for r in requests),
+            *timings,
+            failed=failed,
+        )
         for observer in self._observers:
             observer.batch_executed(record)
+        if self._accepting or self._queue:
+            self._dispatch()
+        else:
+            self._notify_if_idle()
 
-    def _execution_error(self, exc: Exception) -> FerryError:
+    def _execution_error(self, exc: BaseException) -> FerryError:
         if isinstance(exc, FerryError):
             return exc
+        if isinstance(exc, concurrent.futures.CancelledError):
+            return FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is shutting down")
         return FerryError(ErrorKind.INTERNAL, f"model '{self.name}' failed to run: {exc}")
 
     def _run_batch(
