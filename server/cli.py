@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .app import FerryServer, ServerOptions
+from .workers import supervise
 
 log = logging.getLogger("ferry")
 
@@ -56,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=64 * 1024 * 1024,
         metavar="BYTES",
         help="largest gRPC message received or sent",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes sharing the gRPC port (SO_REUSEPORT); each has its own "
+        "batcher and statistics, and serves metrics on --metrics-port + its index",
     )
     serve.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -114,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    if args.workers < 1:
+        log.error("--workers must be at least 1, got %d", args.workers)
+        return 2
+    if args.workers > 1:
+        argv = sys.argv[1:] if argv is None else argv
+        return supervise(argv, args.workers, args.host, args.grpc_port, options.metrics_port)
     return asyncio.run(serve(options))
 
 
