@@ -19,6 +19,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto._pool import POOL
 
+from .poller import RepositoryPoller
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
 from .servicer import InferenceServicer, RequestObserver
@@ -40,6 +41,7 @@ class ServerOptions:
     metrics_port: int | None = 8002  # None: no metrics endpoint
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
+    poll_repository_s: float | None = None  # None: the repository is read once, at start
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -78,6 +80,7 @@ class FerryServer:
             on_change=self._models_changed,
         )
         self._draining = False
+        self._poller: RepositoryPoller | None = None
         self.health = HealthServicer()
         self.servicer = InferenceServicer(
             self.manager, is_ready=self.is_ready, request_observers=request_observers
@@ -111,6 +114,10 @@ class FerryServer:
         await self._models_changed()
         await self._server.start()
         await self.manager.load_all()
+        if self.options.poll_repository_s is not None:
+            self._poller = RepositoryPoller(self.manager, self.options.poll_repository_s)
+            await self._poller.prime()
+            self._poller.start()
         log.info(
             "serving the Open Inference Protocol on %s:%d (%d models ready)",
             self.options.host, self.grpc_port, len(self.manager.models),
@@ -121,6 +128,8 @@ class FerryServer:
         """Drain: refuse new work, answer every accepted request, then close the port."""
         grace = self.options.shutdown_grace_s if grace_s is None else grace_s
         self._draining = True
+        if self._poller is not None:
+            await self._poller.stop()
         await self.health.enter_graceful_shutdown()
         await self.manager.close(grace)
         await self._server.stop(grace=min(grace, 1.0))

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest gRPC message received or sent",
     )
     serve.add_argument(
+        "--poll-repository",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="check the repository this often and load new, reload changed and unload "
+        "removed models (default: read it once at start)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             shutdown_grace_s=args.shutdown_grace,
             max_message_bytes=args.max_message_size,
+            poll_repository_s=args.poll_repository,
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")
