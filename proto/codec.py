@@ -92,6 +92,11 @@ class BytesFormatError(ValueError):
 def decode_bytes_elements(raw: bytes | memoryview, count: int) -> list[bytes]:
     """Parse exactly `count` length-prefixed elements that fill `raw` completely."""
     view = memoryview(raw)
+    if count * 4 > len(view):
+        raise BytesFormatError(
+            f"{count} elements need at least {count * 4} bytes of length prefixes, "
+            f"got {len(view)} bytes"
+        )
     elements: list[bytes] = []
     offset = 0
     for index in range(count):
@@ -133,8 +138,11 @@ def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> npt.NDArray[np.
     """
     count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
     if datatype == "BYTES":
+        # Parse before allocating: the elements must really be there (4 bytes each at
+        # least), so a shape that claims more than was sent costs nothing.
+        elements = decode_bytes_elements(raw, count)
         out = np.empty(count, dtype=object)
-        out[:] = decode_bytes_elements(raw, count)
+        out[:] = elements
         return out.reshape(shape)
     dtype = NUMPY_DTYPES[datatype]
     expected = count * dtype.itemsize
