@@ -119,6 +119,7 @@ class ModelScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._accepting = True
+        self._aborted = False
         self._idle_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop
 
@@ -132,7 +133,7 @@ class ModelScheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or bool(self._inflight)
+        return bool(self._queue) or (bool(self._inflight) and not self._aborted)
 
     def start(self) -> None:
         """Bind to the running event loop; call once, from the loop, before submit."""
@@ -190,6 +191,7 @@ class ModelScheduler:
     def abort(self, reason: str) -> None:
         """Answer everything queued or running with UNAVAILABLE, at once."""
         self._accepting = False
+        self._aborted = True
         error = FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}': {reason}")
         for pending in self._queue.drain():
             _resolve(pending.payload.future, error)
@@ -209,7 +211,9 @@ class ModelScheduler:
             await self._idle_event.wait()
 
     def _notify_if_idle(self) -> None:
-        if not self._queue and not self._inflight:
+        # After abort() the running batches' callers are already answered: close() need
+        # not wait for the threads to come back.
+        if not self._queue and (not self._inflight or self._aborted):
             self._idle_event.set()
 
     def _on_settled(self, future: asyncio.Future[Tensors], pending: PendingRequest[Work]) -> None:
