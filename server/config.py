@@ -22,6 +22,10 @@ DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_SIZE = 1024
 DEFAULT_INSTANCE_COUNT = 1
 DEFAULT_MODEL_FILENAME = "model.onnx"
+# A queued request of any priority that has waited this long is served before every
+# level, so low priorities are never starved. Ferry's own setting (Triton has none): the
+# config parameter "priority_aging_microseconds".
+DEFAULT_PRIORITY_AGING_S = 1.0
 
 # Fields of Triton's ModelConfig that Ferry reads but does not act on: setting them is
 # worth a warning, since the user expects an effect.
@@ -64,6 +68,7 @@ class ModelSettings:
     instance_kind: str = "KIND_CPU"
     gpus: tuple[int, ...] = ()
     graph_optimization_level: int = 0
+    priority_aging_s: float = DEFAULT_PRIORITY_AGING_S
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -257,8 +262,24 @@ def settings_from(
         instance_kind="KIND_CPU" if kind == "KIND_AUTO" else kind,
         gpus=gpus,
         graph_optimization_level=config.optimization.graph.level,
+        priority_aging_s=_microseconds_parameter(
+            config, "priority_aging_microseconds", DEFAULT_PRIORITY_AGING_S
+        ),
         warnings=tuple(warnings or ()),
     )
+
+
+def _microseconds_parameter(config: mc.ModelConfig, key: str, default_s: float) -> float:
+    if key not in config.parameters:
+        return default_s
+    text = config.parameters[key].string_value
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"parameter {key} must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"parameter {key} must be >= 0, got {value}")
+    return value / 1e6
 
 
 def _merge_tensors(

@@ -157,12 +157,8 @@ def policy_for(settings: ModelSettings) -> BatchPolicy:
         preferred_batch_sizes=settings.preferred_batch_sizes,
         max_queue_size=settings.max_queue_size,
         priority_levels=settings.priority_levels,
-        priority_aging_s=PRIORITY_AGING_S if settings.priority_levels > 1 else None,
+        priority_aging_s=settings.priority_aging_s if settings.priority_levels > 1 else None,
     )
-
-
-# A queued request of any priority that has waited this long is served first.
-PRIORITY_AGING_S = 0.1
 
 ObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
 
