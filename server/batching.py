@@ -188,7 +188,9 @@ class BatchQueue(Generic[P]):
             take = len(candidate)
         else:
             take = self._preferred_prefix(candidate)
-            if not take and now - head.arrival_s >= policy.max_queue_delay_s:
+            # Compared as next_wakeup computes it, so that waking at that time always
+            # dispatches (now - arrival can round below the delay).
+            if not take and now >= head.arrival_s + policy.max_queue_delay_s:
                 take = len(candidate)
         if not take:
             return None
@@ -210,8 +212,13 @@ class BatchQueue(Generic[P]):
         times.append(head.arrival_s + self.policy.max_queue_delay_s)
         aging = self.policy.priority_aging_s
         if aging is not None and len(self._levels) > 1:
-            # A lower level's head that ages into first place may change the next batch.
-            times.extend(level[0].arrival_s + aging for level in self._levels[1:] if level)
+            # A lower-level request that ages into first place may change the next batch;
+            # those already aged changed it before now (a past time would spin the caller).
+            for level in self._levels[1:]:
+                for request in level:
+                    if request.arrival_s + aging > now:
+                        times.append(request.arrival_s + aging)
+                        break
         return min(times)
 
     def next_deadline(self) -> float | None:
@@ -245,9 +252,11 @@ class BatchQueue(Generic[P]):
             return
         aged: list[PendingRequest[P]] = []
         if aging is not None:
-            for level in levels[1:]:
+            # Every level, the first included: an aged level-1 request is older than a
+            # younger aged lower-level one and must not be passed by it.
+            for level in levels:
                 for request in level:
-                    if now - request.arrival_s < aging:
+                    if request.arrival_s + aging > now:
                         break  # arrivals within a level are in order
                     aged.append(request)
             aged.sort(key=lambda r: r.sequence)

@@ -1,0 +1,508 @@
+"""The batching core, driven by explicit `now` values: no clock, no sleeping, no loop."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ferry.server.batching import Batch, BatchPolicy, BatchQueue, PendingRequest
+from ferry.server.errors import ErrorKind, FerryError
+
+LONG = 100.0  # a queue delay no test reaches unless it means to
+
+
+def req(
+    name: str,
+    at: float = 0.0,
+    *,
+    rows: int = 1,
+    shape: Hashable = "s",
+    deadline: float | None = None,
+    priority: int = 1,
+) -> PendingRequest[str]:
+    return PendingRequest(
+        payload=name, rows=rows, shape_key=shape, arrival_s=at, deadline_s=deadline,
+        priority=priority,
+    )
+
+
+def queue(**policy: object) -> BatchQueue[str]:
+    policy.setdefault("max_batch_size", 4)
+    return BatchQueue(BatchPolicy(**policy))  # type: ignore[arg-type]
+
+
+def submit(q: BatchQueue[str], *requests: PendingRequest[str]) -> None:
+    for request in requests:
+        q.submit(request)
+
+
+def names(batch: Batch[str] | None) -> list[str]:
+    assert batch is not None, "expected a batch, got None (wait)"
+    return [r.payload for r in batch.requests]
+
+
+# -- policy ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_batch_size": 0}, "max_batch_size must be at least 1, got 0"),
+        ({"max_batch_size": 4, "max_queue_delay_s": -0.1}, "max_queue_delay_s must be >= 0"),
+        ({"max_batch_size": 4, "preferred_batch_sizes": (0,)}, "preferred batch size 0"),
+        (
+            {"max_batch_size": 4, "preferred_batch_sizes": (2, 5)},
+            "preferred batch size 5 is outside 1..4",
+        ),
+        ({"max_batch_size": 4, "max_queue_size": -1}, "max_queue_size must be >= 0"),
+        ({"max_batch_size": 4, "priority_levels": 0}, "priority_levels must be at least 1"),
+        ({"max_batch_size": 4, "priority_aging_s": -1.0}, "priority_aging_s must be >= 0"),
+    ],
+)
+def test_policy_rejects_impossible_settings(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchPolicy(**fields)  # type: ignore[arg-type]
+
+
+def test_empty_queue_has_nothing_to_do() -> None:
+    q = queue()
+    assert len(q) == 0
+    assert q.take_batch(0.0) is None
+    assert q.next_wakeup(0.0) is None
+    assert q.next_deadline() is None
+    assert q.expire(0.0) == []
+
+
+# -- size limit -------------------------------------------------------------------------
+
+
+def test_full_batch_dispatches_at_once_and_never_exceeds_the_limit() -> None:
+    q = queue(max_batch_size=4, max_queue_delay_s=LONG)
+    submit(q, req("a"), req("b"), req("c"))
+    assert q.take_batch(0.0) is None  # not full, the delay has not passed
+    submit(q, req("d"))
+    batch = q.take_batch(0.0)
+    assert names(batch) == ["a", "b", "c", "d"]
+    assert batch is not None and batch.rows == 4 and batch.formed_s == 0.0
+    assert len(q) == 0 and q.queued_rows == 0
+
+
+def test_a_long_queue_is_cut_into_full_batches_in_arrival_order() -> None:
+    q = queue(max_batch_size=4, max_queue_delay_s=LONG)
+    submit(q, *(req(str(i), at=i * 0.01) for i in range(10)))
+    assert q.queued_rows == 10
+    assert names(q.take_batch(0.1)) == ["0", "1", "2", "3"]
+    assert names(q.take_batch(0.1)) == ["4", "5", "6", "7"]
+    assert q.take_batch(0.1) is None  # two left: they wait for the delay
+    assert names(q.take_batch(0.08 + LONG)) == ["8", "9"]
+
+
+# -- time limit -------------------------------------------------------------------------
+
+
+def test_batch_waits_until_its_oldest_request_has_waited_the_delay() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=0.5)
+    submit(q, req("a", at=1.0))
+    assert q.take_batch(1.0) is None
+    assert q.next_wakeup(1.0) == pytest.approx(1.5)
+    submit(q, req("b", at=1.3))
+    assert q.take_batch(1.3) is None
+    assert q.next_wakeup(1.3) == pytest.approx(1.5)  # the oldest decides, not the newest
+    assert q.take_batch(1.49) is None
+    assert names(q.take_batch(1.5)) == ["a", "b"]
+    assert q.next_wakeup(1.5) is None
+
+
+def test_next_wakeup_follows_the_new_oldest_request() -> None:
+    q = queue(max_batch_size=2, max_queue_delay_s=0.5)
+    submit(q, req("a", at=0.0), req("b", at=0.1), req("c", at=0.2))
+    assert names(q.take_batch(0.2)) == ["a", "b"]  # full
+    assert q.take_batch(0.2) is None
+    assert q.next_wakeup(0.2) == pytest.approx(0.7)
+    assert names(q.take_batch(0.7)) == ["c"]
+
+
+def test_zero_delay_dispatches_a_single_request_immediately() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=0.0)
+    submit(q, req("a", at=3.0))
+    assert names(q.take_batch(3.0)) == ["a"]
+
+
+def test_zero_delay_takes_everything_queued_while_the_executor_was_busy() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=0.0)
+    submit(q, *(req(str(i)) for i in range(5)))
+    assert names(q.take_batch(0.0)) == ["0", "1", "2", "3", "4"]
+
+
+# -- preferred sizes --------------------------------------------------------------------
+
+
+def test_largest_reachable_preferred_size_dispatches_at_once() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG, preferred_batch_sizes=(2, 4))
+    submit(q, req("a"))
+    assert q.take_batch(0.0) is None  # no preferred size reachable: wait
+    submit(q, req("b"), req("c"))
+    assert names(q.take_batch(0.0)) == ["a", "b"]  # 3 queued: 2 is the largest reachable
+    submit(q, req("d"), req("e"), req("f"), req("g"))
+    assert names(q.take_batch(0.0)) == ["c", "d", "e", "f"]  # 5 queued: 4 wins over 2
+    assert q.take_batch(0.0) is None
+    assert names(q.take_batch(LONG)) == ["g"]
+
+
+def test_preferred_size_counts_rows_not_requests() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG, preferred_batch_sizes=(4,))
+    submit(q, req("a", rows=3), req("b", rows=2))
+    assert q.take_batch(0.0) is None  # 3 then 5 rows: 4 cannot be formed
+    assert names(q.take_batch(LONG)) == ["a", "b"]
+    submit(q, req("c", rows=3, at=LONG), req("d", rows=1, at=LONG), req("e", at=LONG))
+    batch = q.take_batch(LONG)
+    assert names(batch) == ["c", "d"] and batch is not None and batch.rows == 4
+
+
+# -- shape grouping ---------------------------------------------------------------------
+
+
+def test_different_shapes_are_never_merged_and_the_oldest_group_goes_first() -> None:
+    q = queue(max_batch_size=8)
+    submit(
+        q,
+        req("a1", at=0.0, shape=(3,)),
+        req("b1", at=0.1, shape=(5,)),
+        req("a2", at=0.2, shape=(3,)),
+        req("b2", at=0.3, shape=(5,)),
+        req("a3", at=0.4, shape=(3,)),
+    )
+    assert names(q.take_batch(0.5)) == ["a1", "a2", "a3"]
+    assert names(q.take_batch(0.5)) == ["b1", "b2"]
+
+
+def test_other_groups_keep_their_place_in_line() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=1.0)
+    submit(q, req("a1", at=0.0, shape="a"), req("b1", at=0.2, shape="b"))
+    assert q.take_batch(0.5) is None
+    assert q.next_wakeup(0.5) == pytest.approx(1.0)
+    assert names(q.take_batch(1.0)) == ["a1"]
+    submit(q, req("a2", at=1.1, shape="a"))
+    # b1 is now the oldest: its group goes next, and it has waited its delay at 1.2.
+    assert q.next_wakeup(1.1) == pytest.approx(1.2)
+    assert q.take_batch(1.1) is None
+    assert names(q.take_batch(1.2)) == ["b1"]
+    assert names(q.take_batch(2.1)) == ["a2"]
+
+
+def test_a_full_group_is_sent_even_when_other_shapes_wait() -> None:
+    q = queue(max_batch_size=2, max_queue_delay_s=LONG)
+    submit(q, req("a1", shape="a"), req("b1", shape="b"), req("a2", shape="a"))
+    assert names(q.take_batch(0.0)) == ["a1", "a2"]
+    assert q.take_batch(0.0) is None
+    assert names(q.take_batch(LONG)) == ["b1"]
+
+
+# -- multi-row requests -----------------------------------------------------------------
+
+
+def test_multi_row_requests_count_by_rows() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG)
+    submit(q, req("a", rows=3), req("b", rows=5))
+    assert q.queued_rows == 8 and len(q) == 2
+    batch = q.take_batch(0.0)
+    assert names(batch) == ["a", "b"] and batch is not None and batch.rows == 8
+
+
+def test_a_request_that_does_not_fit_waits_for_the_next_batch_and_keeps_its_place() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG)
+    submit(q, req("a", rows=5), req("b", rows=4), req("c", rows=1))
+    # b does not fit beside a: the batch cannot grow, so it goes now; c does not jump b.
+    batch = q.take_batch(0.0)
+    assert names(batch) == ["a"] and batch is not None and batch.rows == 5
+    assert q.take_batch(0.0) is None
+    batch = q.take_batch(LONG)
+    assert names(batch) == ["b", "c"] and batch is not None and batch.rows == 5
+
+
+def test_multi_row_batches_never_exceed_max_batch_size() -> None:
+    q = queue(max_batch_size=8)
+    for i, rows in enumerate([3, 4, 2, 8, 1, 7, 5, 5]):
+        q.submit(req(str(i), rows=rows))
+    seen = []
+    while (batch := q.take_batch(0.0)) is not None:
+        assert batch.rows == sum(r.rows for r in batch.requests) <= 8
+        seen.extend(names(batch))
+    assert seen == [str(i) for i in range(8)]
+
+
+@pytest.mark.parametrize("rows", [0, -1, 9])
+def test_request_that_can_never_run_is_rejected(rows: int) -> None:
+    q = queue(max_batch_size=8)
+    with pytest.raises(FerryError) as caught:
+        q.submit(req("a", rows=rows))
+    assert caught.value.kind is ErrorKind.INVALID_INPUT
+    assert f"{rows} rows" in caught.value.message and "1 to 8" in caught.value.message
+    assert len(q) == 0 and q.queued_rows == 0
+
+
+def test_out_of_range_priority_is_rejected() -> None:
+    q = queue(priority_levels=2)
+    for priority in (0, 3):
+        with pytest.raises(FerryError) as caught:
+            q.submit(req("a", priority=priority))
+        assert caught.value.kind is ErrorKind.INVALID_INPUT
+        assert "outside 1..2" in caught.value.message
+    assert len(q) == 0
+
+
+# -- queue bound ------------------------------------------------------------------------
+
+
+def test_full_queue_rejects_at_once_and_takes_requests_again_when_room_frees() -> None:
+    q = queue(max_batch_size=4, max_queue_size=2, max_queue_delay_s=LONG)
+    submit(q, req("a"), req("b"))
+    with pytest.raises(FerryError) as caught:
+        q.submit(req("c"))
+    assert caught.value.kind is ErrorKind.QUEUE_FULL
+    assert "2 requests" in caught.value.message
+    assert len(q) == 2
+    assert names(q.take_batch(LONG)) == ["a", "b"]
+    q.submit(req("c"))
+    assert len(q) == 1
+
+
+def test_queue_size_zero_means_unbounded() -> None:
+    q = queue(max_batch_size=1, max_queue_size=0)
+    submit(q, *(req(str(i)) for i in range(2000)))
+    assert len(q) == 2000
+
+
+# -- cancellation and deadlines ---------------------------------------------------------
+
+
+def test_discard_removes_a_request_and_it_never_runs() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG)
+    a, b, c = req("a", rows=2), req("b", rows=3), req("c")
+    submit(q, a, b, c)
+    assert q.discard(b) is True
+    assert len(q) == 2 and q.queued_rows == 3
+    assert q.discard(b) is False  # already gone
+    assert names(q.take_batch(LONG)) == ["a", "c"]
+    assert q.discard(a) is False  # already taken
+    assert len(q) == 0 and q.queued_rows == 0
+
+
+def test_discard_of_a_request_never_queued_is_false() -> None:
+    q = queue()
+    q.submit(req("a"))
+    assert q.discard(req("a")) is False  # an equal-looking but different request
+    assert len(q) == 1
+
+
+def test_expire_returns_expired_requests_and_they_never_appear_in_a_batch() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG, priority_levels=2)
+    a = req("a", deadline=1.0)
+    b = req("b", deadline=3.0, rows=2)
+    c = req("c")
+    d = req("d", deadline=0.5, priority=2)
+    submit(q, a, b, c, d)
+    assert q.next_deadline() == 0.5
+    assert q.next_wakeup(0.0) == 0.5
+    assert q.expire(0.4) == []
+    assert {r.payload for r in q.expire(1.0)} == {"a", "d"}  # a deadline is inclusive
+    assert len(q) == 2 and q.queued_rows == 3
+    assert q.next_deadline() == 3.0
+    assert q.expire(1.0) == []
+    assert names(q.take_batch(LONG)) == ["b", "c"]
+    assert q.next_deadline() is None
+
+
+def test_deadline_bookkeeping_survives_discard_and_take() -> None:
+    q = queue(max_batch_size=1)
+    a, b = req("a", deadline=5.0), req("b", deadline=6.0)
+    submit(q, a, b)
+    q.discard(a)
+    assert q.next_deadline() == 6.0
+    assert names(q.take_batch(0.0)) == ["b"]
+    assert q.next_deadline() is None
+    assert q.expire(10.0) == []
+
+
+# -- priority ---------------------------------------------------------------------------
+
+
+def test_priority_level_one_goes_first() -> None:
+    q = queue(max_batch_size=1, priority_levels=3)
+    submit(
+        q,
+        req("low", at=0.0, priority=3),
+        req("mid", at=0.1, priority=2),
+        req("high", at=0.2, priority=1),
+        req("high2", at=0.3, priority=1),
+    )
+    order = [names(q.take_batch(0.4))[0] for _ in range(4)]
+    assert order == ["high", "high2", "mid", "low"]
+
+
+def test_priority_orders_requests_inside_a_batch() -> None:
+    q = queue(max_batch_size=2, priority_levels=2)
+    submit(q, req("low", priority=2), req("high1", at=0.1), req("high2", at=0.2))
+    assert names(q.take_batch(0.3)) == ["high1", "high2"]
+    assert names(q.take_batch(0.3)) == ["low"]
+
+
+def test_an_old_low_priority_request_ages_ahead_of_every_level() -> None:
+    q = queue(max_batch_size=1, priority_levels=2, priority_aging_s=1.0)
+    submit(q, req("low", at=0.0, priority=2), req("h1", at=0.5), req("h2", at=0.6))
+    assert names(q.take_batch(0.7)) == ["h1"]  # not aged yet: level 1 first
+    assert names(q.take_batch(1.0)) == ["low"]  # waited 1.0 s: it goes before h2
+    assert names(q.take_batch(1.0)) == ["h2"]
+
+
+def test_aged_requests_go_oldest_first_whatever_their_level() -> None:
+    q = queue(max_batch_size=1, priority_levels=2, priority_aging_s=1.0)
+    submit(q, req("high", at=0.0), req("low", at=0.5, priority=2))
+    # Both have waited longer than the aging time: the older one goes first.
+    assert names(q.take_batch(2.0)) == ["high"]
+    assert names(q.take_batch(2.0)) == ["low"]
+
+
+def test_without_aging_low_priority_waits_behind_every_higher_request() -> None:
+    q = queue(max_batch_size=1, priority_levels=2)
+    q.submit(req("low", at=0.0, priority=2))
+    for i in range(5):
+        q.submit(req(f"h{i}", at=100.0 + i))
+    order = [names(q.take_batch(1000.0))[0] for _ in range(6)]
+    assert order[-1] == "low"
+
+
+def test_next_wakeup_includes_the_moment_a_low_priority_request_ages() -> None:
+    q = queue(max_batch_size=4, max_queue_delay_s=5.0, priority_levels=2, priority_aging_s=1.0)
+    submit(q, req("low", at=0.0, priority=2, shape="x"), req("high", at=0.5, shape="y"))
+    assert q.take_batch(0.6) is None
+    assert q.next_wakeup(0.6) == pytest.approx(1.0)  # low ages at 1.0 and becomes the head
+    assert q.take_batch(1.0) is None
+    # Once aged, the wakeup is the new head's delay, never a time already past
+    # (a past time would make the dispatcher spin).
+    assert q.next_wakeup(1.0) == pytest.approx(5.0)
+    assert names(q.take_batch(5.0)) == ["low"]
+    assert names(q.take_batch(5.5)) == ["high"]
+
+
+# -- drain ------------------------------------------------------------------------------
+
+
+def test_drain_returns_everything_and_empties_the_queue() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=LONG, priority_levels=2)
+    submit(
+        q,
+        req("a", priority=2, deadline=9.0),
+        req("b", rows=3),
+        req("c", shape="other"),
+    )
+    drained = q.drain()
+    assert sorted(r.payload for r in drained) == ["a", "b", "c"]
+    assert len(q) == 0 and q.queued_rows == 0
+    assert q.next_deadline() is None and q.next_wakeup(0.0) is None
+    assert q.take_batch(LONG) is None and q.expire(LONG) == []
+    q.submit(req("d"))  # still usable
+    assert names(q.take_batch(LONG)) == ["d"]
+
+
+# -- invariants under random traffic ----------------------------------------------------
+
+_events = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("submit"),
+            st.integers(1, 4),  # rows
+            st.sampled_from(["x", "y"]),  # shape
+            st.integers(1, 2),  # priority
+            st.one_of(st.none(), st.floats(0.0, 3.0)),  # deadline offset
+        ),
+        st.tuples(st.just("advance"), st.floats(0.0, 1.0)),
+        st.tuples(st.just("take")),
+        st.tuples(st.just("discard"), st.integers(0, 50)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=_events,
+    max_batch_size=st.integers(4, 6),
+    delay=st.sampled_from([0.0, 0.3, 1.0]),
+    preferred=st.sampled_from([(), (2,), (2, 4)]),
+    aging=st.sampled_from([None, 0.5]),
+)
+def test_invariants_under_random_traffic(
+    events: list[tuple[object, ...]],
+    max_batch_size: int,
+    delay: float,
+    preferred: tuple[int, ...],
+    aging: float | None,
+) -> None:
+    q: BatchQueue[int] = BatchQueue(
+        BatchPolicy(
+            max_batch_size=max_batch_size,
+            max_queue_delay_s=delay,
+            preferred_batch_sizes=preferred,
+            priority_levels=2,
+            priority_aging_s=aging,
+        )
+    )
+    now = 0.0
+    submitted: list[PendingRequest[int]] = []
+    outcome: dict[int, str] = {}
+
+    def step() -> None:
+        for r in q.expire(now):
+            assert r.deadline_s is not None and r.deadline_s <= now
+            assert r.payload not in outcome
+            outcome[r.payload] = "expired"
+        while (batch := q.take_batch(now)) is not None:
+            assert batch.requests
+            assert batch.rows == sum(r.rows for r in batch.requests) <= max_batch_size
+            assert len({r.shape_key for r in batch.requests}) == 1
+            for r in batch.requests:
+                assert r.payload not in outcome
+                outcome[r.payload] = "ran"
+        wakeup = q.next_wakeup(now)
+        if len(q):
+            # Waiting must end by itself, and never in the past (that would spin).
+            assert wakeup is not None and wakeup > now
+        else:
+            assert wakeup is None
+
+    for event in events:
+        kind = event[0]
+        if kind == "submit":
+            _, rows, shape, priority, offset = event
+            r: PendingRequest[int] = PendingRequest(
+                payload=len(submitted), rows=rows, shape_key=shape, arrival_s=now,  # type: ignore[arg-type]
+                deadline_s=None if offset is None else now + offset,  # type: ignore[operator]
+                priority=priority,  # type: ignore[arg-type]
+            )
+            submitted.append(r)
+            q.submit(r)
+        elif kind == "advance":
+            now += event[1]  # type: ignore[operator]
+        elif kind == "take":
+            step()
+        elif kind == "discard" and submitted:
+            r = submitted[event[1] % len(submitted)]  # type: ignore[operator]
+            if q.discard(r):
+                assert r.payload not in outcome
+                outcome[r.payload] = "discarded"
+        assert len(q) == len(submitted) - len(outcome)
+        assert q.queued_rows == sum(r.rows for r in submitted if r.payload not in outcome)
+
+    # Waking when asked lets everything finish: nothing is stranded.
+    for _ in range(1000):
+        step()
+        wakeup = q.next_wakeup(now)
+        if wakeup is None:
+            break
+        now = wakeup
+    assert len(q) == 0
+    assert set(outcome) == {r.payload for r in submitted}
