@@ -104,9 +104,16 @@ class OnnxInstance:
             _optimization_level(settings.graph_optimization_level)
         )
         options.log_severity_level = 3  # errors only; load problems are reported by Ferry
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=list(settings.providers)
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=options, providers=list(settings.providers)
+            )
+        except Exception as exc:  # onnxruntime's own exception types, one per failure
+            # The caller may see this message: name the file, not where it lives.
+            reason = _first_line(exc).replace(str(model_path), model_path.name)
+            raise FerryError(
+                ErrorKind.INVALID_INPUT, f"onnxruntime cannot load {model_path.name}: {reason}"
+            ) from exc
         self.signature = GraphSignature(
             inputs=_signature(self.session.get_inputs()),
             outputs=_signature(self.session.get_outputs()),
