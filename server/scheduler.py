@@ -195,8 +195,8 @@ class ModelScheduler:
         error = FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}': {reason}")
         for pending in self._queue.drain():
             _resolve(pending.payload.future, error)
-        for batch in self._inflight.values():
-            for pending in batch.requests:
+        for running in self._inflight.values():
+            for pending in running.batch.requests:
                 _resolve(pending.payload.future, error)
         self._notify_if_idle()
 

@@ -1,0 +1,556 @@
+"""ModelScheduler with a fake instance: who gets which rows, and when work runs.
+
+Time is a fake clock moved by hand; the instance is held still on a threading.Event so
+that queues fill deterministically. Waits on futures carry a timeout only as a safety
+net: no test sleeps to make something happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+
+from ferry.server.batching import BatchPolicy
+from ferry.server.errors import ErrorKind, FerryError
+from ferry.server.scheduler import BatchTimings, ModelScheduler, Tensors
+
+OUTPUTS = ("double", "plus_one")
+SAFETY_S = 10.0
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeInstance:
+    """Doubles `x` and adds one to it; records every batch; can be held still."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.asked: list[list[str]] = []
+        self.fail_on_negative = False
+        self.rows_returned: int | None = None  # force a wrong output row count
+        self._gate = threading.Event()
+        self._gate.set()
+        self._entered = threading.Semaphore(0)
+
+    def hold(self) -> None:
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    async def entered(self) -> None:
+        """Wait until a batch has started to run (is inside run())."""
+        got = await asyncio.to_thread(self._entered.acquire, True, SAFETY_S)
+        assert got, "the instance was never called"
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Tensors:
+        self._entered.release()
+        if not self._gate.wait(SAFETY_S):
+            raise TimeoutError("FakeInstance was never released")
+        x = np.array(inputs["x"], copy=True)
+        self.batches.append(x)
+        self.asked.append(list(output_names))
+        if self.fail_on_negative and (x < 0).any():
+            raise RuntimeError("kaboom: negative input")
+        if self.rows_returned is not None:
+            x = x[: self.rows_returned]
+        computed = {"double": x * 2, "plus_one": x + 1}
+        return {name: computed[name] for name in output_names}
+
+    @property
+    def batch_rows(self) -> list[int]:
+        return [len(b) for b in self.batches]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.timings: list[BatchTimings] = []
+
+    def batch_executed(self, timings: BatchTimings) -> None:
+        self.timings.append(timings)
+
+
+@asynccontextmanager
+async def serving(
+    *instances: FakeInstance,
+    batchable: bool = True,
+    clock: FakeClock | None = None,
+    observers: Sequence[Recorder] = (),
+    **policy: object,
+) -> AsyncIterator[ModelScheduler]:
+    policy.setdefault("max_batch_size", 8)
+    scheduler = ModelScheduler(
+        "fake",
+        BatchPolicy(**policy),  # type: ignore[arg-type]
+        instances,
+        OUTPUTS,
+        batchable=batchable,
+        clock=clock or FakeClock(),
+        observers=observers,
+    )
+    scheduler.start()
+    try:
+        yield scheduler
+    finally:
+        for instance in instances:
+            instance.release()
+        await asyncio.wait_for(scheduler.close(grace_s=SAFETY_S), SAFETY_S + 1)
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+def send(
+    scheduler: ModelScheduler,
+    x: np.ndarray,
+    outputs: tuple[str, ...] = OUTPUTS,
+    **kwargs: object,
+) -> asyncio.Future[Tensors]:
+    kwargs.setdefault("shape_key", x.shape[1:])
+    return scheduler.submit({"x": x}, outputs, rows=len(x), **kwargs)  # type: ignore[arg-type]
+
+
+async def result(future: asyncio.Future[Tensors]) -> Tensors:
+    return await asyncio.wait_for(asyncio.shield(future), SAFETY_S)
+
+
+async def error_of(future: asyncio.Future[Tensors]) -> FerryError:
+    with pytest.raises(FerryError) as caught:
+        await result(future)
+    return caught.value
+
+
+async def until(condition: object, what: str) -> None:
+    """Let the loop run callbacks until `condition()` holds (never sleeps for time)."""
+    for _ in range(1000):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- rows back to their callers ---------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_each_caller_gets_exactly_its_own_rows() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        instance.hold()
+        first = send(scheduler, rows(100))
+        await instance.entered()
+        inputs = [rows(1), rows(2, 3), rows(4, 5, 6), rows(7)]
+        futures = [send(scheduler, x) for x in inputs]
+        instance.release()
+        assert (await result(first))["double"].tolist() == [[200]]
+        for x, future in zip(inputs, futures, strict=True):
+            out = await result(future)
+            np.testing.assert_array_equal(out["double"], x * 2)
+            np.testing.assert_array_equal(out["plus_one"], x + 1)
+        # The four queued requests ran as one batch of seven rows, in arrival order.
+        assert instance.batch_rows == [1, 7]
+        np.testing.assert_array_equal(instance.batches[1], np.concatenate(inputs))
+
+
+@pytest.mark.asyncio
+async def test_each_request_gets_only_the_outputs_it_asked_for() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        instance.hold()
+        warmup = send(scheduler, rows(0))
+        await instance.entered()
+        a = send(scheduler, rows(1), ("double",))
+        b = send(scheduler, rows(2, 3), ("plus_one",))
+        c = send(scheduler, rows(4), ("plus_one", "double"))
+        instance.release()
+        await result(warmup)
+        out_a, out_b, out_c = await result(a), await result(b), await result(c)
+        assert set(out_a) == {"double"} and out_a["double"].tolist() == [[2]]
+        assert set(out_b) == {"plus_one"} and out_b["plus_one"].tolist() == [[3], [4]]
+        assert set(out_c) == {"double", "plus_one"}
+        assert out_c["double"].tolist() == [[8]] and out_c["plus_one"].tolist() == [[5]]
+        # They shared one batch, which computed the union of the outputs, in model order.
+        assert instance.batch_rows == [1, 4]
+        assert instance.asked[1] == ["double", "plus_one"]
+
+
+@pytest.mark.asyncio
+async def test_only_the_wanted_outputs_are_computed() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        await result(send(scheduler, rows(1), ("plus_one",)))
+        assert instance.asked == [["plus_one"]]
+
+
+@pytest.mark.asyncio
+async def test_an_idle_scheduler_runs_a_request_at_once() -> None:
+    instance = FakeInstance()
+    async with serving(instance, max_queue_delay_s=0.0) as scheduler:
+        out = await result(send(scheduler, rows(5)))
+        assert out["double"].tolist() == [[10]]
+        assert instance.batch_rows == [1]
+
+
+# -- batching while busy ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_next_batch_gathers_while_one_runs() -> None:
+    instance = FakeInstance()
+    async with serving(instance, max_batch_size=4) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        queued = [send(scheduler, rows(i)) for i in range(1, 7)]
+        assert scheduler.queue_depth == 6  # nothing else started: the instance is busy
+        instance.release()
+        await asyncio.gather(*(result(f) for f in [running, *queued]))
+        # Never more than max_batch_size rows; the queue emptied in two more batches.
+        assert instance.batch_rows == [1, 4, 2]
+        assert [b.ravel().tolist() for b in instance.batches] == [[0], [1, 2, 3, 4], [5, 6]]
+
+
+@pytest.mark.asyncio
+async def test_different_shapes_run_in_separate_batches() -> None:
+    instance = FakeInstance()
+
+    async with serving(instance) as scheduler:
+        instance.hold()
+        first = send(scheduler, rows(0))
+        await instance.entered()
+        narrow = send(scheduler, rows(1), shape_key="narrow")
+        wide = send(scheduler, rows(2), shape_key="wide")
+        narrow2 = send(scheduler, rows(3), shape_key="narrow")
+        instance.release()
+        for future in (first, narrow, wide, narrow2):
+            await result(future)
+        assert [b.ravel().tolist() for b in instance.batches] == [[0], [1, 3], [2]]
+
+
+@pytest.mark.asyncio
+async def test_two_instances_run_batches_concurrently() -> None:
+    one, two = FakeInstance(), FakeInstance()
+    async with serving(one, two) as scheduler:
+        one.hold()
+        two.hold()
+        a = send(scheduler, rows(1))
+        b = send(scheduler, rows(2))
+        await one.entered()
+        await two.entered()  # both run at the same time
+        assert scheduler.queue_depth == 0
+        one.release()
+        two.release()
+        assert (await result(a))["double"].tolist() == [[2]]
+        assert (await result(b))["double"].tolist() == [[4]]
+        assert sorted(one.batch_rows + two.batch_rows) == [1, 1]
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_failing_run_fails_only_its_batch_and_the_model_keeps_serving() -> None:
+    instance = FakeInstance()
+    instance.fail_on_negative = True
+    recorder = Recorder()
+    async with serving(instance, observers=[recorder]) as scheduler:
+        instance.hold()
+        good_before = send(scheduler, rows(1))
+        await instance.entered()
+        bad = send(scheduler, rows(-1))
+        bad_neighbour = send(scheduler, rows(2))  # shares the failing batch
+        instance.release()
+        assert (await result(good_before))["double"].tolist() == [[2]]
+        for future in (bad, bad_neighbour):
+            error = await error_of(future)
+            assert error.kind is ErrorKind.INTERNAL
+            assert "kaboom: negative input" in error.message
+            assert "'fake'" in error.message
+        # The model keeps serving.
+        after = await result(send(scheduler, rows(3)))
+        assert after["double"].tolist() == [[6]]
+        assert [t.failed for t in recorder.timings] == [False, True, False]
+
+
+@pytest.mark.asyncio
+async def test_outputs_without_the_batch_rows_fail_the_batch_as_internal() -> None:
+    instance = FakeInstance()
+    instance.rows_returned = 1
+    async with serving(instance) as scheduler:
+        instance.hold()
+        first = send(scheduler, rows(1))
+        await instance.entered()
+        future = send(scheduler, rows(1, 2))
+        instance.release()
+        await result(first)  # one row in, one row out: fine
+        error = await error_of(future)
+        assert error.kind is ErrorKind.INTERNAL
+        assert "output 'double'" in error.message and "2 rows" in error.message
+
+
+@pytest.mark.asyncio
+async def test_a_request_that_cannot_be_queued_is_refused_at_submit() -> None:
+    instance = FakeInstance()
+    async with serving(instance, max_batch_size=2, max_queue_size=1) as scheduler:
+        with pytest.raises(FerryError) as caught:
+            send(scheduler, rows(1, 2, 3))
+        assert caught.value.kind is ErrorKind.INVALID_INPUT
+        instance.hold()
+        running = send(scheduler, rows(1))
+        await instance.entered()
+        queued = send(scheduler, rows(2))
+        with pytest.raises(FerryError) as caught:
+            send(scheduler, rows(3))
+        assert caught.value.kind is ErrorKind.QUEUE_FULL
+        instance.release()
+        await result(running)
+        await result(queued)
+        assert instance.batch_rows == [1, 1]
+
+
+# -- cancellation -----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_cancelled_requests_leave_the_queue_and_never_reach_the_instance() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        gone = send(scheduler, rows(1))
+        kept = send(scheduler, rows(2))
+        gone2 = send(scheduler, rows(3))
+        assert scheduler.queue_depth == 3
+        gone.cancel()
+        gone2.cancel()
+        await until(lambda: scheduler.queue_depth == 1, "the cancelled requests to leave")
+        instance.release()
+        await result(running)
+        assert (await result(kept))["double"].tolist() == [[4]]
+        assert [b.ravel().tolist() for b in instance.batches] == [[0], [2]]
+
+
+@pytest.mark.asyncio
+async def test_cancelling_a_running_request_leaves_its_batch_neighbours_answered() -> None:
+    instance = FakeInstance()
+    async with serving(instance, max_batch_size=2, max_queue_delay_s=3600.0) as scheduler:
+        instance.hold()
+        a, b = send(scheduler, rows(1)), send(scheduler, rows(2))  # a full batch: it runs
+        await instance.entered()
+        assert a.cancel()
+        instance.release()
+        assert (await result(b))["double"].tolist() == [[4]]
+        assert a.cancelled()
+
+
+# -- deadlines --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_expired_requests_are_answered_without_computing_while_the_instance_is_busy() -> (
+    None
+):
+    clock = FakeClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        # Deadlines far away in real time: only the fake clock makes them pass.
+        late = send(scheduler, rows(1), deadline_s=clock.now + 60)
+        on_time = send(scheduler, rows(2), deadline_s=clock.now + 600)
+        patient = send(scheduler, rows(3))
+        clock.advance(61)
+        scheduler.poke()
+        error = await error_of(late)  # answered while the instance is still held
+        assert error.kind is ErrorKind.DEADLINE_EXCEEDED
+        assert "'fake'" in error.message
+        assert not running.done()
+        instance.release()
+        await result(running)
+        await result(on_time)
+        await result(patient)
+        assert [b.ravel().tolist() for b in instance.batches] == [[0], [2, 3]]
+
+
+@pytest.mark.asyncio
+async def test_the_deadline_timer_answers_an_expired_request_by_itself() -> None:
+    clock = FakeClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        # The timer is armed for 10 ms of real time; by then the fake clock is far past.
+        late = send(scheduler, rows(1), deadline_s=clock.now + 0.01)
+        clock.advance(1.0)
+        error = await error_of(late)
+        assert error.kind is ErrorKind.DEADLINE_EXCEEDED
+        instance.release()
+        await result(running)
+        assert instance.batch_rows == [1]
+
+
+@pytest.mark.asyncio
+async def test_a_request_waiting_for_its_batch_expires_at_its_deadline() -> None:
+    clock = FakeClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock, max_queue_delay_s=3600.0) as scheduler:
+        waiting = send(scheduler, rows(1), deadline_s=clock.now + 5)
+        assert scheduler.queue_depth == 1  # the queue delay holds it; the instance is idle
+        clock.advance(5)
+        scheduler.poke()
+        assert (await error_of(waiting)).kind is ErrorKind.DEADLINE_EXCEEDED
+        assert scheduler.queue_depth == 0
+        assert instance.batches == []
+
+
+@pytest.mark.asyncio
+async def test_a_request_already_past_its_deadline_never_runs() -> None:
+    clock = FakeClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock) as scheduler:
+        late = send(scheduler, rows(1), deadline_s=clock.now - 1)
+        assert (await error_of(late)).kind is ErrorKind.DEADLINE_EXCEEDED
+        ok = await result(send(scheduler, rows(2)))
+        assert ok["double"].tolist() == [[4]]
+        assert instance.batch_rows == [1]
+
+
+@pytest.mark.asyncio
+async def test_queue_delay_follows_the_injected_clock() -> None:
+    clock = FakeClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock, max_queue_delay_s=3600.0) as scheduler:
+        a = send(scheduler, rows(1))
+        clock.advance(1800)
+        b = send(scheduler, rows(2))
+        scheduler.poke()
+        assert scheduler.queue_depth == 2 and instance.batches == []
+        clock.advance(1800)  # the oldest has now waited the delay
+        scheduler.poke()
+        await result(a)
+        await result(b)
+        assert instance.batch_rows == [2]
+
+
+# -- shutting down ----------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_close_finishes_queued_work_and_refuses_new_work() -> None:
+    instance = FakeInstance()
+    async with serving(instance, max_batch_size=2) as scheduler:
+        instance.hold()
+        futures = [send(scheduler, rows(0))]
+        await instance.entered()
+        futures += [send(scheduler, rows(i)) for i in range(1, 4)]
+        closing = asyncio.ensure_future(scheduler.close(grace_s=SAFETY_S))
+        await asyncio.sleep(0)  # let close() begin
+        with pytest.raises(FerryError) as caught:
+            send(scheduler, rows(9))
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
+        assert not closing.done()
+        instance.release()
+        await asyncio.wait_for(closing, SAFETY_S)
+        for i, future in enumerate(futures):
+            assert (await result(future))["double"].tolist() == [[2 * i]]
+        assert instance.batch_rows == [1, 2, 1]
+
+
+@pytest.mark.asyncio
+async def test_abort_answers_queued_and_running_requests_unavailable() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        queued = send(scheduler, rows(1))
+        scheduler.abort("the server is stopping")
+        for future in (running, queued):
+            error = await error_of(future)
+            assert error.kind is ErrorKind.UNAVAILABLE
+            assert "the server is stopping" in error.message
+        assert scheduler.queue_depth == 0
+        with pytest.raises(FerryError) as caught:
+            send(scheduler, rows(2))
+        assert caught.value.kind is ErrorKind.UNAVAILABLE
+        instance.release()
+    assert instance.batch_rows in ([], [1])  # the running batch may finish; never the queued
+
+
+@pytest.mark.asyncio
+async def test_close_after_its_grace_answers_what_is_left_unavailable() -> None:
+    instance = FakeInstance()
+    async with serving(instance) as scheduler:
+        instance.hold()
+        running = send(scheduler, rows(0))
+        await instance.entered()
+        queued = send(scheduler, rows(1))
+        await asyncio.wait_for(scheduler.close(grace_s=0.0), SAFETY_S)
+        assert (await error_of(running)).kind is ErrorKind.UNAVAILABLE
+        assert (await error_of(queued)).kind is ErrorKind.UNAVAILABLE
+
+
+# -- models that do not batch -----------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_model_that_does_not_batch_runs_one_request_at_a_time() -> None:
+    instance = FakeInstance()
+    async with serving(instance, batchable=False, max_batch_size=1) as scheduler:
+        instance.hold()
+        inputs = [rows(1, 2), rows(3), rows(4, 5, 6)]  # whole tensors, no batch axis
+        futures = [
+            scheduler.submit({"x": x}, OUTPUTS, rows=len(x), shape_key=x.shape)
+            for x in inputs
+        ]
+        await instance.entered()
+        assert scheduler.queue_depth == 2
+        instance.release()
+        for x, future in zip(inputs, futures, strict=True):
+            np.testing.assert_array_equal((await result(future))["double"], x * 2)
+        assert instance.batch_rows == [2, 1, 3]
+        for x, ran in zip(inputs, instance.batches, strict=True):
+            np.testing.assert_array_equal(ran, x)
+
+
+# -- observers --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_observers_receive_the_timings_of_each_batch() -> None:
+    instance = FakeInstance()
+    first, second = Recorder(), Recorder()
+    async with serving(instance, observers=[first, second]) as scheduler:
+        instance.hold()
+        futures = [send(scheduler, rows(0))]
+        await instance.entered()
+        futures += [send(scheduler, rows(1, 2)), send(scheduler, rows(3))]
+        instance.release()
+        for future in futures:
+            await result(future)
+        await until(lambda: len(first.timings) == 2, "both batches to be reported")
+    assert first.timings == second.timings
+    one, two = first.timings
+    assert (one.rows, one.requests, len(one.queue_ns), one.failed) == (1, 1, 1, False)
+    assert (two.rows, two.requests, len(two.queue_ns), two.failed) == (3, 2, 2, False)
+    for timings in (one, two):
+        assert all(ns >= 0 for ns in timings.queue_ns)
+        assert min(timings.input_ns, timings.infer_ns, timings.output_ns) >= 0
