@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,7 @@ from ferry.proto._pool import POOL
 from .poller import RepositoryPoller
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
+from .security import SecurityOptions
 from .servicer import InferenceServicer, RequestObserver
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ServerOptions:
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
     poll_repository_s: float | None = None  # None: the repository is read once, at start
+    security: SecurityOptions = field(default_factory=SecurityOptions)
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -82,15 +84,23 @@ class FerryServer:
         self._draining = False
         self._poller: RepositoryPoller | None = None
         self.health = HealthServicer()
+        security = options.security
         self.servicer = InferenceServicer(
-            self.manager, is_ready=self.is_ready, request_observers=request_observers
+            self.manager,
+            is_ready=self.is_ready,
+            request_observers=request_observers,
+            tensor_limits=security.tensor_limits(options.max_message_bytes),
+            model_control=security.model_control,
         )
         message_limit = options.max_message_bytes
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
-            ]
+                *security.grpc_options(),
+            ],
+            interceptors=security.interceptors(),
+            maximum_concurrent_rpcs=security.max_concurrent_rpcs,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -108,12 +118,12 @@ class FerryServer:
     async def start(self) -> int:
         """Load the repository, then open the port; returns the bound gRPC port."""
         address = f"{self.options.host}:{self.options.grpc_port}"
-        self.grpc_port = self._server.add_insecure_port(address)
+        self.grpc_port = self.options.security.bind(self._server, address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {address}")
         await self._models_changed()
         await self._server.start()
-        await self.manager.load_all()
+        await self.manager.load_all(self.options.security.model_control.models_at_start())
         if self.options.poll_repository_s is not None:
             self._poller = RepositoryPoller(self.manager, self.options.poll_repository_s)
             await self._poller.prime()

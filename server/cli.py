@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, security
 from .app import FerryServer, ServerOptions
 from .workers import supervise
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the gRPC port (SO_REUSEPORT); each has its own "
         "batcher and statistics, and serves metrics on --metrics-port + its index",
     )
+    security.add_arguments(serve)
     serve.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace,
             max_message_bytes=args.max_message_size,
             poll_repository_s=args.poll_repository,
+            security=security.options_from(args),
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")

@@ -28,6 +28,7 @@ from .config import (
 from .errors import ErrorKind, FerryError, not_found
 from .runtime import OnnxInstance, SessionSettings, default_intra_op_threads
 from .scheduler import BatchObserver, Instance, ModelScheduler
+from .security import public_message
 from .stats import ModelStatistics
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class ModelRepository:
             return ModelSource(name, self.path.parent, None, {1: self.path})
         folder = self._model_folder(name)
         config_path = folder / "config.pbtxt"
+        self._check_inside(name, config_path)
         filename = DEFAULT_MODEL_FILENAME
         if config_path.is_file():
             config, _, _ = read_config_file(config_path)
@@ -99,7 +101,18 @@ class ModelRepository:
             for p in folder.iterdir()
             if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
         }
+        for path in versions.values():
+            self._check_inside(name, path)
         return ModelSource(name, folder, config_path if config_path.is_file() else None, versions)
+
+    def _check_inside(self, name: str, path: Path) -> None:
+        """Refuse a model file or config that is a symlink out of the repository."""
+        if path.exists() and not path.resolve().is_relative_to(self.path):
+            raise FerryError(
+                ErrorKind.INVALID_INPUT,
+                f"model '{name}': {path.relative_to(self.path)} resolves outside the "
+                "model repository",
+            )
 
     def _model_folder(self, name: str) -> Path:
         """The folder of a model, refusing names that would leave the repository."""
@@ -209,21 +222,26 @@ class ModelManager:
         self._draining: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
+        self._none_requested = False
 
     @property
     def models(self) -> dict[str, dict[str, LoadedModel]]:
         return self._models
 
-    async def load_all(self) -> None:
-        for name in self.repository.model_names():
+    async def load_all(self, names: Sequence[str] | None = None) -> None:
+        """Load these models (None: every model of the repository)."""
+        if names is not None and not names:
+            self._none_requested = True
+        for name in self.repository.model_names() if names is None else names:
             try:
                 await self.load(name)
             except FerryError:
                 pass  # logged and recorded in the index; the other models still serve
 
     def all_ready(self) -> bool:
-        """Every model found at start is loaded, and at least one is."""
-        return bool(self._models) and not self._failures
+        """Every model asked for at start is loaded, and at least one is (unless none was
+        asked for: explicit model control may start empty)."""
+        return (bool(self._models) or self._none_requested) and not self._failures
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         if self._closing:
@@ -272,9 +290,11 @@ class ModelManager:
                 source = self.repository.locate(name)
                 loaded = await self._build_versions(source)
             except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
-                reason = exc.message if isinstance(exc, FerryError) else str(exc)
+                detail = exc.message if isinstance(exc, FerryError) else str(exc)
                 where = self.repository.path / name
-                log.error("model '%s' (%s) failed to load: %s", name, where, reason)
+                log.error("model '%s' (%s) failed to load: %s", name, where, detail)
+                # callers see paths relative to the repository, and no others
+                reason = public_message(detail, self.repository.path)
                 if name not in self._models:
                     self._failures[name] = reason
                 self._states[name] = (

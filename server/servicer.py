@@ -20,7 +20,8 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from . import __version__
 from .errors import ErrorKind, FerryError, invalid_input
 from .repository import LoadedModel, ModelManager
-from .tensors import decode_request, encode_response
+from .security import ModelControl
+from .tensors import TensorLimits, decode_request, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         request_observers: Sequence[RequestObserver] = (),
         clock: Callable[[], float] = time.monotonic,
+        tensor_limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen
+        model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
     ) -> None:
         self.manager = manager
+        self._tensor_limits = tensor_limits
+        self._model_control = model_control
         self._is_ready = is_ready
         self._observers = tuple(request_observers)
         self._clock = clock
@@ -145,16 +150,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: Any, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        if request.parameters:
-            await self._abort(
-                context,
-                FerryError(
+        try:
+            self._model_control.check_rpc("load")
+            self._model_control.check_load_parameters(request.parameters)
+            if request.parameters:
+                raise FerryError(
                     ErrorKind.INVALID_INPUT,
                     "load parameters (config or file overrides) are not supported; "
                     "change the model repository instead",
-                ),
-            )
-        try:
+                )
             await self.manager.load(request.model_name)
         except FerryError as error:
             await self._abort(context, error)
@@ -164,6 +168,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: Any, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
         try:
+            self._model_control.check_rpc("unload")
             await self.manager.unload(request.model_name)
         except FerryError as error:
             await self._abort(context, error)
@@ -231,7 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self.manager.get(request.model_name, request.model_version)
             settings = model.settings
-            decoded = decode_request(request, settings)
+            decoded = decode_request(request, settings, self._tensor_limits)
             deadline_s = self._deadline(request, model, time_remaining)
             priority = self._priority(request, model)
             outputs = await model.scheduler.submit(

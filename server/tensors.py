@@ -21,9 +21,25 @@ from .errors import invalid_input
 
 Array = npt.NDArray[np.generic]
 
-# No single tensor may claim more elements than this, whatever its byte length: a guard
-# against shapes whose product overflows or asks for absurd allocations.
-MAX_TENSOR_ELEMENTS = 1 << 31
+# By default no single tensor may claim more elements than this, whatever its byte length:
+# a guard against shapes whose product overflows or asks for absurd allocations.
+DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 31
+MAX_TENSOR_ELEMENTS = DEFAULT_MAX_TENSOR_ELEMENTS
+DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLimits:
+    """The largest input tensor a request may carry, checked before anything is allocated.
+    Bytes count the decoded size: elements times the element size, or for BYTES the
+    length of its content."""
+
+    max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS
+    max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+
+    def __post_init__(self) -> None:
+        if self.max_elements < 1 or self.max_bytes < 1:
+            raise ValueError(f"tensor limits must be >= 1, got {self}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +54,11 @@ def _describe(datatype: str, shape: object) -> str:
     return f"{datatype} {list(shape)}"  # type: ignore[call-overload]
 
 
-def decode_request(request: pb.ModelInferRequest, model: ModelSettings) -> DecodedRequest:
+def decode_request(
+    request: pb.ModelInferRequest,
+    model: ModelSettings,
+    limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen, so sharing it is safe
+) -> DecodedRequest:
     specs = {spec.name: spec for spec in model.inputs}
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
@@ -56,8 +76,9 @@ def decode_request(request: pb.ModelInferRequest, model: ModelSettings) -> Decod
             )
         if tensor.name in arrays:
             raise invalid_input(f"input '{tensor.name}' appears more than once")
-        shape = _check_shape(tensor, spec, model)
+        shape = _check_shape(tensor, spec, model, limits)
         raw = raw_contents[index] if raw_contents else None
+        _check_bytes(tensor, spec, shape, raw, limits)
         arrays[tensor.name] = _decode_tensor(tensor, spec, shape, raw)
 
     missing = [name for name, spec in specs.items() if name not in arrays and not spec.optional]
@@ -86,7 +107,10 @@ def decode_request(request: pb.ModelInferRequest, model: ModelSettings) -> Decod
 
 
 def _check_shape(
-    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, model: ModelSettings
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    spec: TensorSpec,
+    model: ModelSettings,
+    limits: TensorLimits,
 ) -> tuple[int, ...]:
     shape = tuple(tensor.shape)
     expected = model.input_shape(spec)
@@ -106,12 +130,38 @@ def _check_shape(
     elements = 1
     for dim in shape:
         elements *= dim
-        if elements > MAX_TENSOR_ELEMENTS:
+        if elements > limits.max_elements:
             raise invalid_input(
                 f"input '{spec.name}': shape {list(shape)} has more than "
-                f"{MAX_TENSOR_ELEMENTS} elements"
+                f"{limits.max_elements} elements, the limit per tensor (--max-tensor-elements)"
             )
     return shape
+
+
+def _check_bytes(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    spec: TensorSpec,
+    shape: tuple[int, ...],
+    raw: bytes | None,
+    limits: TensorLimits,
+) -> None:
+    if spec.datatype == "BYTES":
+        if raw is not None:
+            size = len(raw)
+        else:
+            size = sum(len(value) for value in tensor.contents.bytes_contents)
+    else:
+        dtype = NUMPY_DTYPES.get(spec.datatype)
+        size = dtype.itemsize if dtype is not None else 1
+        for dim in shape:
+            size *= dim
+        if raw is not None:
+            size = max(size, len(raw))
+    if size > limits.max_bytes:
+        raise invalid_input(
+            f"input '{spec.name}' {_describe(spec.datatype, shape)} is {size} bytes, more than "
+            f"{limits.max_bytes}, the limit per tensor (--max-tensor-bytes)"
+        )
 
 
 def _decode_tensor(

@@ -14,8 +14,15 @@ import pytest
 
 from ferry.server.app import FerryServer, ServerOptions
 from ferry.server.scheduler import Instance
+from ferry.server.security import ModelControl, ModelControlMode, SecurityOptions
 
 T = TypeVar("T")
+
+# Load/unload RPCs are refused unless a server runs in explicit model control; with "*" it
+# still loads the whole repository at start. Pass as start_server(..., security=...).
+EXPLICIT_MODEL_CONTROL = SecurityOptions(
+    model_control=ModelControl(ModelControlMode.EXPLICIT, ("*",))
+)
 
 
 class RunningServer:
