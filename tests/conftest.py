@@ -18,6 +18,15 @@ from ferry.server.security import ModelControl, ModelControlMode, SecurityOption
 
 T = TypeVar("T")
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-seconds",
+        type=float,
+        default=60.0,
+        help="how long tests/test_soak.py keeps its clients busy (CI: 60)",
+    )
+
 # Load/unload RPCs are refused unless a server runs in explicit model control; with "*" it
 # still loads the whole repository at start. Pass as start_server(..., security=...).
 EXPLICIT_MODEL_CONTROL = SecurityOptions(
