@@ -1,0 +1,108 @@
+"""The asyncio client, on grpc.aio; the same methods as FerryClient, awaited.
+
+Create it inside the event loop that will use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy.typing as npt
+
+from ferry.proto import grpc_service_pb2 as pb
+from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+
+from . import _convert
+from ._channel import CHANNEL_OPTIONS, DEFAULT_URL
+from .errors import from_rpc_error
+from .metadata import ModelMetadata, ServerMetadata
+
+
+class AsyncFerryClient:
+    """Calls a Ferry (or any Open Inference Protocol gRPC server) at `url`, "host:port".
+
+    Every method raises FerryClientError when the call fails, including when the server
+    cannot be reached; `timeout` is in seconds.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL) -> None:
+        self.url = url
+        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, npt.ArrayLike],
+        outputs: Iterable[str] | None = None,
+        *,
+        version: str = "",
+        timeout: float | None = None,
+        request_id: str = "",
+        parameters: Mapping[str, _convert.ParameterValue] | None = None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run `model` on `inputs` and return the requested outputs (all when None)."""
+        request = _convert.infer_request(
+            model, inputs, outputs, version=version, request_id=request_id, parameters=parameters
+        )
+        response: pb.ModelInferResponse = await self._call(self._stub.ModelInfer, request, timeout)
+        return _convert.infer_outputs(response)
+
+    async def is_server_live(self, *, timeout: float | None = None) -> bool:
+        response: pb.ServerLiveResponse = await self._call(
+            self._stub.ServerLive, pb.ServerLiveRequest(), timeout
+        )
+        return response.live
+
+    async def is_server_ready(self, *, timeout: float | None = None) -> bool:
+        response: pb.ServerReadyResponse = await self._call(
+            self._stub.ServerReady, pb.ServerReadyRequest(), timeout
+        )
+        return response.ready
+
+    async def is_model_ready(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> bool:
+        request = pb.ModelReadyRequest(name=model, version=version)
+        response: pb.ModelReadyResponse = await self._call(self._stub.ModelReady, request, timeout)
+        return response.ready
+
+    async def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
+        response: pb.ServerMetadataResponse = await self._call(
+            self._stub.ServerMetadata, pb.ServerMetadataRequest(), timeout
+        )
+        return _convert.server_metadata(response)
+
+    async def model_metadata(
+        self, model: str, version: str = "", *, timeout: float | None = None
+    ) -> ModelMetadata:
+        request = pb.ModelMetadataRequest(name=model, version=version)
+        response: pb.ModelMetadataResponse = await self._call(
+            self._stub.ModelMetadata, request, timeout
+        )
+        return _convert.model_metadata(response)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)
+
+    async def __aenter__(self) -> AsyncFerryClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @staticmethod
+    async def _call(method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
