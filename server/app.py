@@ -19,6 +19,8 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto._pool import POOL
 
+from .logs import AccessLog, RejectionLog
+from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .poller import RepositoryPoller
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
@@ -43,11 +45,14 @@ class ServerOptions:
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
     poll_repository_s: float | None = None  # None: the repository is read once, at start
+    access_log: bool = False  # one log line per inference request
     security: SecurityOptions = field(default_factory=SecurityOptions)
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc port must be within 0..65535, got {self.grpc_port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be within 0..65535, got {self.metrics_port}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
         if self.max_message_bytes < 1024:
@@ -75,8 +80,12 @@ class FerryServer:
         request_observers: Sequence[RequestObserver] = (),
     ) -> None:
         self.options = options
+        self.metrics = ServerMetrics()
+        self._metrics_endpoint = MetricsEndpoint(self.metrics.registry)
+        self.metrics_port = 0  # the bound metrics port, once started (0: none)
         self.manager = ModelManager(
             ModelRepository(options.model_path),
+            observers_for=self.metrics.observers_for,
             drain_grace_s=options.shutdown_grace_s,
             wrap_instance=wrap_instance,
             on_change=self._models_changed,
@@ -88,7 +97,12 @@ class FerryServer:
         self.servicer = InferenceServicer(
             self.manager,
             is_ready=self.is_ready,
-            request_observers=request_observers,
+            request_observers=(
+                self.metrics,
+                RejectionLog(),
+                *((AccessLog(),) if options.access_log else ()),
+                *request_observers,
+            ),
             tensor_limits=security.tensor_limits(options.max_message_bytes),
             model_control=security.model_control,
         )
@@ -121,6 +135,13 @@ class FerryServer:
         self.grpc_port = self.options.security.bind(self._server, address)
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {address}")
+        if self.options.metrics_port is not None:
+            # Up before the models load, so that a slow start can be watched.
+            self.metrics_port = self._metrics_endpoint.start(
+                self.options.host, self.options.metrics_port
+            )
+            log.info("serving Prometheus metrics on http://%s:%d/metrics",
+                     self.options.host, self.metrics_port)
         await self._models_changed()
         await self._server.start()
         await self.manager.load_all(self.options.security.model_control.models_at_start())
@@ -141,14 +162,16 @@ class FerryServer:
         if self._poller is not None:
             await self._poller.stop()
         await self.health.enter_graceful_shutdown()
+        self._update_metrics(ready=False)
         await self.manager.close(grace)
         await self._server.stop(grace=min(grace, 1.0))
+        self._metrics_endpoint.close()
 
     async def wait_closed(self) -> None:
         await self._server.wait_for_termination()
 
     async def _models_changed(self) -> None:
-        """Keep the health service in step with the models."""
+        """Keep the health service and the metrics in step with the models."""
         if self._draining:
             return
         for name in self.manager.repository.model_names() + list(self.manager.models):
@@ -157,3 +180,16 @@ class FerryServer:
         overall = SERVING if self.is_ready() else NOT_SERVING
         await self.health.set("", overall)
         await self.health.set(INFERENCE_SERVICE, overall)
+        self._update_metrics(ready=True)
+
+    def _update_metrics(self, *, ready: bool) -> None:
+        """Give the metrics the models to read at scrape time; while draining no model
+        is ready, though the queues are still reported until they empty."""
+        loaded = self.manager.models
+        views = [
+            ModelView(model.name, model.scheduler, model.settings.max_batch_size)
+            for versions in loaded.values()
+            for model in versions.values()
+        ]
+        names = set(self.manager.repository.model_names()) | set(loaded)
+        self.metrics.models_changed(views, {name: ready and name in loaded for name in names})

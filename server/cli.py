@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, security
+from . import __version__, logs, security
 from .app import FerryServer, ServerOptions
 from .workers import supervise
 
@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=list(logs.LOG_FORMATS),
+        help="log lines as plain text, or as one JSON object per line for log shippers",
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per inference request (model, status code, duration)",
+    )
     return parser
 
 
@@ -113,11 +124,7 @@ async def serve(options: ServerOptions) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         options = ServerOptions(
             model_path=args.model_path,
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace,
             max_message_bytes=args.max_message_size,
             poll_repository_s=args.poll_repository,
+            access_log=args.access_log,
             security=security.options_from(args),
         )
         if not args.model_path.exists():

@@ -44,9 +44,12 @@ EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule
 
 
 class RequestObserver(Protocol):
-    """Told of every finished inference request, with its status code name."""
+    """Told of every finished inference request, with its status code name ("" for the
+    model when the request named none that is loaded) and, when it failed, the message."""
 
-    def request_finished(self, model: str, code: str, duration_ns: int) -> None: ...
+    def request_finished(
+        self, model: str, code: str, duration_ns: int, message: str = ""
+    ) -> None: ...
 
 
 def _parameter(request: pb.ModelInferRequest, name: str) -> int | None:
@@ -233,6 +236,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start_ns = time.perf_counter_ns()
         model: LoadedModel | None = None
         code = "INTERNAL"
+        message = ""
         try:
             model = self.manager.get(request.model_name, request.model_version)
             settings = model.settings
@@ -252,20 +256,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
         except FerryError as error:
             code = STATUS_CODES[error.kind].name
+            message = error.message
             raise
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except Exception as exc:  # never leak a traceback to the caller
             log.exception("unexpected error serving model '%s'", request.model_name)
-            raise FerryError(ErrorKind.INTERNAL, f"internal error: {type(exc).__name__}") from exc
+            message = f"internal error: {type(exc).__name__}"
+            raise FerryError(ErrorKind.INTERNAL, message) from exc
         finally:
             duration_ns = time.perf_counter_ns() - start_ns
             if model is not None:
                 model.stats.request_finished(code == "OK", duration_ns)
             name = model.name if model is not None else ""
             for observer in self._observers:
-                observer.request_finished(name, code, duration_ns)
+                observer.request_finished(name, code, duration_ns, message)
 
     def _deadline(
         self, request: pb.ModelInferRequest, model: LoadedModel, time_remaining: float | None

@@ -1,0 +1,111 @@
+"""Logging: the text and JSON line formats, the opt-in access log, and the rate-limited
+report of rejected requests.
+
+Successful requests log nothing by default; a flood of bad requests logs one line per
+kind of rejection (model and status code) per interval, not one per request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+access_log = logging.getLogger("ferry.access")
+rejection_log = logging.getLogger("ferry.rejections")
+
+# Codes a client brings on itself by leaving; not worth a line.
+QUIET_CODES = frozenset({"OK", "CANCELLED"})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+            + f".{int(record.msecs):03d}"
+            + time.strftime("%z", self.converter(record.created)),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure(level: str, log_format: str = "text") -> None:
+    """Send every log record to stderr in the chosen format."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+class AccessLog:
+    """A RequestObserver that logs one line per finished inference request."""
+
+    def request_finished(self, model: str, code: str, duration_ns: int, message: str = "") -> None:
+        duration_ms = round(duration_ns / 1e6, 3)
+        fields = {"model": model, "code": code, "duration_ms": duration_ms}
+        if message:
+            fields["error"] = message
+        access_log.info(
+            "ModelInfer model=%s code=%s duration_ms=%.3f%s",
+            model or "-", code, duration_ms, f" error={message!r}" if message else "",
+            extra={"fields": fields},
+        )
+
+
+@dataclass(slots=True)
+class _Class:
+    reported_at: float
+    suppressed: int = 0
+
+
+class RejectionLog:
+    """A RequestObserver that reports each kind of failed request (model, code) at once,
+    then at most once per `interval_s`, with how many it did not report in between."""
+
+    def __init__(
+        self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._classes: dict[tuple[str, str], _Class] = {}
+
+    def request_finished(self, model: str, code: str, duration_ns: int, message: str = "") -> None:
+        if code in QUIET_CODES:
+            return
+        now = self._clock()
+        key = (model, code)
+        seen = self._classes.get(key)
+        if seen is not None and now - seen.reported_at < self._interval_s:
+            seen.suppressed += 1
+            return
+        suppressed = seen.suppressed if seen is not None else 0
+        self._classes[key] = _Class(reported_at=now)
+        more = (
+            f" ({suppressed} more since the last report {now - seen.reported_at:.0f} s ago)"
+            if seen is not None
+            else ""
+        )
+        rejection_log.warning(
+            "requests to model '%s' fail with %s%s: %s",
+            model or "(unknown)", code, more, message or "(no detail)",
+            extra={"fields": {"model": model, "code": code, "suppressed": suppressed}},
+        )
