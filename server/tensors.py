@@ -180,13 +180,14 @@ def _decode_tensor(
                 "use one encoding"
             )
         try:
-            return from_raw(raw, spec.datatype, shape)
+            array = from_raw(raw, spec.datatype, shape)
         except BytesFormatError as exc:
             raise invalid_input(f"input '{spec.name}': bad BYTES content: {exc}") from exc
         except ValueError as exc:
             raise invalid_input(
                 f"input '{spec.name}' {_describe(spec.datatype, shape)}: {exc}"
             ) from exc
+        return _as_text(array, spec) if spec.datatype == "BYTES" else array
     field = CONTENTS_FIELDS.get(spec.datatype)
     if field is None:
         raise invalid_input(
@@ -209,11 +210,13 @@ def _decode_tensor(
     if spec.datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
-        return array.reshape(shape)
+        return _as_text(array.reshape(shape), spec)
     try:
         # Typed fields are wider than some datatypes (INT8 travels as int32): refuse
         # values that do not fit instead of wrapping them around.
-        wide = np.asarray(values)
+        # Read the field at its own width: left to guess, numpy turns UINT64 values
+        # above 2**63 into float64 and loses them.
+        wide = np.asarray(values, dtype=_FIELD_DTYPES[field])
         array = wide.astype(dtype)
         if wide.size and dtype.kind in "iu" and not np.array_equal(array, wide):
             raise invalid_input(
@@ -222,6 +225,36 @@ def _decode_tensor(
     except OverflowError as exc:
         raise invalid_input(f"input '{spec.name}': values out of range for {spec.datatype}") from exc
     return array.reshape(shape)
+
+
+# The width of each typed contents field, as the protocol declares it.
+_FIELD_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "bool_contents": np.dtype("bool"),
+    "int_contents": np.dtype("<i4"),
+    "int64_contents": np.dtype("<i8"),
+    "uint_contents": np.dtype("<u4"),
+    "uint64_contents": np.dtype("<u8"),
+    "fp32_contents": np.dtype("<f4"),
+    "fp64_contents": np.dtype("<f8"),
+}
+
+
+def _as_text(array: Array, spec: TensorSpec) -> Array:
+    """BYTES inputs feed ONNX string tensors, whose elements are UTF-8 text: decode each
+    element to str here, where a bad one fails only its own request. (onnxruntime would
+    turn a bytes element into its repr, "b'...'", and cannot return non-UTF-8 strings.)
+    Outputs need nothing: `to_raw` encodes str elements as UTF-8."""
+    elements = array.reshape(-1).tolist()
+    text = np.empty(len(elements), dtype=object)
+    for index, element in enumerate(elements):
+        try:
+            text[index] = element.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise invalid_input(
+                f"input '{spec.name}': BYTES element {index} is not valid UTF-8 "
+                f"({exc.reason} at byte {exc.start}); ONNX string tensors hold UTF-8 text"
+            ) from exc
+    return text.reshape(array.shape)
 
 
 def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> tuple[str, ...]:
