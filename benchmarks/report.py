@@ -1,0 +1,389 @@
+"""The report: a markdown table, issue 5's targets as ratios, and two plots, all from one
+results.json. Regenerate them from a saved run with
+
+    python -m benchmarks.report benchmarks/results/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .servers import NAIVE, NULL
+
+# Issue 5's targets, each a ratio against the naive server in the same run.
+TARGET_CONCURRENCY = 64
+TARGET_COMPUTE_SPEEDUP = 4.5
+TARGET_OVERHEAD_SPEEDUP = 2.5
+TARGET_IDLE_P50_EXTRA_MS = 0.1
+TARGET_P99_DIVISOR = 3.0
+
+README_BEGIN = "<!-- results:begin -->"
+README_END = "<!-- results:end -->"
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    model: str
+    server: str
+    concurrency: int
+    rows: int
+    req_per_s: float
+    p50_ms: float
+    p99_ms: float
+    ok: int
+    count: int
+    errors: dict[str, int]
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.req_per_s * self.rows
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Point:
+        return cls(
+            model=data["model"],
+            server=data["server"],
+            concurrency=int(data["concurrency"]),
+            rows=int(data["rows"]),
+            req_per_s=float(data["req_per_s"]),
+            p50_ms=float(data["p50_ms"]),
+            p99_ms=float(data["p99_ms"]),
+            ok=int(data["ok"]),
+            count=int(data["count"]),
+            errors=dict(data.get("errors") or {}),
+        )
+
+
+class Results:
+    """A loaded results.json, with the look-ups the report needs."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+        self.meta: dict[str, Any] = data["meta"]
+        self.models: dict[str, dict[str, Any]] = data["models"]  # name -> {role, features}
+        self.ceiling: dict[str, dict[str, float]] = data["ceiling"]  # model -> batch -> rows/s
+        self.points = [Point.from_json(p) for p in data["measurements"]]
+        self.servers = list(dict.fromkeys(p.server for p in self.points))
+
+    def point(self, model: str, server: str, concurrency: int, rows: int = 1) -> Point | None:
+        for p in self.points:
+            if (p.model, p.server, p.concurrency, p.rows) == (model, server, concurrency, rows):
+                return p
+        return None
+
+    def ceiling_rows_per_s(self, model: str) -> float | None:
+        by_batch = self.ceiling.get(model) or {}
+        return max(by_batch.values()) if by_batch else None
+
+    def model_with_role(self, role: str) -> str | None:
+        for name, info in self.models.items():
+            if info.get("role") == role:
+                return name
+        return None
+
+    @property
+    def candidates(self) -> list[str]:
+        """The servers judged against the targets: everything but the baselines."""
+        return [s for s in self.servers if s not in (NAIVE, NULL)]
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{value:.2f}x"
+
+
+def _percent(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{100 * value:.2g}%"
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def header_lines(results: Results) -> list[str]:
+    meta = results.meta
+    versions = meta.get("versions", {})
+    lines = [
+        f"- Date: {meta.get('date', '?')}; git commit {meta.get('git', '?')}",
+        f"- Command: `{meta.get('command', '?')}`",
+        f"- Machine: {meta.get('cpu_model', '?')}, {meta.get('cpus', '?')} CPUs "
+        f"({meta.get('cpus_usable', '?')} usable), {meta.get('platform', '?')}",
+        f"- Load average before / after: {meta.get('loadavg_before', '?')} / "
+        f"{meta.get('loadavg_after', '?')} (a busy machine makes every number noisy)",
+        "- Versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
+        f"- Load: ghz, {meta.get('load', '?')}; server and ghz share the same cores",
+    ]
+    if meta.get("smoke"):
+        lines.insert(
+            0,
+            "- **Smoke run**: tiny models and request counts; no figure here means "
+            "anything about speed.",
+        )
+    return lines
+
+
+def ceiling_table(results: Results) -> list[str]:
+    batches = sorted({int(b) for by_batch in results.ceiling.values() for b in by_batch})
+    lines = [
+        "| model | " + " | ".join(f"batch {b} rows/s" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
+    for model, by_batch in results.ceiling.items():
+        cells = [_num(by_batch.get(str(b))) for b in batches]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def measurement_table(results: Results) -> list[str]:
+    lines = [
+        "| model | server | concurrency | rows/request | req/s | rows/s | p50 ms | p99 ms "
+        "| errors | x naive | % of ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = {name: index for index, name in enumerate(results.servers)}
+    points = sorted(
+        results.points,
+        key=lambda p: (list(results.models).index(p.model), p.rows, p.concurrency, order[p.server]),
+    )
+    for p in points:
+        naive = results.point(p.model, NAIVE, p.concurrency, p.rows)
+        vs_naive = (
+            p.req_per_s / naive.req_per_s
+            if naive and naive.req_per_s > 0 and p.server != NAIVE
+            else None
+        )
+        ceiling = results.ceiling_rows_per_s(p.model)
+        # The null server runs no model: a ratio to the model's ceiling would mean nothing.
+        vs_ceiling = p.rows_per_s / ceiling if ceiling and p.server != NULL else None
+        errors = sum(p.errors.values())
+        lines.append(
+            f"| {p.model} | {p.server} | {p.concurrency} | {p.rows} | {_num(p.req_per_s)} "
+            f"| {_num(p.rows_per_s)} | {_num(p.p50_ms, 2)} | {_num(p.p99_ms, 2)} "
+            f"| {errors} | {_ratio(vs_naive)} | {_percent(vs_ceiling)} |"
+        )
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
+class TargetCheck:
+    server: str
+    target: str
+    measured: str
+    passed: bool | None  # None: a point the check needs was not measured
+
+
+def check_targets(results: Results) -> list[TargetCheck]:
+    checks: list[TargetCheck] = []
+    for server in results.candidates:
+        checks += _checks_for(results, server)
+    return checks
+
+
+def _checks_for(results: Results, server: str) -> list[TargetCheck]:
+    compute = results.model_with_role("compute-bound")
+    overhead = results.model_with_role("overhead-bound")
+    c = TARGET_CONCURRENCY
+    checks = []
+
+    def pair(model: str | None, concurrency: int) -> tuple[Point | None, Point | None]:
+        if model is None:
+            return None, None
+        return (
+            results.point(model, server, concurrency),
+            results.point(model, NAIVE, concurrency),
+        )
+
+    for model, role, goal in (
+        (compute, "compute-bound", TARGET_COMPUTE_SPEEDUP),
+        (overhead, "overhead-bound", TARGET_OVERHEAD_SPEEDUP),
+    ):
+        ours, naive = pair(model, c)
+        target = f"{role} ({model}), concurrency {c}: throughput ≥ {goal}x naive"
+        if ours is None or naive is None or naive.req_per_s <= 0:
+            checks.append(TargetCheck(server, target, "not measured", None))
+            continue
+        ratio = ours.req_per_s / naive.req_per_s
+        measured = f"{ratio:.2f}x ({ours.req_per_s:,.0f} vs {naive.req_per_s:,.0f} req/s)"
+        checks.append(TargetCheck(server, target, measured, ratio >= goal))
+
+    for model in (m for m in (compute, overhead) if m is not None):
+        ours, naive = pair(model, 1)
+        target = f"{model}, concurrency 1: p50 ≤ naive p50 + {TARGET_IDLE_P50_EXTRA_MS} ms"
+        if ours is None or naive is None:
+            checks.append(TargetCheck(server, target, "not measured", None))
+            continue
+        extra = ours.p50_ms - naive.p50_ms
+        measured = f"{extra:+.3f} ms ({ours.p50_ms:.3f} vs {naive.p50_ms:.3f} ms)"
+        checks.append(TargetCheck(server, target, measured, extra <= TARGET_IDLE_P50_EXTRA_MS))
+
+    ours, naive = pair(compute, c)
+    target = f"compute-bound ({compute}), concurrency {c}: p99 ≤ naive p99 / {TARGET_P99_DIVISOR:g}"
+    if ours is None or naive is None or ours.p99_ms <= 0:
+        checks.append(TargetCheck(server, target, "not measured", None))
+    else:
+        measured = (
+            f"naive/ours = {naive.p99_ms / ours.p99_ms:.2f} "
+            f"({ours.p99_ms:.2f} vs {naive.p99_ms:.2f} ms)"
+        )
+        checks.append(
+            TargetCheck(server, target, measured, ours.p99_ms <= naive.p99_ms / TARGET_P99_DIVISOR)
+        )
+    return checks
+
+
+def targets_table(checks: list[TargetCheck]) -> list[str]:
+    lines = ["| server | target | measured | result |", "|---|---|---|---|"]
+    for check in checks:
+        verdict = {True: "PASS", False: "MISS", None: "n/a"}[check.passed]
+        lines.append(f"| {check.server} | {check.target} | {check.measured} | {verdict} |")
+    return lines
+
+
+def render_markdown(results: Results, plots: dict[str, str]) -> str:
+    sections = [
+        "## Setup",
+        "",
+        *header_lines(results),
+        "",
+        "## In-process ceiling (onnxruntime alone, default session options)",
+        "",
+        *ceiling_table(results),
+        "",
+        "## Served throughput and latency",
+        "",
+        "Batch-1 requests unless `rows/request` says otherwise. `x naive`: throughput over "
+        "the naive server's at the same concurrency and rows per request. `% of ceiling`: rows/s "
+        "as a share of the in-process ceiling's best (its largest batch).",
+        "",
+        *measurement_table(results),
+        "",
+        "## Targets (issue 5)",
+        "",
+        *targets_table(check_targets(results)),
+        "",
+        "## Plots",
+        "",
+        *(f"![{title}]({name})" for title, name in plots.items()),
+        "",
+    ]
+    return "\n".join(sections)
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot(results: Results, out_dir: Path) -> dict[str, str]:
+    """throughput.png and p99.png: one panel per model, one line per server (batch 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {"Throughput vs concurrency": "throughput.png", "p99 latency vs concurrency": "p99.png"}
+    models = list(results.models)
+    for (title, filename), metric in zip(files.items(), ("req_per_s", "p99_ms"), strict=True):
+        figure, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+        for axis, model in zip(axes[0], models, strict=True):
+            for server in results.servers:
+                points = sorted(
+                    (
+                        p
+                        for p in results.points
+                        if p.model == model and p.server == server and p.rows == 1
+                    ),
+                    key=lambda p: p.concurrency,
+                )
+                if points:
+                    axis.plot(
+                        [p.concurrency for p in points],
+                        [getattr(p, metric) for p in points],
+                        marker="o",
+                        label=server,
+                    )
+            if metric == "req_per_s":
+                for batch, rows_per_s in sorted(
+                    (results.ceiling.get(model) or {}).items(), key=lambda kv: int(kv[0])
+                ):
+                    if batch in ("1", "32"):
+                        axis.axhline(
+                            rows_per_s,
+                            linestyle="--",
+                            linewidth=0.8,
+                            color="grey" if batch == "1" else "black",
+                            label=f"onnxruntime alone, batch {batch} (rows/s)",
+                        )
+                # Log scale: the in-process ceiling can be far above any served rate.
+                axis.set_yscale("log")
+                axis.set_ylabel("requests/s (batch-1 requests)")
+            else:
+                axis.set_yscale("log")
+                axis.set_ylabel("p99 latency (ms)")
+            axis.set_xscale("log", base=2)
+            ticks = sorted({p.concurrency for p in results.points if p.rows == 1})
+            axis.set_xticks(ticks, [str(t) for t in ticks])
+            axis.set_xlabel("concurrency (requests in flight)")
+            role = results.models[model].get("role", "")
+            axis.set_title(f"{model} ({role})")
+            axis.grid(True, which="both", alpha=0.3)
+            axis.legend(fontsize=8)
+        suffix = " — SMOKE RUN" if results.meta.get("smoke") else ""
+        figure.suptitle(title + suffix)
+        figure.tight_layout()
+        figure.savefig(out_dir / filename, dpi=110)
+        plt.close(figure)
+    return files
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def write_report(results_path: Path, readme: Path | None = None) -> Path:
+    """results.md, throughput.png and p99.png next to results.json; optionally copy the
+    markdown into a README between the results markers."""
+    results = Results(json.loads(results_path.read_text()))
+    out_dir = results_path.parent
+    plots = plot(results, out_dir)
+    markdown = render_markdown(results, plots)
+    md_path = out_dir / "results.md"
+    md_path.write_text("# Ferry benchmark results\n\n" + markdown)
+    if readme is not None:
+        update_readme(readme, markdown, out_dir)
+    return md_path
+
+
+def update_readme(readme: Path, markdown: str, out_dir: Path) -> None:
+    text = readme.read_text()
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} section")
+    # Plot links are relative to the results folder; make them relative to the README.
+    prefix = out_dir.resolve().relative_to(readme.parent.resolve()).as_posix()
+    for name in ("throughput.png", "p99.png"):
+        markdown = markdown.replace(f"]({name})", f"]({prefix}/{name})")
+    text = text[: begin + len(README_BEGIN)] + "\n" + markdown + "\n" + text[end:]
+    readme.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write the report of a saved benchmark run.")
+    parser.add_argument("results", type=Path, help="a results.json written by benchmarks.run")
+    parser.add_argument("--update-readme", type=Path, metavar="README", default=None)
+    args = parser.parse_args(argv)
+    print(write_report(args.results, args.update_readme).read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Run the whole benchmark: models, in-process ceiling, every server under ghz, the report.
+
+    .venv/bin/python -m benchmarks.run                 # the full run, about 7 minutes
+    .venv/bin/python -m benchmarks.run --smoke         # seconds: checks the harness works
+    .venv/bin/python -m benchmarks.run --server ferry --server naive --server null \\
+        --server 'ferry-w2={python} -m ferry.server.cli serve {repo} --grpc-port {port} \\
+                  --metrics-port -1 --workers 2'
+
+Writes results.json, results.md, throughput.png and p99.png into --out
+(benchmarks/results/ by default; benchmarks/.work/smoke/ for --smoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import ceiling
+from .load import LoadSpec, Measurement, find_ghz, ghz_version, run_ghz, write_request
+from .make_models import MODELS, OVERHEAD_BOUND, BenchModel, write_repository
+from .report import write_report
+from .servers import NULL, RunningServer, ServerVariant
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description="Ferry against its baselines under ghz; see benchmarks/README.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds, not minutes: narrow models, one concurrency, a few requests per point",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="where the report goes")
+    parser.add_argument("--work", type=Path, default=HERE / ".work", help="models, logs, raw ghz")
+    parser.add_argument(
+        "--server",
+        action="append",
+        default=None,
+        metavar="NAME[=COMMAND]",
+        help="a server under test (repeatable; default: ferry, naive, null). COMMAND may "
+        "use {python}, {repo} and {port}",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_CONCURRENCY),
+        help="batch-1 sweep",
+    )
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per point")
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of unmeasured load per server and model"
+    )
+    parser.add_argument("--multi-row", type=int, default=8, help="rows per multi-row request")
+    parser.add_argument(
+        "--multi-row-concurrency", type=int, default=16, help="concurrency of the multi-row run"
+    )
+    parser.add_argument("--connections", type=int, default=4, help="ghz connections, at most")
+    parser.add_argument(
+        "--null-all-models",
+        action="store_true",
+        help="measure the null server on every model (its answer does not depend on the model, "
+        "so by default only on the overhead-bound one)",
+    )
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size")
+    parser.add_argument("--ghz", default=None, help="path of the ghz binary")
+    parser.add_argument(
+        "--update-readme", action="store_true", help="copy the report into benchmarks/README.md"
+    )
+    return parser
+
+
+def machine_info(ghz: Path) -> dict[str, Any]:
+    cpu_model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"Python": platform.python_version()}
+    for package in ("onnxruntime", "grpcio", "protobuf", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    versions["ghz"] = ghz_version(ghz)
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=HERE
+    )
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git.stdout.strip() or "unknown",
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "versions": versions,
+        "loadavg_before": _loadavg(),
+    }
+
+
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def plan(
+    args: argparse.Namespace, variants: list[ServerVariant], models: tuple[BenchModel, ...]
+) -> list[tuple[ServerVariant, BenchModel, LoadSpec]]:
+    """Every point to measure, in the order they run (one server process at a time)."""
+    points = []
+    for variant in variants:
+        for model in models:
+            if (
+                variant.name == NULL
+                and not args.null_all_models
+                and model.name != (OVERHEAD_BOUND.name)
+            ):
+                continue
+            for concurrency in args.concurrency:
+                points.append((variant, model, _spec(args, concurrency, 1)))
+            if args.multi_row > 1 and variant.name != NULL:
+                points.append(
+                    (variant, model, _spec(args, args.multi_row_concurrency, args.multi_row))
+                )
+    return points
+
+
+def _spec(args: argparse.Namespace, concurrency: int, rows: int) -> LoadSpec:
+    if args.smoke:
+        # A fixed, small request count: the smoke run checks the harness, not the speed.
+        return LoadSpec(
+            concurrency,
+            rows,
+            duration_s=None,
+            total=max(20, 2 * concurrency),
+            connections=args.connections,
+        )
+    return LoadSpec(concurrency, rows, duration_s=args.duration, connections=args.connections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.concurrency = [8]
+        args.multi_row_concurrency = 4
+        args.ceiling_seconds = 0.05
+    out: Path = args.out or (args.work / "smoke" if args.smoke else HERE / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    work: Path = args.work
+    variants = [ServerVariant.parse(spec) for spec in args.server or ["ferry", "naive", "null"]]
+    if len({v.name for v in variants}) != len(variants):
+        raise SystemExit("two servers have the same name")
+    ghz = find_ghz(args.ghz)
+
+    models = tuple(m.scaled(16) for m in MODELS) if args.smoke else MODELS
+    repo = write_repository(work / ("models-smoke" if args.smoke else "models"), models)
+    points = plan(args, variants, models)
+    warmups = len({(v.name, m.name) for v, m, _ in points})
+    if not args.smoke:
+        estimate = (
+            len(points) * (args.duration + 0.5)
+            + warmups * args.warmup
+            + len(models) * len(ceiling.BATCH_SIZES) * args.ceiling_seconds
+            + len(variants) * 5
+        )
+        print(f"{len(points)} points, about {estimate / 60:.1f} minutes", flush=True)
+
+    meta = machine_info(ghz)
+    meta["command"] = shlex.join(
+        [
+            Path(sys.executable).name,
+            "-m",
+            "benchmarks.run",
+            *(sys.argv[1:] if argv is None else argv),
+        ]
+    )
+    meta["smoke"] = args.smoke
+    meta["load"] = (
+        f"{max(20, 2 * args.concurrency[0])} requests per point"
+        if args.smoke
+        else f"{args.duration:g} s per point after {args.warmup:g} s of warm-up"
+    ) + f", at most {args.connections} connections"
+    meta["servers"] = {v.name: v.command for v in variants}
+
+    print("in-process ceiling (rows/s):", flush=True)
+    ceilings: dict[str, dict[str, float]] = {}
+    for model in models:
+        rates = ceiling.measure(
+            repo / model.name / "1" / "model.onnx", seconds=args.ceiling_seconds
+        )
+        ceilings[model.name] = {str(batch): rate for batch, rate in rates.items()}
+        print(
+            f"  {model.name}: " + ", ".join(f"batch {b} {r:,.0f}" for b, r in rates.items()),
+            flush=True,
+        )
+
+    measurements: list[Measurement] = []
+    for variant in variants:
+        mine = [(m, s) for v, m, s in points if v is variant]
+        if not mine:
+            continue
+        needed = list(dict.fromkeys(m.name for m, _ in mine))
+        log_path = work / "logs" / f"{variant.name}.log"
+        print(f"{variant.name}: {variant.command}", flush=True)
+        with RunningServer(variant, repo, needed, log_path) as server:
+            warmed: set[str] = set()
+            for model, spec in mine:
+                request = write_request(
+                    work / "requests" / f"{model.name}_{spec.rows}.bin",
+                    model.name,
+                    model.features,
+                    spec.rows,
+                )
+                if model.name not in warmed:
+                    warm = LoadSpec(
+                        8,
+                        1,
+                        duration_s=None if args.smoke else args.warmup,
+                        total=20 if args.smoke else None,
+                        connections=args.connections,
+                    )
+                    run_ghz(ghz, server.target, request, warm, model.name, variant.name)
+                    warmed.add(model.name)
+                raw = (
+                    work
+                    / "raw"
+                    / f"{variant.name}_{model.name}_c{spec.concurrency}_r{spec.rows}.json"
+                )
+                result = run_ghz(ghz, server.target, request, spec, model.name, variant.name, raw)
+                measurements.append(result)
+                errors = f", errors {result.errors}" if result.errors else ""
+                print(
+                    f"  {model.name} c={spec.concurrency:<3} rows={spec.rows}: "
+                    f"{result.req_per_s:9,.0f} req/s  p50 {result.p50_ms:7.2f} ms  "
+                    f"p99 {result.p99_ms:7.2f} ms{errors}",
+                    flush=True,
+                )
+
+    meta["loadavg_after"] = _loadavg()
+    results = {
+        "meta": meta,
+        "models": {
+            m.name: {"role": m.role, "features": m.features, "hidden": list(m.hidden)}
+            for m in models
+        },
+        "ceiling": ceilings,
+        "measurements": [m.to_json() for m in measurements],
+    }
+    results_path = out / "results.json"
+    results_path.write_text(json.dumps(results, indent=1))
+    readme = HERE / "README.md" if args.update_readme else None
+    md_path = write_report(results_path, readme)
+    print(md_path.read_text())
+    print(f"wrote {md_path}, {out / 'throughput.png'}, {out / 'p99.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

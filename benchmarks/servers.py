@@ -1,0 +1,152 @@
+"""Servers under test: each one is a name and a command line, started as a subprocess.
+
+A command line may use `{python}`, `{repo}` and `{port}`; so a new variant (Ferry with
+`--workers 2`, another flag, another server altogether) is one `--server NAME=COMMAND`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+
+from ferry.proto import grpc_service_pb2 as pb
+from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+
+# The baselines keep these names: the report's ratios and targets are relative to them.
+NAIVE = "naive"
+NULL = "null"
+
+DEFAULT_SERVERS: dict[str, str] = {
+    "ferry": "{python} -m ferry.server.cli serve {repo} --grpc-port {port} --metrics-port -1 "
+    "--log-level WARNING",
+    NAIVE: "{python} -m benchmarks.naive_server {repo} --port {port}",
+    NULL: "{python} -m benchmarks.null_server {repo} --port {port}",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerVariant:
+    name: str
+    command: str
+
+    @classmethod
+    def parse(cls, spec: str) -> ServerVariant:
+        """`NAME=COMMAND`, or a bare NAME from DEFAULT_SERVERS."""
+        name, sep, command = spec.partition("=")
+        name = name.strip()
+        if not sep:
+            if name not in DEFAULT_SERVERS:
+                known = ", ".join(DEFAULT_SERVERS)
+                raise ValueError(f"unknown server {name!r}: use NAME=COMMAND or one of {known}")
+            command = DEFAULT_SERVERS[name]
+        if not name or not command.strip():
+            raise ValueError(f"server {spec!r}: expected NAME=COMMAND")
+        return cls(name, command.strip())
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.name in (NAIVE, NULL)
+
+    def argv(self, repo: Path, port: int) -> list[str]:
+        return shlex.split(self.command.format(python=sys.executable, repo=repo, port=port))
+
+
+def free_port() -> int:
+    """A port nobody listens on now (the servers under test need one they are told)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RunningServer:
+    """A server subprocess: started and waited for on enter, stopped on exit."""
+
+    def __init__(
+        self,
+        variant: ServerVariant,
+        repo: Path,
+        models: list[str],
+        log_path: Path,
+        ready_timeout_s: float = 120.0,
+    ) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self._argv = variant.argv(repo, self.port)
+        self._models = models
+        self._log_path = log_path
+        self._ready_timeout_s = ready_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RunningServer:
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._log_path.open("wb") as log:
+            # Its own process group, so that stopping it reaches any workers it started.
+            self._process = subprocess.Popen(
+                self._argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_ready(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self._ready_timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            while True:
+                if self._process.poll() is not None:
+                    raise RuntimeError(
+                        f"server {self.variant.name!r} exited with {self._process.returncode} "
+                        f"before it was ready; see {self._log_path}"
+                    )
+                try:
+                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready and all(
+                        stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
+                        for m in self._models
+                    ):
+                        return
+                except grpc.RpcError:
+                    pass  # not listening yet
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"server {self.variant.name!r} not ready after "
+                        f"{self._ready_timeout_s:.0f} s; see {self._log_path}"
+                    )
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
