@@ -22,6 +22,7 @@ from ferry.proto._pool import POOL
 from .logs import AccessLog, RejectionLog
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .poller import RepositoryPoller
+from .reflection import ReflectionPool
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
 from .security import SecurityOptions
@@ -122,7 +123,7 @@ class FerryServer:
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME],
             self._server,
-            pool=POOL,
+            pool=ReflectionPool(POOL),
         )
         self.grpc_port = 0
 
