@@ -17,7 +17,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import _convert
-from ._channel import CHANNEL_OPTIONS, DEFAULT_URL
+from ._channel import CHANNEL_OPTIONS, DEFAULT_URL, call_metadata, credentials
 from .errors import from_rpc_error
 from .metadata import ModelMetadata, ServerMetadata
 
@@ -27,11 +27,31 @@ class AsyncFerryClient:
 
     Every method raises FerryClientError when the call fails, including when the server
     cannot be reached; `timeout` is in seconds.
+
+    TLS is on when `tls` is true or any PEM argument is given (bytes of a PEM file):
+    `root_certificates` to trust (default: the system's), and `private_key` with
+    `certificate_chain` for a client certificate. `headers` go with every call, such as
+    the key of a restricted API.
     """
 
-    def __init__(self, url: str = DEFAULT_URL) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        self._metadata = call_metadata(headers)
+        creds = credentials(tls, root_certificates, private_key, certificate_chain)
+        self._channel = (
+            grpc.aio.secure_channel(url, creds, options=CHANNEL_OPTIONS)
+            if creds is not None
+            else grpc.aio.insecure_channel(url, options=CHANNEL_OPTIONS)
+        )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     async def infer(
@@ -100,9 +120,8 @@ class AsyncFerryClient:
     ) -> None:
         await self.close()
 
-    @staticmethod
-    async def _call(method: Any, request: Any, timeout: float | None) -> Any:
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

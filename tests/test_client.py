@@ -24,6 +24,8 @@ from ferry.client import (
 )
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.server import __version__
+from ferry.server.security import ApiGroup, RestrictedApi, SecurityOptions, TlsFiles
+from tests.certificates import CertificateAuthority
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import identity_model, mlp_model
 
@@ -274,6 +276,63 @@ async def test_async_timeout_is_deadline_exceeded(
         gate.release()
         got = await ferry.infer("held", {"x": features(2, seed=8)}, timeout=30)
         assert got["probs"].shape == (2, CLASSES)
+
+
+# TLS and headers ------------------------------------------------------------------
+
+KEY_HEADER = "x-ferry-key"
+
+
+@pytest.fixture
+def guarded(tmp_path: Path, start_server: Callable[..., RunningServer]) -> dict[str, Any]:
+    """Mutual TLS, and inference restricted to callers that send KEY_HEADER."""
+    ca = CertificateAuthority(tmp_path / "pki", "client-test-ca")
+    server_identity = ca.issue("server", server=True)
+    client_identity = ca.issue("client", server=False)
+    mlp_model(tmp_path / "repo" / "mlp" / "1" / "model.onnx")
+    security = SecurityOptions(
+        tls=TlsFiles(server_identity.cert, server_identity.key, client_ca=ca.cert_path),
+        restricted_apis=(RestrictedApi(frozenset([ApiGroup.INFERENCE]), KEY_HEADER, "s3cret"),),
+    )
+    running = start_server(tmp_path / "repo", security=security)
+    return {
+        "url": running.address,
+        "root_certificates": ca.cert_path.read_bytes(),
+        "private_key": client_identity.key.read_bytes(),
+        "certificate_chain": client_identity.cert.read_bytes(),
+    }
+
+
+def test_tls_client_certificate_and_headers(guarded: dict[str, Any]) -> None:
+    x = features(2, seed=9)
+    with FerryClient(**guarded, headers={KEY_HEADER: "s3cret"}) as ferry:
+        assert ferry.infer("mlp", {"x": x})["probs"].shape == (2, CLASSES)
+    with FerryClient(**guarded) as keyless:
+        assert keyless.is_server_live()  # health is not restricted
+        with pytest.raises(FerryClientError) as caught:
+            keyless.infer("mlp", {"x": x})
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert KEY_HEADER in caught.value.message
+    with FerryClient(guarded["url"]) as plain, pytest.raises(FerryClientError) as caught:
+        plain.is_server_live(timeout=10)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_async_tls_client_certificate_and_headers(guarded: dict[str, Any]) -> None:
+    async with AsyncFerryClient(**guarded, headers={KEY_HEADER: "s3cret"}) as ferry:
+        got = await ferry.infer("mlp", {"x": features(3, seed=10)})
+        assert got["logits"].shape == (3, CLASSES)
+    anonymous = {k: guarded[k] for k in ("url", "root_certificates")}
+    async with AsyncFerryClient(**anonymous, headers={KEY_HEADER: "s3cret"}) as ferry:
+        with pytest.raises(FerryClientError) as caught:
+            await ferry.is_server_live(timeout=10)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # mutual TLS refuses it
+
+
+def test_half_a_client_identity_is_refused() -> None:
+    with pytest.raises(ValueError, match="both private_key and certificate_chain"):
+        FerryClient("127.0.0.1:1", private_key=b"key")
 
 
 # Conversions ----------------------------------------------------------------------
