@@ -1,6 +1,6 @@
 """Generate Ferry's Python stubs from the .proto files in this folder.
 
-Run `python proto/generate.py` after editing a .proto file; tests/test_proto_stubs.py fails
+Run `python proto/generate.py` after editing a .proto file; tests/test_packaging.py fails
 while the committed stubs are stale. The stubs are never edited by hand.
 
 Two rewrites make the stubs safe to import beside other copies of the same protocol

@@ -32,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
         "single model.onnx as version 1 of a model named after the file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    serve.add_argument("model_path", metavar="REPOSITORY|MODEL.onnx", type=Path)
+    serve.add_argument(
+        "model_path",
+        metavar="REPOSITORY|MODEL.onnx",
+        type=Path,
+        help="a model repository folder, or one .onnx file to serve as version 1 of the "
+        "model named after the file",
+    )
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument(
         "--grpc-port", type=int, default=8001, help="gRPC port (0 picks a free port)"
@@ -76,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     security.add_arguments(serve)
     serve.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="least severe log messages written to stderr",
     )
     serve.add_argument(
         "--log-format",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import text_format
 
@@ -128,12 +129,12 @@ class ModelSettings:
 def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
     """Parse config.pbtxt: the message, the top-level fields set, and warnings."""
     text = path.read_text(encoding="utf-8")
-    set_fields = _top_level_fields(text)
-    known = {f.name for f in mc.ModelConfig.DESCRIPTOR.fields}
-    unknown = sorted(set_fields - known)
+    set_fields, unknown, known_text = _written_fields(text)
     config = mc.ModelConfig()
     try:
-        text_format.Parse(text, config, allow_unknown_field=True)
+        # Unknown fields are cut out first: protobuf cannot skip an unknown field whose
+        # value is a list of messages (`batch_input [ {...} ]`), common in Triton configs.
+        text_format.Parse(known_text, config, allow_unknown_field=True)
     except text_format.ParseError as exc:
         raise ConfigError(f"{path.name}: {exc}") from exc
     warnings = []
@@ -142,33 +143,75 @@ def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
     for dotted, why in _IGNORED_BUT_KNOWN.items():
         if _is_set(config, dotted):
             warnings.append(f"ignoring {dotted}" + (f" ({why})" if why else ""))
-    return config, set_fields & known, warnings
+    return config, set_fields, warnings
 
 
-def _top_level_fields(text: str) -> set[str]:
-    """Names of the fields written at the outermost level of a protobuf text message.
+def _written_fields(text: str) -> tuple[set[str], list[str], str]:
+    """The known fields written at the outermost level of a config.pbtxt; the dotted
+    paths of the fields, at any depth, that Ferry's ModelConfig does not have; and the
+    text with those fields blanked out (lines and columns kept, for parse errors).
 
-    At depth 0, a word is a field name unless it follows a colon (then it is a value).
+    A word is a field name unless it is a value: after a colon, or inside a list.
     """
-    names: set[str] = set()
-    depth = 0
-    previous = ""
+    top: set[str] = set()
+    unknown: set[str] = set()
+    # (descriptor of the message or list elements, or None inside an unknown field;
+    #  dotted path; whether this level is a [list])
+    stack: list[tuple[Any, str, bool]] = [(mc.ModelConfig.DESCRIPTOR, "", False)]
+    pending: tuple[Any, str] = (None, "")  # what the next { opens
+    expect_value = after_name = False
+    cut: list[tuple[int, int]] = []  # spans of unknown fields, name to end of value
+    skipping: tuple[int, int] | None = None  # (start, stack depth) of the field being cut
     for match in _TOKEN.finditer(text):
         item = match.group()
-        if item[0] in "\"'#":
-            previous = "value" if item[0] != "#" else previous
+        descriptor, path, in_list = stack[-1]
+        if item[0] == "#":
             continue
-        if item in "{[<":
-            depth += 1
-        elif item in "}]>":
-            depth -= 1
-        elif depth == 0 and previous != ":" and (item[0].isalpha() or item[0] == "_"):
-            names.add(item)
-        previous = item
-    return names
+        named, after_name = after_name, False
+        value_ended = False
+        if item in ("{", "<"):
+            stack.append((descriptor, path, False) if in_list else (*pending, False))
+            expect_value = False
+        elif item == "[":
+            # a list after a field name (its colon is optional), or an extension or Any
+            # type name where a field name would be
+            stack.append((*pending, True) if expect_value or named else (None, path, True))
+            expect_value = False
+        elif item in ("}", ">", "]"):
+            if len(stack) > 1:
+                stack.pop()
+            expect_value = False
+            value_ended = True
+        elif item == ":":
+            expect_value = True
+        elif expect_value:
+            expect_value = item == "-"  # a sign: the number is still to come
+            value_ended = not expect_value
+        elif not in_list and (item[0].isalpha() or item[0] == "_"):
+            dotted = f"{path}.{item}" if path else item
+            field_descriptor = descriptor.fields_by_name.get(item) if descriptor else None
+            if descriptor is not None and field_descriptor is None:
+                unknown.add(dotted)
+                skipping = (match.start(), len(stack))
+            elif field_descriptor is not None and len(stack) == 1:
+                top.add(item)
+            pending = (field_descriptor.message_type if field_descriptor else None, dotted)
+            after_name = True
+        if skipping is not None and value_ended and len(stack) == skipping[1]:
+            cut.append((skipping[0], match.end()))
+            skipping = None
+    known_text = text
+    for start, end in reversed(cut):
+        blank = re.sub(r"[^\n]", " ", known_text[start:end])
+        known_text = known_text[:start] + blank + known_text[end:]
+    return top, sorted(unknown), known_text
 
 
-_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|#[^\n]*|[{}\[\]<>:]|[A-Za-z_][\w.]*|[^\s]')
+_TOKEN = re.compile(
+    r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|#[^\n]*'  # strings, comments
+    r"|\d(?:[eE][-+]|[\w.])*"  # numbers, 1.5e-3 included
+    r"|[{}\[\]<>:]|[A-Za-z_][\w.]*|[^\s]"
+)
 
 
 def _is_set(message: object, dotted: str) -> bool:

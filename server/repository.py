@@ -295,11 +295,15 @@ class ModelManager:
                 log.error("model '%s' (%s) failed to load: %s", name, where, detail)
                 # callers see paths relative to the repository, and no others
                 reason = public_message(detail, self.repository.path)
-                if name not in self._models:
+                if name in self._models:
+                    self._states[name] = ModelState.READY
+                elif name in self.repository.model_names():
                     self._failures[name] = reason
-                self._states[name] = (
-                    ModelState.READY if name in self._models else ModelState.UNAVAILABLE
-                )
+                    self._states[name] = ModelState.UNAVAILABLE
+                else:
+                    # not a model of the repository (a typo, '../x'): it leaves no trace,
+                    # neither in the index nor in the server's readiness
+                    self._states.pop(name, None)
                 kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
                 await self._changed()
                 raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc

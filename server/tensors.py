@@ -126,7 +126,10 @@ def _check_shape(
             f"input '{spec.name}': expected shape {list(expected)}, got {list(shape)}"
         )
     if any(d < 0 for d in shape):
-        raise invalid_input(f"input '{spec.name}': negative dimension in shape {list(shape)}")
+        raise invalid_input(
+            f"input '{spec.name}': expected dimensions >= 0, got shape {list(shape)} "
+            "with a negative dimension"
+        )
     elements = 1
     for dim in shape:
         elements *= dim
@@ -182,7 +185,9 @@ def _decode_tensor(
         try:
             array = from_raw(raw, spec.datatype, shape)
         except BytesFormatError as exc:
-            raise invalid_input(f"input '{spec.name}': bad BYTES content: {exc}") from exc
+            raise invalid_input(
+                f"input '{spec.name}' {_describe(spec.datatype, shape)}: bad BYTES content: {exc}"
+            ) from exc
         except ValueError as exc:
             raise invalid_input(
                 f"input '{spec.name}' {_describe(spec.datatype, shape)}: {exc}"
@@ -194,17 +199,18 @@ def _decode_tensor(
             f"input '{spec.name}': {spec.datatype} has no typed contents field; "
             "send it in raw_input_contents"
         )
-    values = getattr(tensor.contents, field)
-    if len(values) != count:
-        raise invalid_input(
-            f"input '{spec.name}' {_describe(spec.datatype, shape)}: expected {count} "
-            f"values in contents.{field}, got {len(values)}"
-        )
+    # The wrong field first: otherwise it would read as "0 values" in the right one.
     others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
     if others:
         raise invalid_input(
             f"input '{spec.name}' is {spec.datatype}, which travels in contents.{field}, "
             f"but the request set contents.{others[0]}"
+        )
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise invalid_input(
+            f"input '{spec.name}' {_describe(spec.datatype, shape)}: expected {count} "
+            f"values in contents.{field}, got {len(values)}"
         )
     dtype = NUMPY_DTYPES[spec.datatype]
     if spec.datatype == "BYTES":
@@ -223,7 +229,9 @@ def _decode_tensor(
                 f"input '{spec.name}': values out of range for {spec.datatype}"
             )
     except OverflowError as exc:
-        raise invalid_input(f"input '{spec.name}': values out of range for {spec.datatype}") from exc
+        raise invalid_input(
+            f"input '{spec.name}': values out of range for {spec.datatype}"
+        ) from exc
     return array.reshape(shape)
 
 

@@ -1,0 +1,128 @@
+"""The benchmark harness in its smoke mode, and its target checks on made-up numbers.
+
+Benchmarks are not tests: nothing here depends on how fast anything ran. The smoke run
+checks that one command starts every server, drives it with ghz, and writes the table and
+both plots; the target checks run on synthetic results.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.load import find_ghz
+from benchmarks.report import Results, check_targets, render_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_writes_table_and_plots_for_every_server(tmp_path: Path) -> None:
+    try:
+        find_ghz()
+    except FileNotFoundError:
+        pytest.skip("ghz is not installed (scripts/install-test-tools.sh installs it)")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--smoke",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    measured = {(m["server"], m["model"], m["rows"]) for m in results["measurements"]}
+    assert {server for server, _, _ in measured} == {"ferry", "naive", "null"}
+    for server in ("ferry", "naive"):
+        for model in ("mlp_small", "mlp_large"):
+            assert (server, model, 1) in measured
+            assert (server, model, 8) in measured  # the multi-row run
+    assert all(m["ok"] > 0 for m in results["measurements"]), results["measurements"]
+    assert set(results["ceiling"]) == {"mlp_small", "mlp_large"}
+
+    table = (out / "results.md").read_text()
+    assert "Smoke run" in table
+    for server in ("ferry", "naive", "null"):
+        assert f"| {server} |" in table
+    assert "## Targets (issue 5)" in table
+    for name in ("throughput.png", "p99.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def _point(
+    model: str, server: str, concurrency: int, req_per_s: float, p50: float, p99: float
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "server": server,
+        "concurrency": concurrency,
+        "rows": 1,
+        "req_per_s": req_per_s,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "ok": 100,
+        "count": 100,
+        "errors": {},
+    }
+
+
+def _results(ferry_large_64: float, ferry_small_64: float) -> Results:
+    points = [
+        _point("small", "naive", 1, 1000, 0.50, 1.0),
+        _point("small", "ferry", 1, 1000, 0.55, 1.0),
+        _point("small", "naive", 64, 1000, 50, 90),
+        _point("small", "ferry", 64, ferry_small_64, 20, 40),
+        _point("large", "naive", 1, 100, 5.0, 9.0),
+        _point("large", "ferry", 1, 100, 5.3, 9.0),
+        _point("large", "naive", 64, 100, 600, 900),
+        _point("large", "ferry", 64, ferry_large_64, 100, 200),
+        _point("small", "null", 64, 2000, 10, 20),
+    ]
+    return Results(
+        {
+            "meta": {"smoke": False},
+            "models": {"small": {"role": "overhead-bound"}, "large": {"role": "compute-bound"}},
+            "ceiling": {"small": {"1": 5e4, "32": 1e6}, "large": {"1": 200, "32": 1000}},
+            "measurements": points,
+        }
+    )
+
+
+def test_targets_pass_and_miss_as_ratios_to_naive() -> None:
+    checks = check_targets(_results(ferry_large_64=460, ferry_small_64=2400))
+    assert all(check.server == "ferry" for check in checks)  # baselines are not judged
+    assert [(check.target, check.passed) for check in checks] == [
+        ("compute-bound (large), concurrency 64: throughput ≥ 4.5x naive", True),  # 4.6x
+        ("overhead-bound (small), concurrency 64: throughput ≥ 2.5x naive", False),  # 2.4x
+        ("large, concurrency 1: p50 ≤ naive p50 + 0.1 ms", False),  # +0.3 ms
+        ("small, concurrency 1: p50 ≤ naive p50 + 0.1 ms", True),  # +0.05 ms
+        ("compute-bound (large), concurrency 64: p99 ≤ naive p99 / 3", True),  # 900 / 200
+    ]
+
+
+def test_report_marks_unmeasured_targets_and_lists_every_server() -> None:
+    results = _results(ferry_large_64=100, ferry_small_64=100)
+    results.points = [p for p in results.points if p.concurrency != 1]
+    markdown = render_markdown(results, {"Throughput": "throughput.png"})
+    assert "| ferry | large, concurrency 1: p50 ≤ naive p50 + 0.1 ms | not measured | n/a |" in (
+        markdown
+    )
+    assert "MISS" in markdown
+    for server in ("ferry", "naive", "null"):
+        assert f"| {server} |" in markdown
