@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# While draining, the port closes only after this long without a new request.
+QUIET_PERIOD_S = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -164,8 +167,17 @@ class FerryServer:
             await self._poller.stop()
         await self.health.enter_graceful_shutdown()
         self._update_metrics(ready=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.manager.close(grace)
-        await self._server.stop(grace=min(grace, 1.0))
+        # Keep answering UNAVAILABLE until clients stop sending (or the grace ends): a
+        # call that reaches gRPC just as the port closes would be cut off as CANCELLED.
+        while loop.time() < deadline:
+            quiet_for = time.perf_counter() - self.servicer.last_request_at
+            if quiet_for >= QUIET_PERIOD_S:
+                break
+            await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - loop.time()))
+        await self._server.stop(grace=max(0.0, min(deadline - loop.time(), 1.0)))
         self._metrics_endpoint.close()
 
     async def wait_closed(self) -> None:
