@@ -73,3 +73,20 @@ export LD_LIBRARY_PATH="$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 exec "$venv/bin/perf_analyzer" "$@"
 WRAPPER
 chmod +x .tools/bin/perf_analyzer
+
+# Prometheus and promtool (Debian's `prometheus` package ships both), for the metrics
+# tests: promtool checks the exposition text, and a Prometheus server started by the test
+# on loopback scrapes Ferry. The package would also start a system service where systemd
+# runs; the tests need none, so it is stopped and disabled.
+if ! { command -v prometheus >/dev/null && command -v promtool >/dev/null; }; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  else
+    echo "install-test-tools: prometheus/promtool missing; run as root, or:" \
+      "sudo apt-get install prometheus" >&2
+  fi
+fi
