@@ -9,11 +9,16 @@ load never stalls requests to other models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import enum
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from google.protobuf import json_format, text_format
 
 from ferry.proto import model_config_pb2 as mc
 
@@ -128,6 +133,23 @@ class ModelRepository:
         if not folder.is_dir():
             raise not_found(f"model '{name}' is not in the model repository")
         return folder
+
+
+@contextlib.contextmanager
+def _with_config(source: ModelSource, config_json: str | None) -> Iterator[ModelSource]:
+    """The source with its config.pbtxt replaced by a JSON override (Triton's load 'config'
+    parameter), written to a private temporary file for the length of one load."""
+    if config_json is None:
+        yield source
+        return
+    try:
+        config = json_format.Parse(config_json, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"load parameter 'config' is not a JSON ModelConfig: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="ferry-config-") as folder:
+        path = Path(folder) / "config.pbtxt"
+        path.write_text(text_format.MessageToString(config), encoding="utf-8")
+        yield dataclasses.replace(source, config_path=path)
 
 
 def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list[int]:
@@ -281,14 +303,16 @@ class ModelManager:
                 entries.append(IndexEntry(name, "", state, reason))
         return entries
 
-    async def load(self, name: str) -> None:
-        """Load (or reload) a model; on failure the running versions keep serving."""
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        """Load (or reload) a model; on failure the running versions keep serving.
+        `config_override` is a JSON ModelConfig used instead of config.pbtxt."""
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             self._states[name] = ModelState.LOADING
             try:
                 source = self.repository.locate(name)
-                loaded = await self._build_versions(source)
+                with _with_config(source, config_override) as source:
+                    loaded = await self._build_versions(source)
             except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 detail = exc.message if isinstance(exc, FerryError) else str(exc)
                 where = self.repository.path / name

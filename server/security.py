@@ -13,7 +13,7 @@ import hmac
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,15 +106,36 @@ class ModelControl:
                 "--model-control-mode=explicit allows it",
             )
 
-    def check_load_parameters(self, names: Iterable[str]) -> None:
-        given = sorted(names)
-        if given and not self.allow_load_overrides:
+    def config_override(self, parameters: Mapping[str, Any]) -> str | None:
+        """The JSON model config a load request sends to replace config.pbtxt, if it may.
+
+        Without --allow-load-overrides every load parameter is refused; with it, only
+        'config' (as Triton's, a JSON ModelConfig). File overrides are never accepted:
+        a load may name only what is already inside the repository."""
+        given = sorted(parameters)
+        if not given:
+            return None
+        if not self.allow_load_overrides:
             raise FerryError(
                 ErrorKind.PERMISSION_DENIED,
                 f"load parameters ({', '.join(repr(n) for n in given)}) override the "
                 "repository's config or files and are turned off; "
                 "--allow-load-overrides allows a config override",
             )
+        others = [name for name in given if name != "config"]
+        if others:
+            raise FerryError(
+                ErrorKind.PERMISSION_DENIED,
+                f"load parameters {', '.join(repr(n) for n in others)} are not accepted: "
+                "Ferry takes model files only from its repository; 'config' is the one "
+                "override it allows",
+            )
+        config = parameters["config"]
+        if config.WhichOneof("parameter_choice") != "string_param":
+            raise FerryError(
+                ErrorKind.INVALID_INPUT, "load parameter 'config' must be a JSON string"
+            )
+        return str(config.string_param)
 
 
 # Restricted API groups ----------------------------------------------------------------
@@ -364,7 +385,7 @@ def _shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
     return behaviour  # a plain function: gRPC's own handling applies
 
 
-_ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s'\"(\[=:,]))/[^\s'\"()\[\],;]*")
+_ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s'\"(\[=:,]))/[^\s'\"()\[\],;:]*")
 
 
 def public_message(text: str, repository: Path) -> str:
@@ -486,7 +507,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="SECONDS",
                        help="shortest interval between a client's keep-alive pings")
     group.add_argument("--max-ping-strikes", type=int, default=DEFAULT_MAX_PING_STRIKES,
-                       metavar="N", help="pings too many before the connection is closed")
+                       metavar="N",
+                       help="pings too many before the connection is closed (0: no limit)")
     group.add_argument("--keepalive-permit-without-calls", action="store_true",
                        help="let clients ping connections that have no call in flight")
     group.add_argument("--max-tensor-elements", type=int, default=DEFAULT_MAX_TENSOR_ELEMENTS,

@@ -155,14 +155,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelLoadResponse:
         try:
             self._model_control.check_rpc("load")
-            self._model_control.check_load_parameters(request.parameters)
-            if request.parameters:
-                raise FerryError(
-                    ErrorKind.INVALID_INPUT,
-                    "load parameters (config or file overrides) are not supported; "
-                    "change the model repository instead",
-                )
-            await self.manager.load(request.model_name)
+            config = self._model_control.config_override(request.parameters)
+            await self.manager.load(request.model_name, config_override=config)
         except FerryError as error:
             await self._abort(context, error)
         return pb.RepositoryModelLoadResponse()
