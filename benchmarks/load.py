@@ -65,6 +65,7 @@ class LoadSpec:
     duration_s: float | None = 10.0  # a fixed duration, or
     total: int | None = None  # a fixed request count
     connections: int = 4
+    ghz_cpus: int | None = None  # GOMAXPROCS of ghz; None: ghz's default, every core
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ def ghz_command(ghz: Path, target: str, request_file: Path, spec: LoadSpec) -> l
         "--format",
         "json",
     ]
+    if spec.ghz_cpus is not None:
+        command += ["--cpus", str(spec.ghz_cpus)]
     if spec.total is not None:
         command += ["--total", str(spec.total)]
     else:

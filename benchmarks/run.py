@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="per batch size")
     parser.add_argument("--ghz", default=None, help="path of the ghz binary")
     parser.add_argument(
+        "--ghz-cpus", type=int, default=None, help="cores ghz may use (default: all of them)"
+    )
+    parser.add_argument(
         "--update-readme", action="store_true", help="copy the report into benchmarks/README.md"
     )
     return parser
@@ -151,8 +154,15 @@ def _spec(args: argparse.Namespace, concurrency: int, rows: int) -> LoadSpec:
             duration_s=None,
             total=max(20, 2 * concurrency),
             connections=args.connections,
+            ghz_cpus=args.ghz_cpus,
         )
-    return LoadSpec(concurrency, rows, duration_s=args.duration, connections=args.connections)
+    return LoadSpec(
+        concurrency,
+        rows,
+        duration_s=args.duration,
+        connections=args.connections,
+        ghz_cpus=args.ghz_cpus,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                         duration_s=None if args.smoke else args.warmup,
                         total=20 if args.smoke else None,
                         connections=args.connections,
+                        ghz_cpus=args.ghz_cpus,
                     )
                     run_ghz(ghz, server.target, request, warm, model.name, variant.name)
                     warmed.add(model.name)
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                     / f"{variant.name}_{model.name}_c{spec.concurrency}_r{spec.rows}.json"
                 )
                 result = run_ghz(ghz, server.target, request, spec, model.name, variant.name, raw)
+                server.check_alive()
                 measurements.append(result)
                 errors = f", errors {result.errors}" if result.errors else ""
                 print(

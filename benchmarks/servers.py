@@ -25,10 +25,18 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 # The baselines keep these names: the report's ratios and targets are relative to them.
 NAIVE = "naive"
 NULL = "null"
+READY_PROBES = 8
 
+FERRY = (
+    "{python} -m ferry.server.cli serve {repo} --grpc-port {port} --metrics-port -1 "
+    "--log-level WARNING"
+)
+# Named command lines; `python -m benchmarks.run` measures ferry, naive and null unless
+# told otherwise with --server.
 DEFAULT_SERVERS: dict[str, str] = {
-    "ferry": "{python} -m ferry.server.cli serve {repo} --grpc-port {port} --metrics-port -1 "
-    "--log-level WARNING",
+    "ferry": FERRY,
+    # Two server processes sharing the port (SO_REUSEPORT); ghz's connections spread over them.
+    "ferry-w2": FERRY + " --workers 2",
     NAIVE: "{python} -m benchmarks.naive_server {repo} --port {port}",
     NULL: "{python} -m benchmarks.null_server {repo} --port {port}",
 }
@@ -115,30 +123,48 @@ class RunningServer:
         self.stop()
 
     def _wait_ready(self) -> None:
+        """Poll readiness until it holds on READY_PROBES new connections in a row: with
+        several processes sharing the port, each connection may reach another one."""
         assert self._process is not None
         deadline = time.monotonic() + self._ready_timeout_s
-        with grpc.insecure_channel(self.target) as channel:
+        in_a_row = 0
+        while in_a_row < READY_PROBES:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"server {self.variant.name!r} exited with {self._process.returncode} "
+                    f"before it was ready; see {self._log_path}"
+                )
+            if self._ready_on_new_connection():
+                in_a_row += 1
+                continue
+            in_a_row = 0
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"server {self.variant.name!r} not ready after "
+                    f"{self._ready_timeout_s:.0f} s; see {self._log_path}"
+                )
+            time.sleep(0.1)
+
+    def _ready_on_new_connection(self) -> bool:
+        # A local subchannel pool: a new TCP connection, not one shared with earlier channels.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(self.target, options=options) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                if self._process.poll() is not None:
-                    raise RuntimeError(
-                        f"server {self.variant.name!r} exited with {self._process.returncode} "
-                        f"before it was ready; see {self._log_path}"
-                    )
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready and all(
-                        stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
-                        for m in self._models
-                    ):
-                        return
-                except grpc.RpcError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"server {self.variant.name!r} not ready after "
-                        f"{self._ready_timeout_s:.0f} s; see {self._log_path}"
-                    )
-                time.sleep(0.1)
+            try:
+                return stub.ServerReady(pb.ServerReadyRequest(), timeout=1.0).ready and all(
+                    stub.ModelReady(pb.ModelReadyRequest(name=m), timeout=1.0).ready
+                    for m in self._models
+                )
+            except grpc.RpcError:
+                return False  # not listening yet, or still loading
+
+    def check_alive(self) -> None:
+        """Raise if the server has exited: what ghz measured after that is not the server."""
+        if self._process is not None and self._process.poll() is not None:
+            raise RuntimeError(
+                f"server {self.variant.name!r} exited with {self._process.returncode} during "
+                f"the run; see {self._log_path}"
+            )
 
     def stop(self) -> None:
         process = self._process
