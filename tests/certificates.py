@@ -25,7 +25,9 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> Identity:
+def _write(
+    folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> Identity:
     folder.mkdir(parents=True, exist_ok=True)
     cert_path = folder / f"{stem}.crt"
     key_path = folder / f"{stem}.key"

@@ -301,7 +301,14 @@ def restricted(repo: Path, start_server: StartServer) -> Iterator[grpc.Channel]:
 
 
 @pytest.mark.parametrize(
-    "group", [g for g in _calls(None).keys() if g is not ApiGroup.HEALTH]  # type: ignore[arg-type]
+    "group",
+    [
+        ApiGroup.METADATA,
+        ApiGroup.MODEL_CONFIG,
+        ApiGroup.INFERENCE,
+        ApiGroup.MODEL_REPOSITORY,
+        ApiGroup.STATISTICS,
+    ],
 )
 def test_each_restricted_group_needs_its_key(restricted: grpc.Channel, group: ApiGroup) -> None:
     call = _calls(pb_grpc.GRPCInferenceServiceStub(restricted))[group]
@@ -360,7 +367,8 @@ def test_restricted_streaming_inference_and_tritonclient_headers(
     with tc.InferenceServerClient(server.address) as client:
         code, _ = code_of(lambda: client.infer("m", [infer_input(features(1))]))
         assert code == "UNAUTHENTICATED"
-        result = client.infer("m", [infer_input(features(1))], headers={"x-api-key": "s3cr3t-value"})
+        headers = {"x-api-key": "s3cr3t-value"}
+        result = client.infer("m", [infer_input(features(1))], headers=headers)
         assert result.as_numpy("probs").shape == (1, 4)
     assert all("s3cr3t-value" not in r.getMessage() for r in caplog.records)
     assert "s3cr3t-value" not in repr(key)
@@ -382,11 +390,12 @@ def test_restricted_api_parsing(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("from-a-file\n")
     assert RestrictedApi.parse(f"health:k=@{key_file}").value == "from-a-file"
-    for bad in ("inference", "inference:k", "nope:k=v", "inference:k=", "inference:grpc-x=v",
-                "inference:k-bin=v", "inference:bad header=v"):
+    for bad in ("inference", "inference:k", "nope:k=topsecret", "inference:k=",
+                "inference:grpc-x=topsecret", "inference:k-bin=topsecret",
+                "inference:bad header=topsecret", "inference;k=topsecret"):
         with pytest.raises(ValueError) as info:
             RestrictedApi.parse(bad)
-        assert "=v" not in str(info.value) or bad.endswith("=v") is False or "***" in str(info.value)
+        assert "topsecret" not in str(info.value), str(info.value)
     with pytest.raises(ValueError, match="more than once"):
         SecurityOptions(restricted_apis=(parsed, RestrictedApi.parse("inference:other=x")))
 
