@@ -502,7 +502,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="concurrent RPCs per client connection")
     group.add_argument("--max-concurrent-rpcs", type=int, default=None, metavar="N",
                        help="concurrent RPCs in the whole server; more get RESOURCE_EXHAUSTED "
-                       "(default: no limit)")
+                       "(default: no limit%(default).0s)")
     group.add_argument("--min-ping-interval", type=float, default=DEFAULT_MIN_PING_INTERVAL_S,
                        metavar="SECONDS",
                        help="shortest interval between a client's keep-alive pings")
@@ -514,7 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tensor-elements", type=int, default=DEFAULT_MAX_TENSOR_ELEMENTS,
                        metavar="N", help="most elements in one input tensor")
     group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
-                       help="most bytes in one input tensor (default: --max-message-size)")
+                       help="most bytes in one input tensor "
+                       "(default: --max-message-size%(default).0s)")
 
 
 def options_from(args: argparse.Namespace) -> SecurityOptions:
