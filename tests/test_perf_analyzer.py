@@ -1,0 +1,42 @@
+"""Triton's perf_analyzer profiles Ferry: it reads ModelMetadata, ModelConfig and
+ModelStatistics, then sends load at concurrency 1 and 2 over gRPC, briefly, with no error."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer
+from tests.external_tools import REPO, require_tool
+
+MODEL_REPOSITORY = REPO / "examples" / "model_repository"
+
+
+@pytest.mark.timeout(240)
+def test_perf_analyzer_profiles_the_example_model(start_server, tmp_path: Path) -> None:
+    # The wrapper in .tools/bin puts CUDA's runtime library (from PyPI) on the library path.
+    perf_analyzer = require_tool("perf_analyzer")
+    server: RunningServer = start_server(MODEL_REPOSITORY)
+    report = tmp_path / "perf.csv"
+    command = [
+        perf_analyzer, "-m", "digits", "-i", "grpc", "-u", server.address,
+        "--concurrency-range", "1:2",
+        "--measurement-mode", "count_windows", "--measurement-request-count", "50",
+        # Stability is not under test, and two shared cores are noisy: any window will do.
+        "--stability-percentage", "999", "--max-trials", "10",
+        "-f", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=200)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"perf_analyzer failed ({done.returncode}):\n{output}"
+    assert "error" not in output.lower(), output
+    with report.open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["Concurrency"] for row in rows] == ["1", "2"], rows
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0, row
+    # The server-side section comes from Ferry's ModelStatistics, so it must show work done.
+    assert "Successful request count" in done.stdout, done.stdout
