@@ -27,11 +27,19 @@ DEFAULT_MODEL_FILENAME = "model.onnx"
 # level, so low priorities are never starved. Ferry's own setting (Triton has none): the
 # config parameter "priority_aging_microseconds".
 DEFAULT_PRIORITY_AGING_S = 1.0
+_PRIORITY_AGING_PARAMETER = "priority_aging_microseconds"
 
 # Fields of Triton's ModelConfig that Ferry reads but does not act on: setting them is
 # worth a warning, since the user expects an effect.
 _IGNORED_BUT_KNOWN = {
     "dynamic_batching.preserve_ordering": "responses are sent as soon as each is ready",
+    "dynamic_batching.priority_queue_policy": "every level uses default_queue_policy",
+    "input.reshape": "",
+    "output.reshape": "",
+    "output.label_filename": "",
+    "model_warmup": "",
+    "optimization.cuda": "",
+    "optimization.execution_accelerators": "",
     "optimization.input_pinned_memory": "",
     "optimization.output_pinned_memory": "",
 }
@@ -115,6 +123,10 @@ class ModelSettings:
             policy.allow_timeout_override = self.allow_timeout_override
             if self.default_timeout_s is not None:
                 policy.default_timeout_microseconds = round(self.default_timeout_s * 1e6)
+            if self.priority_levels > 1 or self.priority_aging_s != DEFAULT_PRIORITY_AGING_S:
+                config.parameters[_PRIORITY_AGING_PARAMETER].string_value = str(
+                    round(self.priority_aging_s * 1e6)
+                )
         group = config.instance_group.add(
             name=f"{self.name}_0",
             count=self.instance_count,
@@ -137,12 +149,19 @@ def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
         text_format.Parse(known_text, config, allow_unknown_field=True)
     except text_format.ParseError as exc:
         raise ConfigError(f"{path.name}: {exc}") from exc
+    # One warning names them all: those the parser does not know and those it reads but
+    # Ferry does not act on.
+    ignored = [
+        *unknown,
+        *(
+            f"{dotted} ({why})" if why else dotted
+            for dotted, why in _IGNORED_BUT_KNOWN.items()
+            if _is_set(config, dotted)
+        ),
+    ]
     warnings = []
-    if unknown:
-        warnings.append(f"ignoring Triton settings Ferry does not support: {', '.join(unknown)}")
-    for dotted, why in _IGNORED_BUT_KNOWN.items():
-        if _is_set(config, dotted):
-            warnings.append(f"ignoring {dotted}" + (f" ({why})" if why else ""))
+    if ignored:
+        warnings.append(f"ignoring Triton settings Ferry does not support: {', '.join(ignored)}")
     return config, set_fields, warnings
 
 
@@ -214,17 +233,15 @@ _TOKEN = re.compile(
 )
 
 
-def _is_set(message: object, dotted: str) -> bool:
-    current = message
-    for part in dotted.split("."):
-        value = getattr(current, part)
-        if hasattr(value, "ListFields"):
-            if not value.ListFields():
-                return False
-        elif not value:
-            return False
-        current = value
-    return True
+def _is_set(message: Any, dotted: str) -> bool:
+    """Whether a field holds a non-default value; through a repeated field, in any element."""
+    name, _, rest = dotted.partition(".")
+    value = getattr(message, name)
+    if hasattr(value, "ListFields"):  # a message
+        return bool(value.ListFields()) and (not rest or _is_set(value, rest))
+    if rest:  # a repeated message field
+        return any(_is_set(item, rest) for item in value)
+    return bool(value)  # a scalar, or a repeated field or map: non-empty
 
 
 def settings_from(
@@ -274,10 +291,9 @@ def settings_from(
         raise ConfigError(
             f"default_priority_level {default_priority} is outside 1..{priority_levels}"
         )
+    warnings = list(warnings or ())  # the caller's list is left as it was
     if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
-        (warnings if warnings is not None else []).append(
-            "default_queue_policy.timeout_action DELAY is treated as REJECT"
-        )
+        warnings.append("default_queue_policy.timeout_action DELAY is treated as REJECT")
 
     groups = list(config.instance_group) or [mc.ModelInstanceGroup()]
     count = sum(max(1, g.count) for g in groups)
@@ -306,9 +322,9 @@ def settings_from(
         gpus=gpus,
         graph_optimization_level=config.optimization.graph.level,
         priority_aging_s=_microseconds_parameter(
-            config, "priority_aging_microseconds", DEFAULT_PRIORITY_AGING_S
+            config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
         ),
-        warnings=tuple(warnings or ()),
+        warnings=tuple(warnings),
     )
 
 
