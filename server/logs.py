@@ -22,6 +22,17 @@ rejection_log = logging.getLogger("ferry.rejections")
 
 # Codes a client brings on itself by leaving; not worth a line.
 QUIET_CODES = frozenset({"OK", "CANCELLED"})
+MAX_MESSAGE_CHARS = 500
+
+
+def printable(text: str) -> str:
+    """An error message fit for one log line: it may quote what a caller sent (a model
+    name, say), so control characters are escaped and the length is bounded."""
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[:MAX_MESSAGE_CHARS] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -61,6 +72,7 @@ class AccessLog:
 
     def request_finished(self, model: str, code: str, duration_ns: int, message: str = "") -> None:
         duration_ms = round(duration_ns / 1e6, 3)
+        message = printable(message)
         fields = {"model": model, "code": code, "duration_ms": duration_ms}
         if message:
             fields["error"] = message
@@ -106,6 +118,6 @@ class RejectionLog:
         )
         rejection_log.warning(
             "requests to model '%s' fail with %s%s: %s",
-            model or "(unknown)", code, more, message or "(no detail)",
+            model or "(unknown)", code, more, printable(message) or "(no detail)",
             extra={"fields": {"model": model, "code": code, "suppressed": suppressed}},
         )

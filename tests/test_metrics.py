@@ -310,6 +310,17 @@ def test_rejections_are_logged_once_per_class_and_interval(
     assert "4 more" in lines[2]
 
 
+def test_logged_error_messages_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="ferry")
+    RejectionLog().request_finished("", "NOT_FOUND", 1, "unknown model 'x\nINFO forged'")
+    AccessLog().request_finished("", "NOT_FOUND", 1, "unknown model 'y\r\nforged'" + "z" * 900)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("ferry")]
+    assert len(messages) == 2
+    assert all("\n" not in m and "\r" not in m for m in messages)
+    assert "x\\nINFO forged" in messages[0]
+    assert len(messages[1]) < 700
+
+
 def test_no_log_line_per_request_by_default_and_one_with_access_log(
     tmp_path: Path,
     start_server: Callable[..., RunningServer],
