@@ -59,12 +59,19 @@ def configure(level: str, log_format: str = "text") -> None:
     """Send every log record to stderr in the chosen format."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _FerryHandler(sys.stderr)
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace only a handler of ours from an earlier call; others (a test harness's) stay.
+    for old in [h for h in root.handlers if isinstance(h, _FerryHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level)
+
+
+class _FerryHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler `configure` installs."""
 
 
 class AccessLog:
