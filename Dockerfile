@@ -1,0 +1,46 @@
+# Ferry's container images, one target per runtime:
+#   docker build --target cpu -t ferry:cpu .
+#   docker run --rm -p 8001:8001 -p 8002:8002 \
+#     -v "$PWD/examples/model_repository:/models:ro" ferry:cpu
+# The model repository is mounted read-only at /models. gRPC listens on 8001 and Prometheus
+# metrics on 8002; arguments after the image name replace `ferry serve /models`.
+# A `gpu` target (onnxruntime-gpu on a CUDA base) follows the same pattern: a build stage that
+# installs ".[gpu]" into /opt/ferry, and a runtime stage that copies it in.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# Build stages: Ferry and its pinned dependencies into a venv at /opt/ferry, with the same
+# install steps as scripts/setup.sh (not editable here: the image holds no source tree).
+FROM ${PYTHON_IMAGE} AS build-cpu
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m venv /opt/ferry
+COPY pyproject.toml constraints.txt README.md ./
+COPY proto/ proto/
+COPY server/ server/
+COPY client/ client/
+RUN /opt/ferry/bin/python -m pip install --no-cache-dir --quiet --upgrade "pip>=24" \
+    && /opt/ferry/bin/python -m pip install --no-cache-dir --quiet -c constraints.txt ".[cpu]"
+
+# What every runtime image shares: a non-root user, the model mount point, the ports.
+FROM ${PYTHON_IMAGE} AS runtime-base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/ferry/bin:$PATH
+RUN groupadd --system --gid 10001 ferry \
+    && useradd --system --uid 10001 --gid ferry --no-create-home --shell /usr/sbin/nologin ferry \
+    && mkdir /models
+WORKDIR /models
+EXPOSE 8001 8002
+# Asks Ferry's grpc.health.v1 service on the gRPC port; healthy only while SERVING.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-m", "ferry.server.healthcheck", "127.0.0.1:8001"]
+# SIGTERM starts Ferry's graceful drain (--shutdown-grace, 30 s by default); give `docker
+# stop` longer than that: docker stop --time 40.
+STOPSIGNAL SIGTERM
+
+FROM runtime-base AS cpu
+COPY --from=build-cpu /opt/ferry /opt/ferry
+USER 10001:10001
+CMD ["ferry", "serve", "/models"]
