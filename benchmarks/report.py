@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,9 +371,13 @@ def update_readme(readme: Path, markdown: str, out_dir: Path) -> None:
     if begin < 0 or end < begin:
         raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} section")
     # Plot links are relative to the results folder; make them relative to the README.
-    prefix = out_dir.resolve().relative_to(readme.parent.resolve()).as_posix()
+    prefix = Path(os.path.relpath(out_dir.resolve(), readme.parent.resolve())).as_posix()
     for name in ("throughput.png", "p99.png"):
         markdown = markdown.replace(f"]({name})", f"]({prefix}/{name})")
+    # The README's "Results" is a level-2 section: the report's sections go one level down.
+    markdown = "\n".join(
+        "#" + line if line.startswith("## ") else line for line in markdown.splitlines()
+    )
     text = text[: begin + len(README_BEGIN)] + "\n" + markdown + "\n" + text[end:]
     readme.write_text(text)
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.load import find_ghz
-from benchmarks.report import Results, check_targets, render_markdown
+from benchmarks.report import Results, check_targets, render_markdown, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -126,3 +126,16 @@ def test_report_marks_unmeasured_targets_and_lists_every_server() -> None:
     assert "MISS" in markdown
     for server in ("ferry", "naive", "null"):
         assert f"| {server} |" in markdown
+
+
+def test_update_readme_replaces_only_the_results_section(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "# Bench\n\n## Results\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\n## After\n"
+    )
+    update_readme(readme, "## Setup\n\n![Throughput](throughput.png)", tmp_path / "results")
+    text = readme.read_text()
+    assert "old" not in text
+    assert "### Setup" in text  # one level below the README's own sections
+    assert "](results/throughput.png)" in text  # plot links relative to the README
+    assert text.startswith("# Bench\n") and text.endswith("## After\n")
