@@ -26,7 +26,7 @@ from .poller import RepositoryPoller
 from .reflection import ReflectionPool
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
-from .security import SecurityOptions
+from .security import SecurityOptions, shield_servicer
 from .servicer import InferenceServicer, RequestObserver
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ class ServerOptions:
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
         if self.max_message_bytes < 1024:
-            raise ValueError(f"max message size must be >= 1024 bytes, got {self.max_message_bytes}")
+            raise ValueError(
+                f"max message size must be >= 1024 bytes, got {self.max_message_bytes}"
+            )
 
 
 def _register_in_pool(*files: object) -> None:
@@ -119,6 +121,11 @@ class FerryServer:
             ],
             interceptors=security.interceptors(),
             maximum_concurrent_rpcs=security.max_concurrent_rpcs,
+        )
+        shield_servicer(
+            self.servicer,
+            pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
+            INFERENCE_SERVICE,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -218,7 +218,8 @@ class ModelScheduler:
 
     def _on_settled(self, future: asyncio.Future[Tensors], pending: PendingRequest[Work]) -> None:
         if future.cancelled() and self._queue.discard(pending):
-            self._notify_if_idle()
+            # The request that left may have been what held a batch back.
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Answer expired requests, start every batch an idle instance can take, and

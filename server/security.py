@@ -13,7 +13,7 @@ import hmac
 import inspect
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,36 +318,16 @@ def _refusing(
 # Errors that leak nothing -------------------------------------------------------------
 
 
-class ErrorShieldInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """An exception that escapes a handler becomes INTERNAL with a short message; the
-    detail (and its traceback) goes only to the log, never to the caller."""
+def shield_servicer(servicer: object, method_names: Iterable[str], service: str) -> None:
+    """Wrap each RPC method of a servicer, once, so that an exception escaping it becomes
+    INTERNAL with a short message; the detail (and its traceback) goes only to the log.
 
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        for kind, factory in _HANDLER_FACTORIES.items():
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                return factory(
-                    _shielded(behaviour, method),
-                    request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer,
-                )
-        return handler
-
-
-_HANDLER_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler,
-    "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler,
-    "stream_stream": grpc.stream_stream_rpc_method_handler,
-}
+    Done at start-up rather than in a server interceptor, which would cost an extra
+    coroutine and handler lookup on every call.
+    """
+    for name in method_names:
+        behaviour = getattr(servicer, name)
+        setattr(servicer, name, shielded(behaviour, f"/{service}/{name}"))
 
 
 async def _internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
@@ -355,7 +335,7 @@ async def _internal(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
     await context.abort(grpc.StatusCode.INTERNAL, "internal error (details are in the server log)")
 
 
-def _shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+def shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -443,7 +423,6 @@ class SecurityOptions:
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if self.restricted_apis:
             interceptors.append(RestrictedApiInterceptor(self.restricted_apis))
-        interceptors.append(ErrorShieldInterceptor())
         return interceptors
 
     def tensor_limits(self, max_message_bytes: int) -> TensorLimits:

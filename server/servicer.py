@@ -82,6 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._is_ready = is_ready
         self._observers = tuple(request_observers)
         self._clock = clock
+        self.last_request_at = 0.0  # time.perf_counter() of the latest inference request
 
     # Health -------------------------------------------------------------------------
 
@@ -173,7 +174,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # Inference ----------------------------------------------------------------------
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
         try:
             return await self._infer(request, context.time_remaining())
         except FerryError as error:
@@ -228,6 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse:
         start_ns = time.perf_counter_ns()
+        self.last_request_at = start_ns / 1e9
         model: LoadedModel | None = None
         code = "INTERNAL"
         message = ""

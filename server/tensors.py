@@ -57,7 +57,7 @@ def _describe(datatype: str, shape: object) -> str:
 def decode_request(
     request: pb.ModelInferRequest,
     model: ModelSettings,
-    limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen, so sharing it is safe
+    limits: TensorLimits = TensorLimits(),
 ) -> DecodedRequest:
     specs = {spec.name: spec for spec in model.inputs}
     raw_contents = request.raw_input_contents

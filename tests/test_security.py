@@ -22,7 +22,6 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server import security
 from ferry.server.security import (
     ApiGroup,
-    ErrorShieldInterceptor,
     ModelControl,
     ModelControlMode,
     RestrictedApi,
@@ -30,6 +29,7 @@ from ferry.server.security import (
     TlsFiles,
     api_group,
     public_message,
+    shielded,
 )
 from tests.certificates import CertificateAuthority, Identity
 from tests.conftest import GatedInstance, RunningServer
@@ -562,11 +562,13 @@ async def test_unexpected_exceptions_become_internal_without_detail(
     handlers = grpc.method_handlers_generic_handler(
         "test.Svc",
         {
-            "Unary": grpc.unary_unary_rpc_method_handler(explode),
-            "Stream": grpc.unary_stream_rpc_method_handler(explode_stream),
+            "Unary": grpc.unary_unary_rpc_method_handler(shielded(explode, "/test.Svc/Unary")),
+            "Stream": grpc.unary_stream_rpc_method_handler(
+                shielded(explode_stream, "/test.Svc/Stream")
+            ),
         },
     )
-    server = grpc.aio.server(interceptors=[ErrorShieldInterceptor()])
+    server = grpc.aio.server()
     server.add_generic_rpc_handlers((handlers,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
