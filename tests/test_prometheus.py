@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -144,6 +145,8 @@ class Prometheus:
         self.port = 0
         try:
             wait_until(self._bound, timeout=30, what="Prometheus to listen")
+            # It answers 503 to queries until its storage is open.
+            wait_until(self._ready, timeout=30, what="Prometheus to be ready")
         except BaseException:
             self.close()
             raise
@@ -153,6 +156,15 @@ class Prometheus:
             raise AssertionError(f"prometheus exited: {self.log.read_text()}")
         self.port = listening_port(self.process.pid) or 0
         return self.port != 0
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                return bool(r.status == 200)
+        except urllib.error.HTTPError as error:
+            if error.code == 503:
+                return False
+            raise
 
     def query(self, promql: str) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
