@@ -9,13 +9,19 @@ grpcio-reflection would answer NOT_FOUND and ghz would need the .proto file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import FileDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 
+if TYPE_CHECKING:
+    # grpcio-reflection types its pool argument as a DescriptorPool; this stands in for one.
+    _PoolLike = DescriptorPool
+else:
+    _PoolLike = object
 
-class ReflectionPool:
+
+class ReflectionPool(_PoolLike):
     """Wraps a DescriptorPool; every lookup but one goes straight through."""
 
     def __init__(self, pool: DescriptorPool) -> None:
