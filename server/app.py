@@ -127,7 +127,10 @@ class FerryServer:
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
             INFERENCE_SERVICE,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self._server)
+        # The generated registration function is untyped.
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            self.servicer, self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection(

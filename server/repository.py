@@ -27,6 +27,7 @@ from .config import (
     DEFAULT_MODEL_FILENAME,
     ConfigError,
     ModelSettings,
+    TensorSpec,
     read_config_file,
     settings_from,
 )
@@ -201,11 +202,8 @@ ObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
 def describe(settings: ModelSettings, version: str) -> str:
     """One log line: tensors, shapes, datatypes and batching settings."""
 
-    def tensors(specs: Sequence[object]) -> str:
-        return ", ".join(
-            f"{s.name} {s.datatype} {settings.input_shape(s)}"  # type: ignore[attr-defined]
-            for s in specs
-        )
+    def tensors(specs: Sequence[TensorSpec]) -> str:
+        return ", ".join(f"{s.name} {s.datatype} {settings.input_shape(s)}" for s in specs)
 
     batching = (
         f"max_batch_size={settings.max_batch_size} "
@@ -287,7 +285,7 @@ class ModelManager:
         return model
 
     def index(self) -> list[IndexEntry]:
-        entries = []
+        entries: list[IndexEntry] = []
         names = set(self.repository.model_names()) | set(self._models) | set(self._failures)
         for name in sorted(names):
             if name in self._models:

@@ -108,7 +108,9 @@ class GatedInstance:
     def release(self) -> None:
         self._gate.set()
 
-    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         self.entered.release()
         if not self._gate.wait(60):
             raise TimeoutError("GatedInstance was never released")

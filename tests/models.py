@@ -48,7 +48,9 @@ def identity_model(path: Path, datatype: str, dims: tuple[int | str, ...] = ("ba
     return _save(graph, path)
 
 
-def mlp_model(path: Path, features: int = 16, hidden: int = 8, classes: int = 4, seed: int = 0) -> Path:
+def mlp_model(
+    path: Path, features: int = 16, hidden: int = 8, classes: int = 4, seed: int = 0
+) -> Path:
     """x [batch, features] -> MatMul+Add -> Relu -> MatMul -> logits, plus softmax probs.
 
     Two outputs, so tests can ask for a subset.
