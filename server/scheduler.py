@@ -14,8 +14,9 @@ Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,27 @@ class Work:
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
 
 
+class _Worker:
+    """The one thread of an instance. Lighter than a ThreadPoolExecutor: a batch is one
+    queue put away, with no future or work item built for it."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # A daemon: a batch still running at exit must not keep the process alive.
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+
 @dataclass(slots=True, eq=False)
 class _Running:
     instance: Instance
@@ -109,11 +131,9 @@ class ModelScheduler:
         self._output_order = tuple(output_names)
         self._observers = tuple(observers)
         self._free = list(instances)
-        self._threads = {
-            id(instance): concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"ferry-{name}"
-            )
-            for instance in instances
+        self._workers = {
+            id(instance): _Worker(f"ferry-{name}-{index}")
+            for index, instance in enumerate(instances)
         }
         self._inflight: dict[int, _Running] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -185,8 +205,8 @@ class ModelScheduler:
             self.abort("model stopped before the request ran")
         if self._timer is not None:
             self._timer.cancel()
-        for thread in self._threads.values():
-            thread.shutdown(wait=False, cancel_futures=True)
+        for worker in self._workers.values():
+            worker.stop()
 
     def abort(self, reason: str) -> None:
         """Answer everything queued or running with UNAVAILABLE, at once."""
@@ -260,20 +280,26 @@ class ModelScheduler:
         start_ns = time.perf_counter_ns()
         running = _Running(instance, batch, start_ns)
         self._inflight[id(running)] = running
-        job = self._threads[id(instance)].submit(self._run_batch, instance, batch)
         loop = self._loop
-        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, running, done))
 
-    def _finish(self, running: _Running, job: concurrent.futures.Future[_Outcome]) -> None:
+        def job() -> None:  # on the instance's worker thread
+            outcome: _Outcome | BaseException
+            try:
+                outcome = self._run_batch(instance, batch)
+            except BaseException as exc:
+                outcome = exc
+            loop.call_soon_threadsafe(self._finish, running, outcome)
+
+        self._workers[id(instance)].submit(job)
+
+    def _finish(self, running: _Running, outcome: _Outcome | BaseException) -> None:
         """Back on the loop: answer every request of the batch, whatever happened."""
         del self._inflight[id(running)]
         requests = running.batch.requests
         failed = True
         timings = (0, 0, 0)
-        try:
-            results, timings = job.result()
-        except BaseException as exc:  # includes a cancelled job at shutdown
-            error = self._execution_error(exc)
+        if isinstance(outcome, BaseException):
+            error = self._execution_error(outcome)
             log.error(
                 "model '%s': batch of %d rows from %d requests failed: %s",
                 self.name, running.batch.rows, len(requests), error.message,
@@ -282,6 +308,7 @@ class ModelScheduler:
                 _resolve(pending.payload.future, error)
         else:
             failed = False
+            results, timings = outcome
             for pending, result in zip(requests, results, strict=True):
                 _resolve(pending.payload.future, result)
         self._free.append(running.instance)
@@ -302,8 +329,6 @@ class ModelScheduler:
     def _execution_error(self, exc: BaseException) -> FerryError:
         if isinstance(exc, FerryError):
             return exc
-        if isinstance(exc, concurrent.futures.CancelledError):
-            return FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is shutting down")
         return FerryError(ErrorKind.INTERNAL, f"model '{self.name}' failed to run: {exc}")
 
     def _run_batch(
