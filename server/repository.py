@@ -32,10 +32,12 @@ from .config import (
     settings_from,
 )
 from .errors import ErrorKind, FerryError, not_found
-from .runtime import OnnxInstance, SessionSettings, default_intra_op_threads
+from .providers import GpuFallback, create_instances, placements
+from .runtime import OnnxInstance, SessionSettings, available_providers, default_intra_op_threads
 from .scheduler import BatchObserver, Instance, ModelScheduler
 from .security import public_message
 from .stats import ModelStatistics
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list
 
 
 def build_model(
-    source: ModelSource, version: int
+    source: ModelSource, version: int, gpu_fallback: GpuFallback = GpuFallback.CPU
 ) -> tuple[ModelSettings, list[OnnxInstance]]:
     """Read the config and create the sessions of one version (runs on a worker thread)."""
     config, set_fields, warnings = (
@@ -179,11 +181,21 @@ def build_model(
     first = OnnxInstance(model_file, SessionSettings())
     settings = settings_from(source.name, first.signature, config, set_fields, warnings)
     session_settings = SessionSettings(
-        intra_op_threads=default_intra_op_threads(settings.instance_count),
+        intra_op_threads=default_intra_op_threads(len(placements(settings))),
         graph_optimization_level=settings.graph_optimization_level,
+        max_batch_size=settings.max_batch_size,
+        # IO binding is measured faster than session.run on the CPU too (benchmarks/
+        # README.md); models with BYTES tensors use session.run whatever this says.
+        io_binding=settings.io_binding is not False,
+        batch_buckets=settings.batch_buckets,
+        cuda_graphs=settings.cuda_graphs,
     )
-    instances = [OnnxInstance(model_file, session_settings) for _ in range(settings.instance_count)]
-    return settings, instances
+    created = create_instances(
+        model_file, settings, session_settings, gpu_fallback, available_providers()
+    )
+    if created.warnings:
+        settings = dataclasses.replace(settings, warnings=(*settings.warnings, *created.warnings))
+    return settings, created.instances
 
 
 def policy_for(settings: ModelSettings) -> BatchPolicy:
@@ -199,7 +211,7 @@ def policy_for(settings: ModelSettings) -> BatchPolicy:
 ObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
 
 
-def describe(settings: ModelSettings, version: str) -> str:
+def describe(settings: ModelSettings, version: str, devices: Sequence[str] = ()) -> str:
     """One log line: tensors, shapes, datatypes and batching settings."""
 
     def tensors(specs: Sequence[TensorSpec]) -> str:
@@ -216,7 +228,12 @@ def describe(settings: ModelSettings, version: str) -> str:
     return (
         f"model '{settings.name}' version {version} ready: inputs [{tensors(settings.inputs)}] "
         f"outputs [{tensors(settings.outputs)}]; {batching}; "
-        f"instances={settings.instance_count} ({settings.instance_kind})"
+        + (
+            f"instances={len(devices)} on {', '.join(sorted(set(devices)))}"
+            if devices
+            else f"instances={settings.instance_count} ({settings.instance_kind})"
+        )
+        + (f"; batch buckets {list(settings.batch_buckets)}" if settings.batch_buckets else "")
     )
 
 
@@ -230,8 +247,10 @@ class ModelManager:
         drain_grace_s: float = 30.0,
         wrap_instance: Callable[[str, Instance], Instance] | None = None,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        gpu_fallback: GpuFallback = GpuFallback.CPU,
     ) -> None:
         self.repository = repository
+        self._gpu_fallback = gpu_fallback
         self._observers_for = observers_for
         self._wrap_instance = wrap_instance
         self._on_change = on_change
@@ -242,7 +261,6 @@ class ModelManager:
         self._draining: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
-        self._none_requested = False
 
     @property
     def models(self) -> dict[str, dict[str, LoadedModel]]:
@@ -250,8 +268,6 @@ class ModelManager:
 
     async def load_all(self, names: Sequence[str] | None = None) -> None:
         """Load these models (None: every model of the repository)."""
-        if names is not None and not names:
-            self._none_requested = True
         for name in self.repository.model_names() if names is None else names:
             try:
                 await self.load(name)
@@ -259,9 +275,9 @@ class ModelManager:
                 pass  # logged and recorded in the index; the other models still serve
 
     def all_ready(self) -> bool:
-        """Every model asked for at start is loaded, and at least one is (unless none was
-        asked for: explicit model control may start empty)."""
-        return (bool(self._models) or self._none_requested) and not self._failures
+        """Every model asked for at start is loaded, and at least one is: a server with no
+        model to serve is not ready, even in explicit mode before its first load."""
+        return bool(self._models) and not self._failures
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         if self._closing:
@@ -387,12 +403,28 @@ class ModelManager:
         loop = asyncio.get_running_loop()
         loaded: dict[str, LoadedModel] = {}
         for number in versions:
-            settings, instances = await loop.run_in_executor(None, build_model, source, number)
+            settings, instances = await loop.run_in_executor(
+                None, build_model, source, number, self._gpu_fallback
+            )
             version = str(number)
             for warning in settings.warnings:
                 log.warning("model '%s': %s", source.name, warning)
+            devices = [f"{i.device}:{i.device_id}" if i.device != "cpu" else "cpu" for i in instances]
             if self._wrap_instance is not None:
                 instances = [self._wrap_instance(source.name, i) for i in instances]  # type: ignore[misc]
+            if settings.warmup:
+                # Before the model is registered: it reports ready only once every
+                # instance has run its warm-up.
+                outputs = [spec.name for spec in settings.outputs]
+                await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            None, warm_up, source.name, instance, settings.warmup, outputs,
+                            source.folder,
+                        )
+                        for instance in instances
+                    )
+                )
             stats = ModelStatistics(source.name, version)
             scheduler = ModelScheduler(
                 source.name,
@@ -404,5 +436,5 @@ class ModelManager:
             )
             scheduler.start()
             loaded[version] = LoadedModel(source.name, version, settings, scheduler, stats)
-            log.info(describe(settings, version))
+            log.info(describe(settings, version, devices))
         return loaded

@@ -187,10 +187,12 @@ def test_explicit_mode_starts_empty_and_loads_on_request(
 ) -> None:
     server = start_server(repo, security=EXPLICIT)
     with tc.InferenceServerClient(server.address) as client:
-        assert client.is_server_ready()  # nothing was asked for, so nothing is missing
+        # No model to serve yet: not ready (health NOT_SERVING) until the first load.
+        assert not client.is_server_ready()
         assert not client.is_model_ready("m")
         client.load_model("m")
         assert client.is_model_ready("m")
+        assert client.is_server_ready()
         assert client.infer("m", [infer_input(features(1))]).as_numpy("probs").shape == (1, 4)
         client.unload_model("m")
         assert not client.is_model_ready("m")
