@@ -23,6 +23,7 @@ from ferry.proto._pool import POOL
 from .logs import AccessLog, RejectionLog
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .poller import RepositoryPoller
+from .providers import GpuFallback
 from .reflection import ReflectionPool
 from .repository import ModelManager, ModelRepository
 from .scheduler import Instance
@@ -51,6 +52,9 @@ class ServerOptions:
     poll_repository_s: float | None = None  # None: the repository is read once, at start
     access_log: bool = False  # one log line per inference request
     security: SecurityOptions = field(default_factory=SecurityOptions)
+    # A KIND_GPU model where CUDA cannot be used: "cpu" loads it on the CPU with a
+    # warning, "fail" fails its load.
+    gpu_fallback: str = GpuFallback.CPU.value
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -59,6 +63,11 @@ class ServerOptions:
             raise ValueError(f"metrics port must be within 0..65535, got {self.metrics_port}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
+        if self.gpu_fallback not in {f.value for f in GpuFallback}:
+            raise ValueError(
+                f"gpu fallback must be one of {', '.join(f.value for f in GpuFallback)}, "
+                f"got {self.gpu_fallback!r}"
+            )
         if self.max_message_bytes < 1024:
             raise ValueError(
                 f"max message size must be >= 1024 bytes, got {self.max_message_bytes}"
@@ -95,6 +104,7 @@ class FerryServer:
             drain_grace_s=options.shutdown_grace_s,
             wrap_instance=wrap_instance,
             on_change=self._models_changed,
+            gpu_fallback=GpuFallback(options.gpu_fallback),
         )
         self._draining = False
         self._poller: RepositoryPoller | None = None

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the gRPC port (SO_REUSEPORT); each has its own "
         "batcher and statistics, and serves metrics on --metrics-port + its index",
     )
+    serve.add_argument(
+        "--gpu-fallback",
+        default="cpu",
+        choices=["cpu", "fail"],
+        help="a model whose config asks for a GPU (instance_group KIND_GPU) where CUDA "
+        "cannot be used: load it on the CPU with a warning, or fail its load",
+    )
     security.add_arguments(serve)
     serve.add_argument(
         "--log-level",
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_size,
             poll_repository_s=args.poll_repository,
             access_log=args.access_log,
+            gpu_fallback=args.gpu_fallback,
             security=security.options_from(args),
         )
         if not args.model_path.exists():

@@ -18,6 +18,7 @@ from ferry.proto import model_config_pb2 as mc
 from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME
 
 from .runtime import GraphSignature, TensorSignature
+from .warmup import WarmupInput, WarmupSample, bucket_samples
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_SIZE = 1024
@@ -28,6 +29,12 @@ DEFAULT_MODEL_FILENAME = "model.onnx"
 # config parameter "priority_aging_microseconds".
 DEFAULT_PRIORITY_AGING_S = 1.0
 _PRIORITY_AGING_PARAMETER = "priority_aging_microseconds"
+# Ferry's own parameters for GPU execution (see the README's GPU section).
+_BATCH_BUCKETS_PARAMETER = "batch_buckets"  # "1,2,4,8": allowed batch sizes
+_IO_BINDING_PARAMETER = "io_binding"  # "true" / "false"
+# Parameters of the "tensorrt" gpu_execution_accelerator, as in Triton's onnxruntime
+# backend, and the onnxruntime provider options they become.
+_TENSORRT_PARAMETERS = ("precision_mode", "max_workspace_size_bytes", "trt_engine_cache_path")
 
 # Fields of Triton's ModelConfig that Ferry reads but does not act on: setting them is
 # worth a warning, since the user expects an effect.
@@ -37,9 +44,7 @@ _IGNORED_BUT_KNOWN = {
     "input.reshape": "",
     "output.reshape": "",
     "output.label_filename": "",
-    "model_warmup": "",
-    "optimization.cuda": "",
-    "optimization.execution_accelerators": "",
+    "optimization.execution_accelerators.cpu_execution_accelerator": "",
     "optimization.input_pinned_memory": "",
     "optimization.output_pinned_memory": "",
 }
@@ -61,6 +66,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceGroup:
+    """Triton's instance_group: `count` sessions, on each GPU listed for KIND_GPU."""
+
+    kind: str = "KIND_CPU"  # KIND_CPU or KIND_GPU (KIND_AUTO is read as KIND_CPU)
+    count: int = 1
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRtSettings:
+    """The opt-in TensorRT execution provider (gpu_execution_accelerator "tensorrt")."""
+
+    precision: str = "FP32"  # or FP16
+    max_workspace_bytes: int = 0  # 0: onnxruntime's default
+    engine_cache_path: str = ""  # a folder for built engines; "": no cache
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     name: str
     max_batch_size: int
@@ -78,6 +101,14 @@ class ModelSettings:
     gpus: tuple[int, ...] = ()
     graph_optimization_level: int = 0
     priority_aging_s: float = DEFAULT_PRIORITY_AGING_S
+    instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
+    tensorrt: TensorRtSettings | None = None
+    cuda_graphs: bool = False
+    # Allowed batch sizes: a batch is padded up to the nearest (the largest is always
+    # max_batch_size); () runs each batch at its own size.
+    batch_buckets: tuple[int, ...] = ()
+    io_binding: bool | None = None  # None: on a GPU only (and wherever buckets pad)
+    warmup: tuple[WarmupSample, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -127,14 +158,48 @@ class ModelSettings:
                 config.parameters[_PRIORITY_AGING_PARAMETER].string_value = str(
                     round(self.priority_aging_s * 1e6)
                 )
-        group = config.instance_group.add(
-            name=f"{self.name}_0",
-            count=self.instance_count,
-            kind=mc.ModelInstanceGroup.Kind.Value(self.instance_kind),
-        )
-        group.gpus.extend(self.gpus)
+        for index, group in enumerate(self.instance_groups):
+            config.instance_group.add(
+                name=f"{self.name}_{index}",
+                count=group.count,
+                kind=mc.ModelInstanceGroup.Kind.Value(group.kind),
+                gpus=group.gpus,
+            )
         if self.graph_optimization_level:
             config.optimization.graph.level = self.graph_optimization_level
+        if self.cuda_graphs:
+            config.optimization.cuda.graphs = True
+        if self.tensorrt is not None:
+            trt = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+                name="tensorrt"
+            )
+            trt.parameters["precision_mode"] = self.tensorrt.precision
+            if self.tensorrt.max_workspace_bytes:
+                trt.parameters["max_workspace_size_bytes"] = str(
+                    self.tensorrt.max_workspace_bytes
+                )
+            if self.tensorrt.engine_cache_path:
+                trt.parameters["trt_engine_cache_path"] = self.tensorrt.engine_cache_path
+        if self.batch_buckets:
+            config.parameters[_BATCH_BUCKETS_PARAMETER].string_value = ",".join(
+                str(size) for size in self.batch_buckets
+            )
+        if self.io_binding is not None:
+            config.parameters[_IO_BINDING_PARAMETER].string_value = str(self.io_binding).lower()
+        for sample in self.warmup:
+            entry = config.model_warmup.add(
+                name=sample.name, batch_size=sample.batch_size, count=sample.count
+            )
+            for name, warm in sample.inputs:
+                tensor = entry.inputs[name]
+                tensor.data_type = mc.DataType.Value(CONFIG_TYPE_NAMES[warm.datatype])  # type: ignore[assignment]
+                tensor.dims.extend(warm.dims)
+                if warm.fill == "file":
+                    tensor.input_data_file = warm.data_file
+                elif warm.fill == "random":
+                    tensor.random_data = True
+                else:
+                    tensor.zero_data = True
         return config
 
 
@@ -299,6 +364,18 @@ def settings_from(
     count = sum(max(1, g.count) for g in groups)
     kind = mc.ModelInstanceGroup.Kind.Name(groups[0].kind)
     gpus = tuple(gpu for g in groups for gpu in g.gpus)
+    instance_groups = tuple(_instance_group(g) for g in groups)
+    tensorrt = _tensorrt(config, warnings)
+    cuda_graphs = config.optimization.cuda.graphs
+    buckets = _batch_buckets(config, max_batch_size, preferred, cuda_graphs or bool(tensorrt))
+    io_binding = _bool_parameter(config, _IO_BINDING_PARAMETER)
+    if config.model_warmup:
+        warmup = tuple(_warmup_sample(w, inputs, max_batch_size) for w in config.model_warmup)
+    else:
+        # CUDA graphs are captured on the second run of a shape: warm each bucket twice.
+        warmup = bucket_samples(
+            buckets, [(t.name, t.datatype, t.dims) for t in inputs], 2 if cuda_graphs else 1
+        )
 
     return ModelSettings(
         name=name,
@@ -324,8 +401,153 @@ def settings_from(
         priority_aging_s=_microseconds_parameter(
             config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
         ),
+        instance_groups=instance_groups,
+        tensorrt=tensorrt,
+        cuda_graphs=cuda_graphs,
+        batch_buckets=buckets,
+        io_binding=io_binding,
+        warmup=warmup,
         warnings=tuple(warnings),
     )
+
+
+def _instance_group(group: mc.ModelInstanceGroup) -> InstanceGroup:
+    kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
+    if kind not in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"):
+        raise ConfigError(f"instance_group kind {kind} is not supported (KIND_CPU or KIND_GPU)")
+    if any(gpu < 0 for gpu in group.gpus):
+        raise ConfigError(f"instance_group gpus must be >= 0, got {list(group.gpus)}")
+    return InstanceGroup(
+        kind="KIND_CPU" if kind == "KIND_AUTO" else kind,
+        count=max(1, group.count),
+        gpus=tuple(group.gpus) if kind == "KIND_GPU" else (),
+    )
+
+
+def _tensorrt(config: mc.ModelConfig, warnings: list[str]) -> TensorRtSettings | None:
+    """The "tensorrt" GPU accelerator, if the config asks for it."""
+    result = None
+    for accelerator in config.optimization.execution_accelerators.gpu_execution_accelerator:
+        if accelerator.name != "tensorrt":
+            warnings.append(
+                f"ignoring gpu_execution_accelerator '{accelerator.name}' (only 'tensorrt')"
+            )
+            continue
+        parameters = dict(accelerator.parameters)
+        unknown = sorted(set(parameters) - set(_TENSORRT_PARAMETERS))
+        if unknown:
+            warnings.append(f"ignoring tensorrt parameters {', '.join(unknown)}")
+        precision = parameters.get("precision_mode", "FP32").upper()
+        if precision not in ("FP32", "FP16"):
+            raise ConfigError(f"tensorrt precision_mode must be FP32 or FP16, got {precision!r}")
+        workspace = parameters.get("max_workspace_size_bytes", "0")
+        if not workspace.isdigit():
+            raise ConfigError(
+                f"tensorrt max_workspace_size_bytes must be a whole number, got {workspace!r}"
+            )
+        result = TensorRtSettings(
+            precision=precision,
+            max_workspace_bytes=int(workspace),
+            engine_cache_path=parameters.get("trt_engine_cache_path", ""),
+        )
+    return result
+
+
+def _batch_buckets(
+    config: mc.ModelConfig, max_batch_size: int, preferred: tuple[int, ...], fixed_shapes: bool
+) -> tuple[int, ...]:
+    """The allowed batch sizes: the parameter batch_buckets; else, when CUDA graphs or
+    TensorRT want few shapes, the preferred sizes or the powers of two. The largest is
+    always max_batch_size, so that every batch has a bucket."""
+    if _BATCH_BUCKETS_PARAMETER in config.parameters:
+        text = config.parameters[_BATCH_BUCKETS_PARAMETER].string_value
+        try:
+            sizes = {int(part) for part in text.split(",") if part.strip()}
+        except ValueError:
+            raise ConfigError(
+                f"parameter {_BATCH_BUCKETS_PARAMETER} must be batch sizes separated by "
+                f"commas, got {text!r}"
+            ) from None
+        if not sizes:
+            return ()
+        if max_batch_size == 0:
+            raise ConfigError(
+                f"parameter {_BATCH_BUCKETS_PARAMETER} needs a model that batches "
+                "(max_batch_size > 0)"
+            )
+        wrong = sorted(size for size in sizes if not 1 <= size <= max_batch_size)
+        if wrong:
+            raise ConfigError(
+                f"parameter {_BATCH_BUCKETS_PARAMETER}: sizes {wrong} are outside "
+                f"1..{max_batch_size} (max_batch_size)"
+            )
+    elif fixed_shapes and max_batch_size > 0:
+        sizes = set(preferred) or {1 << n for n in range(max_batch_size.bit_length())}
+    else:
+        return ()
+    return tuple(sorted(sizes | {max_batch_size}))
+
+
+def _bool_parameter(config: mc.ModelConfig, key: str) -> bool | None:
+    if key not in config.parameters:
+        return None
+    text = config.parameters[key].string_value.strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ConfigError(f"parameter {key} must be true or false, got {text!r}")
+    return text in ("true", "1")
+
+
+def _warmup_sample(
+    entry: mc.ModelWarmup, inputs: tuple[TensorSpec, ...], max_batch_size: int
+) -> WarmupSample:
+    label = f"model_warmup '{entry.name}'"
+    specs = {spec.name: spec for spec in inputs}
+    batch_size = entry.batch_size
+    if max_batch_size > 0:
+        batch_size = max(1, batch_size)
+        if batch_size > max_batch_size:
+            raise ConfigError(
+                f"{label}: batch_size {batch_size} is over max_batch_size {max_batch_size}"
+            )
+    else:
+        batch_size = 0  # the dims are the whole shape
+    missing = [
+        name for name, spec in specs.items() if not spec.optional and name not in entry.inputs
+    ]
+    if missing:
+        raise ConfigError(f"{label} leaves out inputs {', '.join(missing)}")
+    samples = []
+    for name, tensor in sorted(entry.inputs.items()):
+        spec = specs.get(name)
+        if spec is None:
+            raise ConfigError(f"{label}: '{name}' is not an input of the model")
+        datatype = DATATYPES_BY_CONFIG_NAME.get(mc.DataType.Name(tensor.data_type))
+        if datatype != spec.datatype:
+            raise ConfigError(
+                f"{label}: input '{name}' is {mc.DataType.Name(tensor.data_type)}, "
+                f"but the model takes {CONFIG_TYPE_NAMES[spec.datatype]}"
+            )
+        dims = tuple(tensor.dims)
+        if len(dims) != len(spec.dims) or any(
+            d < 0 or (s != -1 and d != s) for d, s in zip(dims, spec.dims, strict=True)
+        ):
+            raise ConfigError(
+                f"{label}: input '{name}' has dims {list(dims)}, which do not fit "
+                f"{list(spec.dims)}"
+            )
+        choice = tensor.WhichOneof("input_data_type")
+        if choice == "input_data_file":
+            data_file = tensor.input_data_file
+            if not data_file or "/" in data_file or "\\" in data_file or data_file.startswith("."):
+                raise ConfigError(
+                    f"{label}: input_data_file must name a file in the model's warmup "
+                    f"folder, got {data_file!r}"
+                )
+            samples.append((name, WarmupInput(datatype, dims, "file", data_file)))
+        else:
+            fill = "random" if choice == "random_data" else "zero"
+            samples.append((name, WarmupInput(datatype, dims, fill)))
+    return WarmupSample(entry.name or "warmup", batch_size, tuple(samples), max(1, entry.count))
 
 
 def _microseconds_parameter(config: mc.ModelConfig, key: str, default_s: float) -> float:

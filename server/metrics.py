@@ -85,6 +85,7 @@ class _ModelObserver:
         self._compute = metrics.compute_duration.labels(model=model)
         self._inferences = metrics.inferences.labels(model=model)
         self._batches = metrics.batches.labels(model=model)
+        self._padded = metrics.padded_rows.labels(model=model)
         self._sizes = metrics.batch_sizes_of(model)
 
     def batch_executed(self, timings: BatchTimings) -> None:
@@ -99,6 +100,8 @@ class _ModelObserver:
         self._compute.observe(timings.infer_ns / NS_PER_S)
         self._inferences.inc(timings.rows)
         self._batches.inc()
+        if timings.padded_rows:
+            self._padded.inc(timings.padded_rows)
         self._sizes.add(timings.rows)
 
 
@@ -192,6 +195,12 @@ class ServerMetrics:
         self.batches = Counter(
             "ferry_batches_total",
             "Successful batch executions (inferences / batches = mean batch size)",
+            ["model"],
+            registry=registry,
+        )
+        self.padded_rows = Counter(
+            "ferry_padded_rows_total",
+            "Padding rows run to fill a batch up to a batch bucket, not in ferry_inferences_total",
             ["model"],
             registry=registry,
         )

@@ -184,9 +184,7 @@ def build_model(
         intra_op_threads=default_intra_op_threads(len(placements(settings))),
         graph_optimization_level=settings.graph_optimization_level,
         max_batch_size=settings.max_batch_size,
-        # IO binding is measured faster than session.run on the CPU too (benchmarks/
-        # README.md); models with BYTES tensors use session.run whatever this says.
-        io_binding=settings.io_binding is not False,
+        io_binding=settings.io_binding,
         batch_buckets=settings.batch_buckets,
         cuda_graphs=settings.cuda_graphs,
     )
@@ -409,7 +407,9 @@ class ModelManager:
             version = str(number)
             for warning in settings.warnings:
                 log.warning("model '%s': %s", source.name, warning)
-            devices = [f"{i.device}:{i.device_id}" if i.device != "cpu" else "cpu" for i in instances]
+            devices = [
+                f"{i.device}:{i.device_id}" if i.device != "cpu" else "cpu" for i in instances
+            ]
             if self._wrap_instance is not None:
                 instances = [self._wrap_instance(source.name, i) for i in instances]  # type: ignore[misc]
             if settings.warmup:

@@ -1,13 +1,15 @@
 """The runtime: onnxruntime sessions that turn input arrays into output arrays.
 
 Knows nothing of requests, batching or gRPC. One `OnnxInstance` is one session, used by
-one worker thread at a time.
+one worker thread at a time; its execution providers come from `server.providers`, its
+IO binding and shape buckets from `server.binding`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .binding import BindingCounters, BindingPlan, BoundExecutor, bindable
 from .errors import ErrorKind, FerryError
 
 try:
@@ -64,8 +67,29 @@ class GraphSignature:
 
 
 @dataclass(frozen=True, slots=True)
+class ExecutionProvider:
+    """An onnxruntime execution provider and its options (all values as text)."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, key: str, default: str = "") -> str:
+        return dict(self.options).get(key, default)
+
+
+CPU_PROVIDER = ExecutionProvider("CPUExecutionProvider")
+# Providers that put a session on an NVIDIA GPU.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclass(frozen=True, slots=True)
 class SessionSettings:
-    """How each session is built. Thread counts of 0 let onnxruntime choose."""
+    """How each session is built and fed. Thread counts of 0 let onnxruntime choose.
+
+    With `max_batch_size` > 0 and IO binding or buckets on, batches go through
+    `server.binding`: host buffers sized for `max_batch_size` rows, padded up to the
+    nearest of `batch_buckets`.
+    """
 
     intra_op_threads: int = 0
     inter_op_threads: int = 1
@@ -74,7 +98,28 @@ class SessionSettings:
     # that spinning takes the cores the gRPC event loop needs (measured: about 20% fewer
     # requests per second on 2 cores with a small model), so it is off unless asked for.
     allow_spinning: bool = False
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[ExecutionProvider, ...] = (CPU_PROVIDER,)
+    max_batch_size: int = 0
+    # None: on a GPU only. On the CPU, IO binding measured about 1.5 us slower per batch
+    # than session.run for a small model (benchmarks/README.md), so it is opt-in there.
+    io_binding: bool | None = None
+    batch_buckets: tuple[int, ...] = ()
+    preallocate_outputs: bool | None = None  # None: on a GPU only
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if list(self.batch_buckets) != sorted(set(self.batch_buckets)) or any(
+            b < 1 for b in self.batch_buckets
+        ):
+            raise ValueError(
+                f"batch buckets must be distinct positive sizes in ascending order, "
+                f"got {list(self.batch_buckets)}"
+            )
+
+
+def available_providers() -> tuple[str, ...]:
+    """The execution providers this onnxruntime build has."""
+    return tuple(ort.get_available_providers())
 
 
 def _signature(args: Sequence[Any]) -> tuple[TensorSignature, ...]:
@@ -111,10 +156,15 @@ class OnnxInstance:
             _optimization_level(settings.graph_optimization_level)
         )
         options.log_severity_level = 3  # errors only; load problems are reported by Ferry
+        providers = [(p.name, dict(p.options)) for p in settings.providers]
         try:
-            self.session = ort.InferenceSession(
-                str(model_path), sess_options=options, providers=list(settings.providers)
-            )
+            with warnings.catch_warnings():
+                # onnxruntime warns of a provider it lacks and carries on without it;
+                # Ferry compares the providers it got with those it asked for instead.
+                warnings.simplefilter("ignore")
+                self.session = ort.InferenceSession(
+                    str(model_path), sess_options=options, providers=providers
+                )
         except Exception as exc:  # onnxruntime's own exception types, one per failure
             # The caller may see this message: name the file, not where it lives.
             reason = _first_line(exc).replace(str(model_path), model_path.name)
@@ -125,13 +175,70 @@ class OnnxInstance:
             inputs=_signature(self.session.get_inputs()),
             outputs=_signature(self.session.get_outputs()),
         )
+        self.settings = settings
+        # What onnxruntime actually started, which may be less than was asked for.
+        self.providers: tuple[str, ...] = tuple(self.session.get_providers())
+        gpu = next(
+            (p for p in settings.providers if p.name in GPU_PROVIDERS and p.name in self.providers),
+            None,
+        )
+        self.device = "cuda" if gpu is not None else "cpu"
+        self.device_id = int(gpu.option("device_id", "0")) if gpu is not None else 0
+        self._executor: BoundExecutor | None = None
+        types = [arg.type for arg in (*self.session.get_inputs(), *self.session.get_outputs())]
+        on_gpu = self.device != "cpu"
+        # Buckets need the host buffers to pad in, whatever io_binding says.
+        wants_binding = bool(settings.batch_buckets) or (
+            on_gpu if settings.io_binding is None else settings.io_binding
+        )
+        if settings.max_batch_size > 0 and wants_binding and bindable(types):
+            preallocate = settings.preallocate_outputs
+            plan = BindingPlan(
+                device=self.device,
+                device_id=self.device_id,
+                max_rows=max(settings.max_batch_size, *settings.batch_buckets, 1),
+                buckets=settings.batch_buckets,
+                preallocate_outputs=on_gpu if preallocate is None else preallocate,
+                cuda_graphs=settings.cuda_graphs and on_gpu,
+                pinned=on_gpu,
+            )
+            self._executor = BoundExecutor(self.session, ort, plan)
+
+    @property
+    def counters(self) -> BindingCounters | None:
+        """The IO-binding executor's counters; None when batches use plain session.run."""
+        return self._executor.counters if self._executor is not None else None
+
+    @property
+    def binding_plan(self) -> BindingPlan | None:
+        return self._executor.plan if self._executor is not None else None
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> dict[str, Array]:
+        if self._executor is not None:
+            rows = len(next(iter(inputs.values())))
+            return self.run_batch([inputs], rows, output_names)[0]
         try:
             values = self.session.run(list(output_names), dict(inputs))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise FerryError(ErrorKind.INTERNAL, f"onnxruntime: {_first_line(exc)}") from exc
         return dict(zip(output_names, values, strict=True))
+
+    def run_batch(
+        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
+    ) -> tuple[dict[str, Array], int]:
+        """Run the requests' inputs (same non-batch dimensions) as one batch of `rows`
+        rows: the outputs, `rows` long, and the padding rows that ran and were dropped."""
+        if self._executor is None:
+            if len(parts) == 1:
+                return self.run(parts[0], output_names), 0
+            inputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+            return self.run(inputs, output_names), 0
+        try:
+            return self._executor.run(parts, rows, output_names)
+        except FerryError:
+            raise
+        except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
+            raise FerryError(ErrorKind.INTERNAL, f"onnxruntime: {_first_line(exc)}") from exc
 
 
 def _optimization_level(level: int) -> int:

@@ -8,7 +8,9 @@ call and slicing the outputs all happen on that thread; the futures are resolved
 the loop. Every path out of an execution, exceptions included, resolves every future of
 its batch.
 
-Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`.
+Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`. An
+instance that also has `run_batch` gathers the inputs itself (into its own reusable
+buffers, padded to its batch buckets) and is handed the requests' inputs as they came.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class Instance(Protocol):
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors: ...
 
 
+class BatchRunner(Protocol):
+    """An instance's optional `run_batch`: it gathers the batch itself from each request's
+    inputs and returns outputs exactly `rows` long, and the padding rows it ran and dropped."""
+
+    def __call__(
+        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
+    ) -> tuple[Tensors, int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class BatchTimings:
     """What one execution cost, in nanoseconds; queue times are per request."""
@@ -51,6 +62,7 @@ class BatchTimings:
     infer_ns: int
     output_ns: int
     failed: bool
+    padded_rows: int = 0  # rows of padding the instance ran to reach a batch bucket
 
 
 class BatchObserver(Protocol):
@@ -95,7 +107,7 @@ class _Running:
     start_ns: int
 
 
-_Outcome = tuple[list["Tensors"], tuple[int, int, int]]
+_Outcome = tuple[list["Tensors"], tuple[int, int, int], int]
 
 
 def _resolve(future: asyncio.Future[Tensors], value: Tensors | BaseException) -> None:
@@ -298,6 +310,7 @@ class ModelScheduler:
         requests = running.batch.requests
         failed = True
         timings = (0, 0, 0)
+        padded_rows = 0
         if isinstance(outcome, BaseException):
             error = self._execution_error(outcome)
             log.error(
@@ -308,7 +321,7 @@ class ModelScheduler:
                 _resolve(pending.payload.future, error)
         else:
             failed = False
-            results, timings = outcome
+            results, timings, padded_rows = outcome
             for pending, result in zip(requests, results, strict=True):
                 _resolve(pending.payload.future, result)
         self._free.append(running.instance)
@@ -318,6 +331,7 @@ class ModelScheduler:
             tuple(running.start_ns - r.payload.arrival_ns for r in requests),
             *timings,
             failed=failed,
+            padded_rows=padded_rows,
         )
         for observer in self._observers:
             observer.batch_executed(record)
@@ -331,24 +345,30 @@ class ModelScheduler:
             return exc
         return FerryError(ErrorKind.INTERNAL, f"model '{self.name}' failed to run: {exc}")
 
-    def _run_batch(
-        self, instance: Instance, batch: Batch[Work]
-    ) -> tuple[list[Tensors], tuple[int, int, int]]:
+    def _run_batch(self, instance: Instance, batch: Batch[Work]) -> _Outcome:
         """Runs on the instance's worker thread: gather, execute, slice."""
         t0 = time.perf_counter_ns()
         works = [r.payload for r in batch.requests]
-        inputs = gather(works) if self.batchable else works[0].inputs
         wanted = {name for work in works for name in work.outputs}
         output_names = [name for name in self._output_order if name in wanted]
-        t1 = time.perf_counter_ns()
-        outputs = instance.run(inputs, output_names)
+        padded_rows = 0
+        run_batch: BatchRunner | None = getattr(instance, "run_batch", None)
+        if self.batchable and run_batch is not None:
+            # Gathering happens inside, so it counts as execution time.
+            t1 = time.perf_counter_ns()
+            parts = [work.inputs for work in works]
+            outputs, padded_rows = run_batch(parts, batch.rows, output_names)
+        else:
+            inputs = gather(works) if self.batchable else works[0].inputs
+            t1 = time.perf_counter_ns()
+            outputs = instance.run(inputs, output_names)
         t2 = time.perf_counter_ns()
         if self.batchable:
             results = scatter(outputs, batch.requests, batch.rows)
         else:
             results = [{name: outputs[name] for name in works[0].outputs}]
         t3 = time.perf_counter_ns()
-        return results, (t1 - t0, t2 - t1, t3 - t2)
+        return results, (t1 - t0, t2 - t1, t3 - t2), padded_rows
 
 
 def gather(works: Sequence[Work]) -> Tensors:

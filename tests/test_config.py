@@ -174,8 +174,7 @@ def test_a_config_with_unsupported_fields_still_serves(tmp_path: Path) -> None:
         ),
         ('input [ { name: "pixels" reshape { shape: [ 24 ] } } ]', "input.reshape"),
         ('output [ { name: "scores" label_filename: "labels.txt" } ]', "output.label_filename"),
-        ('model_warmup [ { name: "w" batch_size: 1 } ]', "model_warmup"),
-        ("optimization { cuda { graphs: true } }", "optimization.cuda"),
+        ("optimization { cuda { output_copy_stream: true } }", "optimization.cuda"),
         (
             "optimization { input_pinned_memory { enable: true } }",
             "optimization.input_pinned_memory",
