@@ -53,13 +53,36 @@ def test_hadolint_reports_nothing() -> None:
     assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
+def stage(steps: list[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """The instructions of one build stage, from its FROM to the next."""
+    start = next(i for i, (k, a) in enumerate(steps) if k == "FROM" and a.endswith(f"AS {name}"))
+    end = next((i for i in range(start + 1, len(steps)) if steps[i][0] == "FROM"), len(steps))
+    return steps[start:end]
+
+
 def test_image_installs_ferry_as_setup_sh_does() -> None:
     steps = instructions(DOCKERFILE.read_text())
-    runs = " && ".join(args for keyword, args in steps if keyword == "RUN")
     setup = (REPO / "scripts" / "setup.sh").read_text()
-    # The pip upgrade, then Ferry from the pinned constraints with the CPU runtime.
-    assert pip_installs(runs, "cpu") == pip_installs(setup, "cpu")
-    assert ["-c", "constraints.txt", ".[cpu]"] in pip_installs(runs, "cpu")
+    for extra in ("cpu", "gpu"):
+        build = stage(steps, f"build-{extra}")
+        runs = " && ".join(args for keyword, args in build if keyword == "RUN")
+        # The pip upgrade, then Ferry from the pinned constraints with the extra's runtime.
+        assert pip_installs(runs, extra) == pip_installs(setup, extra)
+        assert ["-c", "constraints.txt", f".[{extra}]"] in pip_installs(runs, extra)
+
+
+def test_cpu_stays_the_default_target_and_gpu_is_on_a_cuda_base() -> None:
+    steps = instructions(DOCKERFILE.read_text())
+    stages = [args.split()[-1] for keyword, args in steps if keyword == "FROM" and " AS " in args]
+    assert stages[-1] == "cpu"  # `docker build .` builds the last stage
+    gpu = stage(steps, "gpu")
+    assert gpu[0] == ("FROM", "gpu-python AS gpu")
+    assert stage(steps, "gpu-python")[0] == ("FROM", "${CUDA_IMAGE} AS gpu-python")
+    cuda_image = next(a for k, a in steps if k == "ARG" and a.startswith("CUDA_IMAGE="))
+    assert cuda_image.startswith("CUDA_IMAGE=nvidia/cuda:") and "cudnn-runtime" in cuda_image
+    users = [args for keyword, args in gpu if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert any(k == "HEALTHCHECK" and "ferry.server.healthcheck" in a for k, a in gpu)
 
 
 def test_cpu_target_runs_ferry_unprivileged_with_health_check() -> None:
