@@ -8,6 +8,7 @@ failure. Without a config, everything comes from the graph.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,23 @@ class ModelSettings:
     io_binding: bool | None = None  # None: on a GPU only (and wherever buckets pad)
     warmup: tuple[WarmupSample, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    # Derived once here, so that no request rebuilds them.
+    inputs_by_name: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    client_shapes: Mapping[str, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+    output_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    output_datatypes: Mapping[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        derived = {
+            "inputs_by_name": {spec.name: spec for spec in self.inputs},
+            "client_shapes": {
+                spec.name: tuple(self.input_shape(spec)) for spec in (*self.inputs, *self.outputs)
+            },
+            "output_names": tuple(spec.name for spec in self.outputs),
+            "output_datatypes": {spec.name: spec.datatype for spec in self.outputs},
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     @property
     def batchable(self) -> bool:

@@ -59,7 +59,7 @@ def decode_request(
     model: ModelSettings,
     limits: TensorLimits = TensorLimits(),
 ) -> DecodedRequest:
-    specs = {spec.name: spec for spec in model.inputs}
+    specs = model.inputs_by_name
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise invalid_input(
@@ -81,7 +81,11 @@ def decode_request(
         _check_bytes(tensor, spec, shape, raw, limits)
         arrays[tensor.name] = _decode_tensor(tensor, spec, shape, raw)
 
-    missing = [name for name, spec in specs.items() if name not in arrays and not spec.optional]
+    missing = (
+        [name for name, spec in specs.items() if name not in arrays and not spec.optional]
+        if len(arrays) != len(specs)
+        else ()
+    )
     if missing:
         raise invalid_input(
             f"missing input {', '.join(repr(n) for n in missing)} for model '{model.name}'"
@@ -91,7 +95,7 @@ def decode_request(
     if model.batchable:
         batch_sizes = {name: array.shape[0] for name, array in arrays.items()}
         rows = next(iter(batch_sizes.values()))
-        if len(set(batch_sizes.values())) > 1:
+        if len(arrays) > 1 and len(set(batch_sizes.values())) > 1:
             raise invalid_input(
                 "inputs disagree on the batch size (first dimension): "
                 + ", ".join(f"'{n}' has {b}" for n, b in batch_sizes.items())
@@ -113,7 +117,7 @@ def _check_shape(
     limits: TensorLimits,
 ) -> tuple[int, ...]:
     shape = tuple(tensor.shape)
-    expected = model.input_shape(spec)
+    expected = model.client_shapes[spec.name]
     if tensor.datatype != spec.datatype:
         raise invalid_input(
             f"input '{spec.name}': expected {_describe(spec.datatype, expected)}, got "
@@ -266,9 +270,9 @@ def _as_text(array: Array, spec: TensorSpec) -> Array:
 
 
 def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> tuple[str, ...]:
-    names = [spec.name for spec in model.outputs]
+    names = model.output_names
     if not request.outputs:
-        return tuple(names)
+        return names
     wanted: list[str] = []
     for output in request.outputs:
         if output.name not in names:
@@ -290,8 +294,10 @@ def encode_response(
 ) -> pb.ModelInferResponse:
     """Outputs travel as raw_output_contents, as Triton sends them."""
     response = pb.ModelInferResponse(model_name=model.name, model_version=version, id=request.id)
-    datatypes = {spec.name: spec.datatype for spec in model.outputs}
+    datatypes = model.output_datatypes
+    add_output = response.outputs.add
+    raw_contents = response.raw_output_contents
     for name, array in outputs.items():
-        response.outputs.add(name=name, datatype=datatypes[name], shape=array.shape)
-        response.raw_output_contents.append(to_raw(array))
+        add_output(name=name, datatype=datatypes[name], shape=array.shape)
+        raw_contents.append(to_raw(array))
     return response
