@@ -144,6 +144,9 @@ class BindingPlan:
     device_id: int = 0
     max_rows: int = 1  # rows the host buffers are sized for at first
     buckets: tuple[int, ...] = ()
+    # Copy the gathered rows into OrtValues made once per shape (a GPU's device buffers);
+    # False binds the host buffer itself, which is all a CPU needs.
+    device_inputs: bool = False
     preallocate_outputs: bool = False  # bind outputs to buffers made once per shape
     cuda_graphs: bool = False  # one CUDA graph per batch shape (gpu_graph_id)
     pinned: bool = False  # page-locked host buffers, when libcudart allows
@@ -184,7 +187,7 @@ class BoundExecutor:
         counters.padded_rows += padded - rows
         first = parts[0]
         key = (padded, *[(first[name].dtype, first[name].shape[1:]) for name in self._inputs])
-        if len(parts) == 1 and padded == rows and self.plan.device == "cpu":
+        if len(parts) == 1 and padded == rows and not self.plan.device_inputs:
             return self._run_direct(key, first, rows, output_names), 0
         shape = self._shapes.get(key)
         if shape is None:
@@ -250,7 +253,7 @@ class BoundExecutor:
         self.counters.bindings += 1
         device_inputs: dict[str, Any] = {}
         for name, array in host.items():
-            if plan.device == "cpu":
+            if not plan.device_inputs:
                 # An OrtValue over the host buffer itself: gathering is all the copying.
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
             else:

@@ -145,6 +145,9 @@ def default_intra_op_threads(instances: int) -> int:
 class OnnxInstance:
     """One onnxruntime session of a model file."""
 
+    # run() only computes, so a short batch may run on the event loop (scheduler.py).
+    may_run_on_loop = True
+
     def __init__(self, model_path: Path, settings: SessionSettings) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = settings.intra_op_threads
@@ -198,6 +201,7 @@ class OnnxInstance:
                 device_id=self.device_id,
                 max_rows=max(settings.max_batch_size, *settings.batch_buckets, 1),
                 buckets=settings.batch_buckets,
+                device_inputs=on_gpu,
                 preallocate_outputs=on_gpu if preallocate is None else preallocate,
                 cuda_graphs=settings.cuda_graphs and on_gpu,
                 pinned=on_gpu,

@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import text_format
 
 from ferry.client import FerryClient
-from ferry.server.binding import bucket_for, pinned_allocator
+from ferry.server.binding import BindingPlan, BoundExecutor, bucket_for, pinned_allocator
 from ferry.server.config import ConfigError, ModelSettings, read_config_file, settings_from
 from ferry.server.errors import FerryError
 from ferry.server.providers import GpuFallback, create_instances, placements
@@ -160,6 +160,33 @@ def test_host_buffers_are_reused_across_many_batches(
     for outputs, expected in kept:
         for name in OUTPUTS:
             np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_gpu_plan_on_cpu_ortvalues(
+    mlp: Path, reference: Callable[[np.ndarray], dict[str, np.ndarray]]
+) -> None:
+    """The GPU's path, with "cpu" for the device: gathered rows copied into OrtValues made
+    once per shape, outputs preallocated, one graph id per shape; lone requests too."""
+    session = ort.InferenceSession(str(mlp), providers=["CPUExecutionProvider"])
+    plan = BindingPlan(device="cpu", max_rows=16, buckets=(4, 16), device_inputs=True,
+                       preallocate_outputs=True, cuda_graphs=True)
+    executor = BoundExecutor(session, ort, plan)
+    rng = np.random.default_rng(5)
+    kept = []
+    for sizes in ([1], [4], [2, 1], [3, 3, 3], [16], [1, 2, 1], [4]):
+        parts = rows_of(rng, sizes)
+        outputs, padded_rows = executor.run(parts, sum(sizes), OUTPUTS)
+        assert padded_rows == bucket_for(sum(sizes), (4, 16)) - sum(sizes)
+        kept.append((outputs, reference(np.concatenate([p["x"] for p in parts]))))
+    for outputs, expected in kept:
+        for name in OUTPUTS:
+            np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-5, atol=1e-6)
+    counters = executor.counters
+    assert (counters.bindings, counters.host_allocations, counters.direct_batches) == (2, 1, 0)
+    assert counters.device_allocations == 2 * 3  # per shape: one input and two outputs
+    graph_ids = {s.run_options.get_run_config_entry("gpu_graph_id") for s in
+                 executor._shapes.values()}
+    assert graph_ids == {"1", "2"}
 
 
 def test_a_lone_request_is_bound_where_it_lies(mlp: Path) -> None:
