@@ -585,3 +585,14 @@ def test_a_failing_warm_up_fails_the_load(
     (entry,) = server.server.manager.index()
     assert "warmup/missing.bin" in entry.reason
 
+
+
+def test_gpu_fallback_flag_and_option(tmp_path: Path) -> None:
+    from ferry.server.app import ServerOptions
+    from ferry.server.cli import build_parser
+
+    args = build_parser().parse_args(["serve", str(tmp_path), "--gpu-fallback", "fail"])
+    assert args.gpu_fallback == "fail"
+    assert build_parser().parse_args(["serve", str(tmp_path)]).gpu_fallback == "cpu"
+    with pytest.raises(ValueError, match="gpu fallback must be one of cpu, fail"):
+        ServerOptions(model_path=tmp_path, gpu_fallback="gpu")
