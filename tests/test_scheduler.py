@@ -249,6 +249,8 @@ async def test_two_instances_run_batches_concurrently() -> None:
         one.hold()
         two.hold()
         a = send(scheduler, rows(1))
+        # Dispatch waits for the handlers already runnable; then `a` is on an instance.
+        await until(lambda: scheduler.queue_depth == 0, "a to start")
         b = send(scheduler, rows(2))
         await one.entered()
         await two.entered()  # both run at the same time
@@ -554,3 +556,55 @@ async def test_observers_receive_the_timings_of_each_batch() -> None:
     for timings in (one, two):
         assert all(ns >= 0 for ns in timings.queue_ns)
         assert min(timings.input_ns, timings.infer_ns, timings.output_ns) >= 0
+
+
+# -- running a lone request on the event loop --------------------------------------------
+
+
+class LoopSafeInstance(FakeInstance):
+    """A fake that declares it may run on the event loop, and records where it ran."""
+
+    may_run_on_loop = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]) -> Tensors:
+        self.threads.append(threading.current_thread().name)
+        return super().run(inputs, output_names)
+
+
+@pytest.mark.asyncio
+async def test_a_lone_request_on_an_idle_fast_model_runs_on_the_loop() -> None:
+    instance = LoopSafeInstance()
+    loop_thread = threading.current_thread().name
+    async with serving(instance) as scheduler:
+        # The first batch runs on the instance's thread: its cost is not known yet.
+        assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
+        assert instance.threads[-1] != loop_thread
+        # Now it is known to be short, and nothing else is waiting: no thread hand-off.
+        assert (await result(send(scheduler, rows(2))))["double"].tolist() == [[4]]
+        assert instance.threads[-1] == loop_thread
+        # Several requests at once are a batch for the thread, never for the loop.
+        both = [send(scheduler, rows(3)), send(scheduler, rows(4))]
+        assert [(await result(f))["double"].tolist() for f in both] == [[[6]], [[8]]]
+        assert instance.batch_rows[-1] == 2
+        assert instance.threads[-1] != loop_thread
+
+
+@pytest.mark.asyncio
+async def test_no_inline_run_for_slow_models_or_when_turned_off() -> None:
+    instance = LoopSafeInstance()
+    loop_thread = threading.current_thread().name
+    scheduler = ModelScheduler(
+        "fake", BatchPolicy(max_batch_size=8), [instance], OUTPUTS,
+        clock=FakeClock(), inline_max_s=0.0,
+    )
+    scheduler.start()
+    try:
+        for value in (1, 2, 3):
+            await result(send(scheduler, rows(value)))
+        assert loop_thread not in instance.threads
+    finally:
+        await scheduler.close(grace_s=SAFETY_S)
