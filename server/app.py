@@ -50,6 +50,7 @@ class ServerOptions:
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
     poll_repository_s: float | None = None  # None: the repository is read once, at start
+    session_threads: int = 0  # onnxruntime intra-op threads per session; 0: automatic
     access_log: bool = False  # one log line per inference request
     security: SecurityOptions = field(default_factory=SecurityOptions)
     # A KIND_GPU model where CUDA cannot be used: "cpu" loads it on the CPU with a
@@ -61,6 +62,8 @@ class ServerOptions:
             raise ValueError(f"grpc port must be within 0..65535, got {self.grpc_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be within 0..65535, got {self.metrics_port}")
+        if self.session_threads < 0:
+            raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
         if self.gpu_fallback not in {f.value for f in GpuFallback}:
@@ -105,6 +108,7 @@ class FerryServer:
             wrap_instance=wrap_instance,
             on_change=self._models_changed,
             gpu_fallback=GpuFallback(options.gpu_fallback),
+            session_threads=options.session_threads,
         )
         self._draining = False
         self._poller: RepositoryPoller | None = None

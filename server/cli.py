@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         "removed models (default: read it once at start)",
     )
     serve.add_argument(
+        "--session-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="onnxruntime intra-op threads per model instance; 0 picks the cores left "
+        "after one per server process, divided among the instances",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace_s=args.shutdown_grace,
             max_message_bytes=args.max_message_size,
             poll_repository_s=args.poll_repository,
+            session_threads=args.session_threads,
             access_log=args.access_log,
             gpu_fallback=args.gpu_fallback,
             security=security.options_from(args),

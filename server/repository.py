@@ -171,7 +171,10 @@ def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list
 
 
 def build_model(
-    source: ModelSource, version: int, gpu_fallback: GpuFallback = GpuFallback.CPU
+    source: ModelSource,
+    version: int,
+    gpu_fallback: GpuFallback = GpuFallback.CPU,
+    session_threads: int = 0,
 ) -> tuple[ModelSettings, list[OnnxInstance]]:
     """Read the config and create the sessions of one version (runs on a worker thread)."""
     config, set_fields, warnings = (
@@ -181,7 +184,7 @@ def build_model(
     first = OnnxInstance(model_file, SessionSettings())
     settings = settings_from(source.name, first.signature, config, set_fields, warnings)
     session_settings = SessionSettings(
-        intra_op_threads=default_intra_op_threads(len(placements(settings))),
+        intra_op_threads=session_threads or default_intra_op_threads(len(placements(settings))),
         graph_optimization_level=settings.graph_optimization_level,
         max_batch_size=settings.max_batch_size,
         io_binding=settings.io_binding,
@@ -246,8 +249,10 @@ class ModelManager:
         wrap_instance: Callable[[str, Instance], Instance] | None = None,
         on_change: Callable[[], Awaitable[None]] | None = None,
         gpu_fallback: GpuFallback = GpuFallback.CPU,
+        session_threads: int = 0,
     ) -> None:
         self.repository = repository
+        self._session_threads = session_threads  # 0: default_intra_op_threads decides
         self._gpu_fallback = gpu_fallback
         self._observers_for = observers_for
         self._wrap_instance = wrap_instance
@@ -402,7 +407,7 @@ class ModelManager:
         loaded: dict[str, LoadedModel] = {}
         for number in versions:
             settings, instances = await loop.run_in_executor(
-                None, build_model, source, number, self._gpu_fallback
+                None, build_model, source, number, self._gpu_fallback, self._session_threads
             )
             version = str(number)
             for warning in settings.warnings:

@@ -117,7 +117,7 @@ _Outcome = tuple[list["Tensors"], tuple[int, int, int], int]
 
 # An idle model whose batches take less than this runs them on the event loop
 # (see ModelScheduler._may_run_inline); 0 turns that off.
-DEFAULT_INLINE_MAX_S = 0.002
+DEFAULT_INLINE_MAX_S = 0.001
 
 
 def _resolve(future: asyncio.Future[Tensors], value: Tensors | BaseException) -> None:

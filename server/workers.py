@@ -17,6 +17,8 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from .runtime import default_intra_op_threads
+
 log = logging.getLogger(__name__)
 
 
@@ -29,13 +31,16 @@ def free_port(host: str) -> int:
 
 
 def worker_command(
-    argv: Sequence[str], index: int, grpc_port: int, metrics_port: int | None
+    argv: Sequence[str], index: int, grpc_port: int, metrics_port: int | None, workers: int
 ) -> list[str]:
     """The command line of one worker: the same arguments, one process, its own ports."""
     args = list(argv)
     args = _drop_option(args, "--workers")
     args = _drop_option(args, "--grpc-port")
     args = _drop_option(args, "--metrics-port")
+    if not any(a == "--session-threads" or a.startswith("--session-threads=") for a in args):
+        # Each worker's sessions get their share of the cores, not the whole machine.
+        args += ["--session-threads", str(default_intra_op_threads(1, workers))]
     args += ["--workers", "1", "--grpc-port", str(grpc_port)]
     args += ["--metrics-port", str(-1 if metrics_port is None else metrics_port + index)]
     return [sys.executable, "-m", "ferry.server.cli", *args]
@@ -65,7 +70,7 @@ def supervise(
     if metrics_port == 0:
         log.warning("--metrics-port 0 with --workers: each worker picks its own metrics port")
     processes = [
-        subprocess.Popen(worker_command(argv, index, port, metrics_port))
+        subprocess.Popen(worker_command(argv, index, port, metrics_port, workers))
         for index in range(workers)
     ]
     log.info("started %d workers sharing gRPC port %d", workers, port)
