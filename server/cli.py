@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="onnxruntime intra-op threads per model instance; 0 picks the cores left "
-        "after one per server process, divided among the instances",
+        help="onnxruntime intra-op threads per model instance; 0 divides the cores among "
+        "the server processes and their instances",
     )
     serve.add_argument(
         "--workers",

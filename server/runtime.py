@@ -142,15 +142,15 @@ def usable_cores() -> int:
 
 
 def default_intra_op_threads(instances: int, processes: int = 1) -> int:
-    """Threads per session: the cores left after one per server process (its event loop
-    is busy with gRPC under load), split between the instances, at least one each.
+    """Threads per session: the cores split between the server processes and each one's
+    instances, at least one each.
 
-    Measured on 2 cores with the load generator beside it: one thread per session gave
-    about 10% more throughput and a lower p99 than two on a compute-bound MLP at
-    concurrency 64 (benchmarks/README.md).
+    Measured on 2 cores with the load generator beside it (benchmarks/README.md): one
+    thread instead of two gave a lower p99 at concurrency 64 on a compute-bound MLP, but
+    a 50% slower single request (2.4 against 1.6 ms), so the default keeps every core
+    and `--session-threads 1` is the choice for a server that is always busy.
     """
-    spare = usable_cores() - max(1, processes)
-    return max(1, spare // (max(1, instances) * max(1, processes)))
+    return max(1, usable_cores() // (max(1, instances) * max(1, processes)))
 
 
 class OnnxInstance:
