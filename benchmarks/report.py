@@ -245,6 +245,31 @@ def _checks_for(results: Results, server: str) -> list[TargetCheck]:
     return checks
 
 
+def stream_table(results: Results) -> list[str]:
+    """The streaming run, against the naive server's unary throughput at the same
+    number of requests in flight per client connection pool (concurrency 64)."""
+    streams = results.data.get("streams") or []
+    if not streams:
+        return ["No streaming run (`--stream-messages 0`)."]
+    lines = [
+        "| model | server | streams | requests per stream | req/s | x naive unary at c=64 "
+        "| mean stream time ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in streams:
+        naive = results.point(entry["model"], NAIVE, TARGET_CONCURRENCY)
+        ratio = (
+            entry["messages_per_s"] / naive.req_per_s if naive and naive.req_per_s > 0 else None
+        )
+        lines.append(
+            f"| {entry['model']} | {entry['server']} | {entry['streams']} "
+            f"| {entry['messages_per_stream']} | {_num(entry['messages_per_s'])} "
+            f"| {_ratio(ratio)} | {_num(entry['mean_stream_ms'], 1)} "
+            f"| {sum(entry['errors'].values())} |"
+        )
+    return lines
+
+
 def targets_table(checks: list[TargetCheck]) -> list[str]:
     lines = ["| server | target | measured | result |", "|---|---|---|---|"]
     for check in checks:
@@ -270,6 +295,14 @@ def render_markdown(results: Results, plots: dict[str, str]) -> str:
         "as a share of the in-process ceiling's best (its largest batch).",
         "",
         *measurement_table(results),
+        "",
+        "## Streaming (ModelStreamInfer, measured separately)",
+        "",
+        "Each stream sends its batch-1 requests without waiting for answers, so up to "
+        "`streams x requests per stream` are in flight; throughput counts the requests of "
+        "completed streams.",
+        "",
+        *stream_table(results),
         "",
         "## Targets (issue 5)",
         "",

@@ -28,7 +28,10 @@ from . import ceiling
 from .load import LoadSpec, Measurement, find_ghz, ghz_version, run_ghz, write_request
 from .make_models import MODELS, OVERHEAD_BOUND, BenchModel, write_repository
 from .report import write_report
-from .servers import NULL, RunningServer, ServerVariant
+from .servers import NAIVE, NULL, RunningServer, ServerVariant
+from .stream import StreamMeasurement, run_stream, write_stream_data
+
+BASELINES = (NAIVE, NULL)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
@@ -69,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--multi-row", type=int, default=8, help="rows per multi-row request")
     parser.add_argument(
         "--multi-row-concurrency", type=int, default=16, help="concurrency of the multi-row run"
+    )
+    parser.add_argument(
+        "--stream-messages",
+        type=int,
+        default=100,
+        help="requests per ModelStreamInfer stream in the streaming run (0: no streaming run)",
+    )
+    parser.add_argument(
+        "--stream-concurrency", type=int, default=64, help="concurrent streams in that run"
     )
     parser.add_argument("--connections", type=int, default=4, help="ghz connections, at most")
     parser.add_argument(
@@ -170,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.concurrency = [8]
         args.multi_row_concurrency = 4
+        args.stream_concurrency = 4
+        args.stream_messages = min(args.stream_messages, 5)
         args.ceiling_seconds = 0.05
     out: Path = args.out or (args.work / "smoke" if args.smoke else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     measurements: list[Measurement] = []
+    streams: list[StreamMeasurement] = []
     for variant in variants:
         mine = [(m, s) for v, m, s in points if v is variant]
         if not mine:
@@ -264,6 +279,25 @@ def main(argv: list[str] | None = None) -> int:
                     f"p99 {result.p99_ms:7.2f} ms{errors}",
                     flush=True,
                 )
+            if args.stream_messages and variant.name not in BASELINES:
+                for model in dict.fromkeys(m for m, _ in mine):
+                    data = write_stream_data(
+                        work / "requests" / f"{model.name}_stream.json", model.name, model.features
+                    )
+                    streamed = run_stream(
+                        ghz, server.target, data, model.name, variant.name,
+                        streams=args.stream_concurrency, messages=args.stream_messages,
+                        duration_s=None if args.smoke else args.duration,
+                        total=args.stream_concurrency if args.smoke else None,
+                        connections=args.connections,
+                    )
+                    server.check_alive()
+                    streams.append(streamed)
+                    print(
+                        f"  {model.name} ModelStreamInfer {args.stream_concurrency} streams x "
+                        f"{args.stream_messages}: {streamed.messages_per_s:9,.0f} req/s",
+                        flush=True,
+                    )
 
     meta["loadavg_after"] = _loadavg()
     results = {
@@ -274,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "ceiling": ceilings,
         "measurements": [m.to_json() for m in measurements],
+        "streams": [s.to_json() for s in streams],
     }
     results_path = out / "results.json"
     results_path.write_text(json.dumps(results, indent=1))
