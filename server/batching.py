@@ -27,6 +27,7 @@ Rules, in Triton's vocabulary:
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from collections import deque
 from collections.abc import Hashable, Iterator
@@ -78,6 +79,7 @@ class PendingRequest(Generic[P]):
     deadline_s: float | None = None
     priority: int = 1
     sequence: int = field(default=0, init=False)
+    queued: bool = field(default=False, init=False)
 
 
 @dataclass(slots=True)
@@ -99,6 +101,10 @@ class BatchQueue(Generic[P]):
         self._rows = 0
         self._with_deadline = 0
         self._sequence = itertools.count()
+        # Deadlines of queued requests, earliest first. Entries of requests that have left
+        # are dropped when they reach the top (or in a rebuild), so that neither expiry nor
+        # the next wake-up scans the whole queue on every dispatch.
+        self._deadlines: list[tuple[float, int, PendingRequest[P]]] = []
 
     def __len__(self) -> int:
         return self._count
@@ -127,11 +133,16 @@ class BatchQueue(Generic[P]):
                 f"priority {request.priority} is outside 1..{policy.priority_levels}",
             )
         request.sequence = next(self._sequence)
+        request.queued = True
         self._levels[request.priority - 1].append(request)
         self._count += 1
         self._rows += request.rows
         if request.deadline_s is not None:
             self._with_deadline += 1
+            heapq.heappush(self._deadlines, (request.deadline_s, request.sequence, request))
+            if len(self._deadlines) > 4 * self._with_deadline + 64:
+                self._deadlines = [entry for entry in self._deadlines if entry[2].queued]
+                heapq.heapify(self._deadlines)
 
     def discard(self, request: PendingRequest[P]) -> bool:
         """Remove a request nobody waits for any more; False if it was not queued."""
@@ -144,7 +155,8 @@ class BatchQueue(Generic[P]):
 
     def expire(self, now: float) -> list[PendingRequest[P]]:
         """Remove and return the requests whose deadline has passed."""
-        if not self._with_deadline:
+        earliest = self.next_deadline()
+        if earliest is None or earliest > now:
             return []
         expired: list[PendingRequest[P]] = []
         for index, level in enumerate(self._levels):
@@ -223,21 +235,24 @@ class BatchQueue(Generic[P]):
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a queued request, if any has one."""
-        if not self._with_deadline:
-            return None
-        return min(
-            r.deadline_s for level in self._levels for r in level if r.deadline_s is not None
-        )
+        deadlines = self._deadlines
+        while deadlines and not deadlines[0][2].queued:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
 
     def drain(self) -> list[PendingRequest[P]]:
         """Remove and return every queued request, oldest first within each level."""
         everything = [r for level in self._levels for r in level]
         for level in self._levels:
             level.clear()
+        for request in everything:
+            request.queued = False
+        self._deadlines.clear()
         self._count = self._rows = self._with_deadline = 0
         return everything
 
     def _forget(self, request: PendingRequest[P]) -> None:
+        request.queued = False
         self._count -= 1
         self._rows -= request.rows
         if request.deadline_s is not None:

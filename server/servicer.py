@@ -277,17 +277,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The earliest of the caller's gRPC deadline and the model's queue timeout."""
         settings = model.settings
         timeout_s = settings.default_timeout_s
-        requested = _parameter(request, "timeout")
+        requested = _parameter(request, "timeout") if request.parameters else None
         if requested and (settings.allow_timeout_override or timeout_s is None):
             timeout_s = requested / 1e6
+        if timeout_s is None:  # the common case, without building a list
+            return None if time_remaining is None else self._clock() + time_remaining
         limits = [t for t in (timeout_s, time_remaining) if t is not None]
         return self._clock() + min(limits) if limits else None
 
     def _priority(self, request: pb.ModelInferRequest, model: LoadedModel) -> int:
         settings = model.settings
-        requested = _parameter(request, "priority")
         if settings.priority_levels <= 1:
-            return 1
+            return 1  # as in Triton, a model without priority levels ignores the parameter
+        requested = _parameter(request, "priority") if request.parameters else None
         if not requested:
             return settings.default_priority_level
         if requested > settings.priority_levels:
