@@ -111,6 +111,7 @@ class FerryServer:
             session_threads=options.session_threads,
         )
         self._draining = False
+        self._aborted = False
         self._poller: RepositoryPoller | None = None
         self.health = HealthServicer()
         security = options.security
@@ -183,6 +184,12 @@ class FerryServer:
         )
         return self.grpc_port
 
+    def abort(self, reason: str) -> None:
+        """Stop at once: queued and running requests are answered UNAVAILABLE, and a
+        drain in progress closes the port without waiting for clients to go quiet."""
+        self._aborted = True
+        self.manager.abort(reason)
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new work, answer every accepted request, then close the port."""
         grace = self.options.shutdown_grace_s if grace_s is None else grace_s
@@ -196,7 +203,7 @@ class FerryServer:
         await self.manager.close(grace)
         # Keep answering UNAVAILABLE until clients stop sending (or the grace ends): a
         # call that reaches gRPC just as the port closes would be cut off as CANCELLED.
-        while loop.time() < deadline:
+        while loop.time() < deadline and not self._aborted:
             quiet_for = time.perf_counter() - self.servicer.last_request_at
             if quiet_for >= QUIET_PERIOD_S:
                 break

@@ -131,7 +131,7 @@ async def serve(options: ServerOptions) -> int:
             stop.set()
         else:
             log.warning("second signal: answering queued requests UNAVAILABLE and stopping")
-            server.manager.abort("server is stopping")
+            server.abort("server is stopping")
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)

@@ -196,3 +196,39 @@ def test_second_signal_stops_at_once(repo: Path) -> None:
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) == 0
     assert "Traceback" not in server.stderr
+
+
+def test_second_signal_stops_at_once_while_clients_keep_sending(repo: Path) -> None:
+    """The drain waits for clients to go quiet; a second signal does not."""
+    server = ServerProcess(repo, "--shutdown-grace", "600")
+    address = f"127.0.0.1:{server.port}"
+    stop = threading.Event()
+    answered = {"ok": 0, "refused": 0}
+
+    def hammer() -> None:
+        x = np.ones((1, FEATURES), dtype=np.float32)
+        while not stop.is_set():
+            try:
+                with triton.InferenceServerClient(address) as client:
+                    tensor = triton.InferInput("x", [1, FEATURES], "FP32")
+                    tensor.set_data_from_numpy(x)
+                    client.infer("m", [tensor], client_timeout=5)
+                    answered["ok"] += 1
+            except InferenceServerException:
+                answered["refused"] += 1  # UNAVAILABLE once draining
+
+    senders = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        wait_until(lambda: answered["ok"] > 20, what="traffic before the signal")
+        server.process.send_signal(signal.SIGTERM)
+        # Clients still sending while the server drains: the drain would wait for them.
+        wait_until(lambda: answered["refused"] > 50, what="requests refused while draining")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join(30)
+    assert "Traceback" not in server.stderr
