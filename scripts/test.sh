@@ -15,5 +15,8 @@ echo "== mypy"
 mkdir -p .typecheck/ferry
 for pkg in server client proto; do ln -sfn "../../$pkg" ".typecheck/ferry/$pkg"; done
 (cd .typecheck && ../.venv/bin/mypy -p ferry.server -p ferry.client)
+echo "== import contracts"
+# The layers written down in pyproject.toml ([tool.importlinter]); a new violation fails here.
+.venv/bin/lint-imports --no-cache
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -20,19 +20,22 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto._pool import POOL
 
+from .dataplane import DataPlane
+from .grpc_status import shield_servicer
+from .loading import InstanceWrapper, LoadOptions
 from .logs import AccessLog, RejectionLog
+from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
+from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
 from .providers import GpuFallback
 from .reflection import ReflectionPool
-from .repository import ModelManager, ModelRepository
-from .scheduler import Instance
-from .security import SecurityOptions, shield_servicer
-from .servicer import InferenceServicer, RequestObserver
+from .repository import ModelRepository
+from .security import SecurityOptions
+from .servicer import INFERENCE_SERVICE, InferenceServicer
 
 log = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # While draining, the port closes only after this long without a new request.
 QUIET_PERIOD_S = 0.2
@@ -53,9 +56,9 @@ class ServerOptions:
     session_threads: int = 0  # onnxruntime intra-op threads per session; 0: automatic
     access_log: bool = False  # one log line per inference request
     security: SecurityOptions = field(default_factory=SecurityOptions)
-    # A KIND_GPU model where CUDA cannot be used: "cpu" loads it on the CPU with a
-    # warning, "fail" fails its load.
-    gpu_fallback: str = GpuFallback.CPU.value
+    # A KIND_GPU model where CUDA cannot be used: load it on the CPU with a warning, or
+    # fail its load.
+    gpu_fallback: GpuFallback = GpuFallback.CPU
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -66,7 +69,7 @@ class ServerOptions:
             raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown grace must be >= 0 s, got {self.shutdown_grace_s}")
-        if self.gpu_fallback not in {f.value for f in GpuFallback}:
+        if not isinstance(self.gpu_fallback, GpuFallback):
             raise ValueError(
                 f"gpu fallback must be one of {', '.join(f.value for f in GpuFallback)}, "
                 f"got {self.gpu_fallback!r}"
@@ -88,47 +91,63 @@ def _register_in_pool(*files: object) -> None:
 
 
 class FerryServer:
-    """One Ferry process: models, the gRPC port and the health service."""
+    """One Ferry process: models, the gRPC port and the health service.
+
+    `clock` is the one monotonic clock of the server: queue deadlines, timers and the
+    drain's quiet period all read it.
+    """
 
     def __init__(
         self,
         options: ServerOptions,
         *,
-        wrap_instance: Callable[[str, Instance], Instance] | None = None,
-        request_observers: Sequence[RequestObserver] = (),
+        wrap_instance: InstanceWrapper | None = None,
+        request_observers: Sequence[OutcomeObserver] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
+        self._clock = clock
         self.metrics = ServerMetrics()
         self._metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.metrics_port = 0  # the bound metrics port, once started (0: none)
+        observers = (
+            self.metrics,
+            RejectionLog(),
+            *((AccessLog(),) if options.access_log else ()),
+            *request_observers,
+        )
         self.manager = ModelManager(
             ModelRepository(options.model_path),
-            observers_for=self.metrics.observers_for,
+            LoadOptions(
+                gpu_fallback=options.gpu_fallback,
+                session_threads=options.session_threads,
+                clock=clock,
+                batch_observers_for=self.metrics.observers_for,
+                request_observers=observers,
+                wrap_instance=wrap_instance,
+            ),
             drain_grace_s=options.shutdown_grace_s,
-            wrap_instance=wrap_instance,
             on_change=self._models_changed,
-            gpu_fallback=GpuFallback(options.gpu_fallback),
-            session_threads=options.session_threads,
         )
+        self.dataplane = DataPlane(self.manager, observers, clock)
         self._draining = False
         self._aborted = False
         self._poller: RepositoryPoller | None = None
         self.health = HealthServicer()
-        security = options.security
         self.servicer = InferenceServicer(
-            self.manager,
+            self.dataplane,
             is_ready=self.is_ready,
-            request_observers=(
-                self.metrics,
-                RejectionLog(),
-                *((AccessLog(),) if options.access_log else ()),
-                *request_observers,
-            ),
-            tensor_limits=security.tensor_limits(options.max_message_bytes),
-            model_control=security.model_control,
+            tensor_limits=options.security.tensor_limits(options.max_message_bytes),
+            model_control=options.security.model_control,
         )
-        message_limit = options.max_message_bytes
-        self._server = grpc.aio.server(
+        self._server = self._grpc_server()
+        self.grpc_port = 0
+
+    def _grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server with every service registered, not yet bound."""
+        security = self.options.security
+        message_limit = self.options.max_message_bytes
+        server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
@@ -144,16 +163,16 @@ class FerryServer:
         )
         # The generated registration function is untyped.
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            self.servicer, self._server
+            self.servicer, server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection(
             [INFERENCE_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME],
-            self._server,
+            server,
             pool=ReflectionPool(POOL),
         )
-        self.grpc_port = 0
+        return server
 
     def is_ready(self) -> bool:
         return not self._draining and self.manager.all_ready()
@@ -180,7 +199,7 @@ class FerryServer:
             self._poller.start()
         log.info(
             "serving the Open Inference Protocol on %s:%d (%d models ready)",
-            self.options.host, self.grpc_port, len(self.manager.models),
+            self.options.host, self.grpc_port, len(self.manager.loaded()),
         )
         return self.grpc_port
 
@@ -198,28 +217,25 @@ class FerryServer:
             await self._poller.stop()
         await self.health.enter_graceful_shutdown()
         self._update_metrics(ready=False)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        clock = self._clock
+        deadline = clock() + grace
         await self.manager.close(grace)
         # Keep answering UNAVAILABLE until clients stop sending (or the grace ends): a
         # call that reaches gRPC just as the port closes would be cut off as CANCELLED.
-        while loop.time() < deadline and not self._aborted:
-            quiet_for = time.perf_counter() - self.servicer.last_request_at
+        while clock() < deadline and not self._aborted:
+            quiet_for = self.dataplane.quiet_for()
             if quiet_for >= QUIET_PERIOD_S:
                 break
-            await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - loop.time()))
-        await self._server.stop(grace=max(0.0, min(deadline - loop.time(), 1.0)))
+            await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - clock()))
+        await self._server.stop(grace=max(0.0, min(deadline - clock(), 1.0)))
         self._metrics_endpoint.close()
-
-    async def wait_closed(self) -> None:
-        await self._server.wait_for_termination()
 
     async def _models_changed(self) -> None:
         """Keep the health service and the metrics in step with the models."""
         if self._draining:
             return
-        for name in self.manager.repository.model_names() + list(self.manager.models):
-            ready = name in self.manager.models
+        for name in self.manager.known_names():
+            ready = self.manager.is_loaded(name)
             await self.health.set(name, SERVING if ready else NOT_SERVING)
         overall = SERVING if self.is_ready() else NOT_SERVING
         await self.health.set("", overall)
@@ -229,11 +245,11 @@ class FerryServer:
     def _update_metrics(self, *, ready: bool) -> None:
         """Give the metrics the models to read at scrape time; while draining no model
         is ready, though the queues are still reported until they empty."""
-        loaded = self.manager.models
+        manager = self.manager
         views = [
-            ModelView(model.name, model.scheduler, model.settings.max_batch_size)
-            for versions in loaded.values()
-            for model in versions.values()
+            ModelView(model.name, model, model.settings.max_batch_size)
+            for model in manager.loaded()
         ]
-        names = set(self.manager.repository.model_names()) | set(loaded)
-        self.metrics.models_changed(views, {name: ready and name in loaded for name in names})
+        self.metrics.models_changed(
+            views, {name: ready and manager.is_loaded(name) for name in manager.known_names()}
+        )

@@ -4,11 +4,11 @@ Pure Python over plain data. It imports neither grpc nor onnxruntime and owns no
 every call takes `now` (monotonic seconds), so each policy decision is a plain function
 call in a test.
 
-The event loop / executor boundary (design A of the house style): batches are formed on
-the asyncio event loop by `server.scheduler`, which asks this queue for a batch whenever
-an executor instance is free, and hands only the model execution to that instance's
-worker thread. A batch is therefore not sealed until an executor is free, and keeps
-growing while the model is busy.
+The event loop / executor boundary: batches are formed on the asyncio event loop by
+`server.scheduler`, which asks this queue for a batch whenever an executor is free, and
+hands only the model execution to that executor's worker thread (`server.executor`). A
+batch is therefore not sealed until an executor is free, and keeps growing while the model
+is busy.
 
 Rules, in Triton's vocabulary:
 - Size is counted in rows along axis 0, never in requests; a batch never exceeds

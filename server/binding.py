@@ -21,6 +21,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ferry.proto.codec import NUMPY_DTYPES
+
+from .signatures import datatype_of_runtime_type
+
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.generic]
@@ -305,26 +309,13 @@ class BoundExecutor:
         return {name: values[name][:rows] for name in output_names}
 
 
-_NUMPY_TYPES = {
-    "tensor(bool)": np.bool_,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(int8)": np.int8,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(float16)": np.float16,
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-}
-
-
-def bindable(type_names: Sequence[str]) -> bool:
+def bindable(datatypes: Sequence[str | None]) -> bool:
     """Whether every tensor has a fixed-size numeric type (string tensors cannot be bound)."""
-    return all(name in _NUMPY_TYPES for name in type_names)
+    return all(datatype is not None and datatype != "BYTES" for datatype in datatypes)
 
 
-def _numpy_type(type_name: str) -> type[np.generic]:
-    return _NUMPY_TYPES[type_name]  # type: ignore[return-value]
+def _numpy_type(type_name: str) -> np.dtype[np.generic]:
+    datatype = datatype_of_runtime_type(type_name)
+    if datatype is None or datatype == "BYTES":
+        raise ValueError(f"a {type_name} tensor cannot be bound to a buffer")
+    return NUMPY_DTYPES[datatype]

@@ -9,8 +9,20 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, logs, security
+from . import __version__, logs
 from .app import FerryServer, ServerOptions
+from .providers import GpuFallback
+from .repository import ModelControl, ModelControlMode
+from .security import (
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_PING_STRIKES,
+    DEFAULT_MIN_PING_INTERVAL_S,
+    ApiGroup,
+    RestrictedApi,
+    SecurityOptions,
+    TlsFiles,
+)
+from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from .workers import supervise
 
 log = logging.getLogger("ferry")
@@ -30,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve every model of a Triton-style model repository "
         "(<repository>/<model>/<version>/model.onnx, optional <model>/config.pbtxt), or a "
         "single model.onnx as version 1 of a model named after the file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument(
         "model_path",
@@ -39,15 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model repository folder, or one .onnx file to serve as version 1 of the "
         "model named after the file",
     )
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     serve.add_argument(
-        "--grpc-port", type=int, default=8001, help="gRPC port (0 picks a free port)"
+        "--host", default="0.0.0.0",
+        help="address to listen on; 127.0.0.1 keeps Ferry to this machine "
+        "(default: 0.0.0.0, every interface)",
+    )
+    serve.add_argument(
+        "--grpc-port", type=int, default=8001,
+        help="gRPC port; 0 picks a free port (default: 8001)"
     )
     serve.add_argument(
         "--metrics-port",
         type=int,
         default=8002,
-        help="HTTP port of the Prometheus /metrics endpoint (-1 turns it off)",
+        help="HTTP port of the Prometheus /metrics endpoint; -1 turns it off (default: 8002)",
     )
     serve.add_argument(
         "--shutdown-grace",
@@ -55,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long accepted requests may take to finish before "
-        "they are answered UNAVAILABLE",
+        "they are answered UNAVAILABLE (default: 30)",
     )
     serve.add_argument(
         "--max-message-size",
         type=int,
         default=64 * 1024 * 1024,
         metavar="BYTES",
-        help="largest gRPC message received or sent",
+        help="largest gRPC message received or sent (default: 67108864, 64 MiB)",
     )
     serve.add_argument(
         "--poll-repository",
@@ -78,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="onnxruntime intra-op threads per model instance; 0 divides the cores among "
-        "the server processes and their instances",
+        "the server processes and their instances (default: 0)",
     )
     serve.add_argument(
         "--workers",
@@ -86,27 +102,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="server processes sharing the gRPC port (SO_REUSEPORT); each has its own "
-        "batcher and statistics, and serves metrics on --metrics-port + its index",
+        "batcher and statistics, and serves metrics on --metrics-port + its index "
+        "(default: 1)",
     )
     serve.add_argument(
         "--gpu-fallback",
         default="cpu",
         choices=["cpu", "fail"],
         help="a model whose config asks for a GPU (instance_group KIND_GPU) where CUDA "
-        "cannot be used: load it on the CPU with a warning, or fail its load",
+        "cannot be used: load it on the CPU with a warning, or fail its load (default: cpu)",
     )
-    security.add_arguments(serve)
+    _add_security_arguments(serve)
     serve.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="least severe log messages written to stderr",
+        help="least severe log messages written to stderr (default: INFO)",
     )
     serve.add_argument(
         "--log-format",
         default="text",
         choices=list(logs.LOG_FORMATS),
-        help="log lines as plain text, or as one JSON object per line for log shippers",
+        help="log lines as plain text, or as one JSON object per line for log shippers "
+        "(default: text)",
     )
     serve.add_argument(
         "--access-log",
@@ -114,6 +132,97 @@ def build_parser() -> argparse.ArgumentParser:
         help="log one line per inference request (model, status code, duration)",
     )
     return parser
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    """TLS, model control, restricted APIs and limits."""
+    group = parser.add_argument_group("security")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM",
+                       help="server certificate chain; with --tls-key, gRPC uses TLS "
+                       "(default: plain text)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    group.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                       help="CA that signs client certificates: turns on mutual TLS")
+    group.add_argument(
+        "--model-control-mode",
+        choices=[m.value for m in ModelControlMode],
+        default=ModelControlMode.NONE.value,
+        help="none: load the repository at start and refuse load/unload RPCs; explicit: "
+        "allow them and load only --load-model models at start; poll: as none, for the "
+        "repository poller (default: none)",
+    )
+    group.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="explicit mode: a model to load at start ('*': all); repeatable")
+    group.add_argument("--allow-load-overrides", action="store_true",
+                       help="accept a 'config' override in RepositoryModelLoad")
+    group.add_argument(
+        "--restricted-api", action="append", default=[], metavar="GROUP[,GROUP]:HEADER=VALUE",
+        help="require metadata HEADER=VALUE on calls of these API groups ("
+        + ", ".join(g.value for g in ApiGroup)
+        + "); VALUE '@FILE' reads the key from FILE; repeatable (default: every group open)",
+    )
+    group.add_argument("--max-concurrent-streams", type=int,
+                       default=DEFAULT_MAX_CONCURRENT_STREAMS, metavar="N",
+                       help="concurrent RPCs per client connection (default: %(default)s)")
+    group.add_argument("--max-concurrent-rpcs", type=int, default=None, metavar="N",
+                       help="concurrent RPCs in the whole server; more get RESOURCE_EXHAUSTED "
+                       "(default: no limit)")
+    group.add_argument("--min-ping-interval", type=float, default=DEFAULT_MIN_PING_INTERVAL_S,
+                       metavar="SECONDS",
+                       help="shortest interval between a client's keep-alive pings "
+                       "(default: %(default)s)")
+    group.add_argument("--max-ping-strikes", type=int, default=DEFAULT_MAX_PING_STRIKES,
+                       metavar="N",
+                       help="pings too many before the connection is closed; 0: no limit "
+                       "(default: %(default)s)")
+    group.add_argument("--keepalive-permit-without-calls", action="store_true",
+                       help="let clients ping connections that have no call in flight")
+    group.add_argument("--max-tensor-elements", type=int, default=DEFAULT_MAX_TENSOR_ELEMENTS,
+                       metavar="N", help="most elements in one input tensor "
+                       "(default: %(default)s)")
+    group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
+                       help="most bytes in one input tensor (default: --max-message-size)")
+
+
+def security_options(args: argparse.Namespace) -> SecurityOptions:
+    """Validate the security flags; raises ValueError with a message for the user."""
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        for path in (args.tls_cert, args.tls_key, args.tls_client_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    elif args.tls_client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    mode = ModelControlMode(args.model_control_mode)
+    polling = args.poll_repository is not None
+    if mode is ModelControlMode.POLL and not polling:
+        raise ValueError("--model-control-mode=poll needs --poll-repository SECONDS")
+    if mode is ModelControlMode.EXPLICIT and polling:
+        raise ValueError(
+            "--poll-repository and --model-control-mode=explicit exclude each other: "
+            "either the poller or load/unload calls decide what is loaded"
+        )
+    if polling:
+        mode = ModelControlMode.POLL
+    return SecurityOptions(
+        tls=tls,
+        model_control=ModelControl(
+            mode,
+            tuple(args.load_model),
+            args.allow_load_overrides,
+        ),
+        restricted_apis=tuple(RestrictedApi.parse(text) for text in args.restricted_api),
+        max_concurrent_streams=args.max_concurrent_streams,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        min_ping_interval_s=args.min_ping_interval,
+        max_ping_strikes=args.max_ping_strikes,
+        keepalive_permit_without_calls=args.keepalive_permit_without_calls,
+        max_tensor_elements=args.max_tensor_elements,
+        max_tensor_bytes=args.max_tensor_bytes,
+    )
 
 
 async def serve(options: ServerOptions) -> int:
@@ -160,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             poll_repository_s=args.poll_repository,
             session_threads=args.session_threads,
             access_log=args.access_log,
-            gpu_fallback=args.gpu_fallback,
-            security=security.options_from(args),
+            gpu_fallback=GpuFallback(args.gpu_fallback),
+            security=security_options(args),
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")

@@ -11,14 +11,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from ferry.proto import model_config_pb2 as mc
 from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME
 
-from .runtime import GraphSignature, TensorSignature
+from .devices import DeviceSettings, InstanceGroup, TensorRtSettings
+from .signatures import GraphSignature, TensorSignature
 from .warmup import WarmupInput, WarmupSample, bucket_samples
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -67,24 +68,6 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceGroup:
-    """Triton's instance_group: `count` sessions, on each GPU listed for KIND_GPU."""
-
-    kind: str = "KIND_CPU"  # KIND_CPU or KIND_GPU (KIND_AUTO is read as KIND_CPU)
-    count: int = 1
-    gpus: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class TensorRtSettings:
-    """The opt-in TensorRT execution provider (gpu_execution_accelerator "tensorrt")."""
-
-    precision: str = "FP32"  # or FP16
-    max_workspace_bytes: int = 0  # 0: onnxruntime's default
-    engine_cache_path: str = ""  # a folder for built engines; "": no cache
-
-
-@dataclass(frozen=True, slots=True)
 class ModelSettings:
     name: str
     max_batch_size: int
@@ -121,7 +104,7 @@ class ModelSettings:
         derived = {
             "inputs_by_name": {spec.name: spec for spec in self.inputs},
             "client_shapes": {
-                spec.name: tuple(self.input_shape(spec)) for spec in (*self.inputs, *self.outputs)
+                spec.name: tuple(self.client_shape(spec)) for spec in (*self.inputs, *self.outputs)
             },
             "output_names": tuple(spec.name for spec in self.outputs),
             "output_datatypes": {spec.name: spec.datatype for spec in self.outputs},
@@ -130,11 +113,16 @@ class ModelSettings:
             object.__setattr__(self, name, value)
 
     @property
+    def devices(self) -> DeviceSettings:
+        return DeviceSettings(self.instance_groups, self.tensorrt, self.cuda_graphs)
+
+    @property
     def batchable(self) -> bool:
         return self.max_batch_size > 0
 
-    def input_shape(self, spec: TensorSpec) -> list[int]:
-        """The shape a client sees in metadata: with the batch dimension as -1."""
+    def client_shape(self, spec: TensorSpec) -> list[int]:
+        """The shape of an input or output as a client sees it in metadata: with the batch
+        dimension as -1 when the model batches."""
         return [-1, *spec.dims] if self.batchable else list(spec.dims)
 
     def to_proto(self) -> mc.ModelConfig:
@@ -221,7 +209,24 @@ class ModelSettings:
         return config
 
 
-def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
+class ParsedConfig(NamedTuple):
+    """A model's config.pbtxt, read once per load."""
+
+    message: mc.ModelConfig
+    set_fields: set[str]  # the top-level fields written, explicit zeros included
+    warnings: list[str]
+
+
+def parse_config_json(text: str) -> ParsedConfig:
+    """A JSON ModelConfig (Triton's load parameter 'config'), used instead of config.pbtxt."""
+    try:
+        config = json_format.Parse(text, mc.ModelConfig())
+    except json_format.ParseError as exc:
+        raise ConfigError(f"load parameter 'config' is not a JSON ModelConfig: {exc}") from exc
+    return ParsedConfig(config, {f.name for f, _ in config.ListFields()}, [])
+
+
+def read_config_file(path: Path) -> ParsedConfig:
     """Parse config.pbtxt: the message, the top-level fields set, and warnings."""
     text = path.read_text(encoding="utf-8")
     set_fields, unknown, known_text = _written_fields(text)
@@ -245,7 +250,7 @@ def read_config_file(path: Path) -> tuple[mc.ModelConfig, set[str], list[str]]:
     warnings = []
     if ignored:
         warnings.append(f"ignoring Triton settings Ferry does not support: {', '.join(ignored)}")
-    return config, set_fields, warnings
+    return ParsedConfig(config, set_fields, warnings)
 
 
 def _written_fields(text: str) -> tuple[set[str], list[str], str]:

@@ -14,14 +14,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import Status
+from .outcomes import RequestOutcome
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FORMATS = ("text", "json")
 
 access_log = logging.getLogger("ferry.access")
 rejection_log = logging.getLogger("ferry.rejections")
 
-# Codes a client brings on itself by leaving; not worth a line.
-QUIET_CODES = frozenset({"OK", "CANCELLED"})
+# Outcomes a client brings on itself by leaving; not worth a line.
+QUIET_STATUSES = frozenset({Status.OK, Status.CANCELLED})
 MAX_MESSAGE_CHARS = 500
 
 
@@ -75,11 +78,12 @@ class _FerryHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class AccessLog:
-    """A RequestObserver that logs one line per finished inference request."""
+    """An OutcomeObserver that logs one line per finished inference request."""
 
-    def request_finished(self, model: str, code: str, duration_ns: int, message: str = "") -> None:
-        duration_ms = round(duration_ns / 1e6, 3)
-        message = printable(message)
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        model, code = outcome.model, outcome.status.name
+        duration_ms = round(outcome.duration_ns / 1e6, 3)
+        message = printable(outcome.message)
         fields = {"model": model, "code": code, "duration_ms": duration_ms}
         if message:
             fields["error"] = message
@@ -97,7 +101,7 @@ class _Class:
 
 
 class RejectionLog:
-    """A RequestObserver that reports each kind of failed request (model, code) at once,
+    """An OutcomeObserver that reports each kind of failed request (model, code) at once,
     then at most once per `interval_s`, with how many it did not report in between."""
 
     def __init__(
@@ -107,9 +111,10 @@ class RejectionLog:
         self._clock = clock
         self._classes: dict[tuple[str, str], _Class] = {}
 
-    def request_finished(self, model: str, code: str, duration_ns: int, message: str = "") -> None:
-        if code in QUIET_CODES:
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        if outcome.status in QUIET_STATUSES:
             return
+        model, code, message = outcome.model, outcome.status.name, outcome.message
         now = self._clock()
         key = (model, code)
         seen = self._classes.get(key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -26,7 +27,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from .scheduler import BatchObserver, BatchTimings, ModelScheduler
+from .outcomes import RequestOutcome
+from .scheduler import BatchObserver, BatchTimings
 
 # Requests for a model that is not loaded are counted under this one label value, so that
 # callers cannot create label values (and time series) at will.
@@ -51,12 +53,17 @@ def batch_size_bounds(largest_max_batch_size: int) -> list[int]:
     return bounds
 
 
+class Queued(Protocol):
+    @property
+    def queue_depth(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class ModelView:
     """What a scrape needs to know of one loaded model version."""
 
     name: str
-    scheduler: ModelScheduler
+    queue: Queued  # read at scrape time
     max_batch_size: int
 
 
@@ -125,7 +132,7 @@ class _ScrapeTimeCollector:
         )
         depths: dict[str, int] = {}
         for view in views:
-            depths[view.name] = depths.get(view.name, 0) + view.scheduler.queue_depth
+            depths[view.name] = depths.get(view.name, 0) + view.queue.queue_depth
         for name in sorted(depths):
             depth.add_metric([name], depths[name])
         yield depth
@@ -154,7 +161,7 @@ class _ScrapeTimeCollector:
 
 
 class ServerMetrics:
-    """Every metric of one server; a BatchObserver factory and a RequestObserver."""
+    """Every metric of one server; a BatchObserver factory and an OutcomeObserver."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -225,9 +232,8 @@ class ServerMetrics:
             observer = self._batch_observers[model] = _ModelObserver(self, model)
         return (observer,)
 
-    def request_finished(
-        self, model: str, code: str, duration_ns: int, message: str = ""
-    ) -> None:
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        model, code = outcome.model, outcome.status.name
         label = model or UNKNOWN_MODEL
         counter = self._request_children.get((label, code))
         if counter is None:
@@ -241,7 +247,7 @@ class ServerMetrics:
                 duration = self._duration_children[model] = self.request_duration.labels(
                     model=model
                 )
-            duration.observe(duration_ns / NS_PER_S)
+            duration.observe(outcome.duration_ns / NS_PER_S)
 
     def models_changed(self, views: Iterable[ModelView], ready: Mapping[str, bool]) -> None:
         """Called on the loop whenever models load or unload."""
@@ -273,13 +279,11 @@ class MetricsEndpoint:
         self._registry = registry
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-        self.port = 0
 
     def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
         self._httpd, self._thread = start_http_server(port, host, self._registry)
-        self.port = int(self._httpd.server_port)
-        return self.port
+        return int(self._httpd.server_port)
 
     def close(self) -> None:
         if self._httpd is None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import FerryError
-from .repository import ModelManager
+from .manager import ModelManager
 
 log = logging.getLogger(__name__)
 

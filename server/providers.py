@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelSettings
+from .devices import DeviceSettings
 from .errors import ErrorKind, FerryError
 from .runtime import CPU_PROVIDER, ExecutionProvider, OnnxInstance, SessionSettings
 
@@ -50,7 +50,7 @@ class Instances:
     warnings: list[str]
 
 
-def placements(settings: ModelSettings) -> list[Placement]:
+def placements(settings: DeviceSettings) -> list[Placement]:
     """The sessions the config asks for, in instance-group order."""
     result: list[Placement] = []
     for group in settings.instance_groups:
@@ -62,7 +62,7 @@ def placements(settings: ModelSettings) -> list[Placement]:
     return result
 
 
-def gpu_providers(settings: ModelSettings, gpu: int) -> tuple[ExecutionProvider, ...]:
+def gpu_providers(settings: DeviceSettings, gpu: int) -> tuple[ExecutionProvider, ...]:
     """TensorRT (when asked for), then CUDA, then the CPU for operators neither has."""
     device = ("device_id", str(gpu))
     graphs = settings.cuda_graphs
@@ -83,13 +83,9 @@ def gpu_providers(settings: ModelSettings, gpu: int) -> tuple[ExecutionProvider,
     return (ExecutionProvider(TENSORRT, tuple(options)), cuda, CPU_PROVIDER)
 
 
-def missing_providers(wanted: Sequence[ExecutionProvider], available: Sequence[str]) -> list[str]:
-    return [p.name for p in wanted if p.name not in available]
-
-
 def create_instances(
     model_file: Path,
-    settings: ModelSettings,
+    settings: DeviceSettings,
     base: SessionSettings,
     fallback: GpuFallback,
     available: Sequence[str],

@@ -13,13 +13,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .binding import BindingCounters, BindingPlan, BoundExecutor, bindable
 from .errors import ErrorKind, FerryError
+from .rows import gather
+from .signatures import datatype_of_runtime_type
 
 try:
     import onnxruntime as ort
@@ -32,39 +33,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.generic]
-
-# onnxruntime's type strings -> protocol datatypes.
-ORT_DATATYPES: dict[str, str] = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSignature:
-    """A tensor as the graph declares it; -1 marks a dimension fixed only at run time."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class GraphSignature:
-    inputs: tuple[TensorSignature, ...]
-    outputs: tuple[TensorSignature, ...]
-
 
 @dataclass(frozen=True, slots=True)
 class ExecutionProvider:
@@ -122,20 +90,6 @@ def available_providers() -> tuple[str, ...]:
     return tuple(ort.get_available_providers())
 
 
-def _signature(args: Sequence[Any]) -> tuple[TensorSignature, ...]:
-    result = []
-    for arg in args:
-        datatype = ORT_DATATYPES.get(arg.type)
-        if datatype is None:
-            raise FerryError(
-                ErrorKind.INTERNAL,
-                f"tensor '{arg.name}' has type {arg.type}, which Ferry cannot serve",
-            )
-        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
-        result.append(TensorSignature(arg.name, datatype, shape))
-    return tuple(result)
-
-
 def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
@@ -185,10 +139,6 @@ class OnnxInstance:
             raise FerryError(
                 ErrorKind.INVALID_INPUT, f"onnxruntime cannot load {model_path.name}: {reason}"
             ) from exc
-        self.signature = GraphSignature(
-            inputs=_signature(self.session.get_inputs()),
-            outputs=_signature(self.session.get_outputs()),
-        )
         self.settings = settings
         # What onnxruntime actually started, which may be less than was asked for.
         self.providers: tuple[str, ...] = tuple(self.session.get_providers())
@@ -200,12 +150,13 @@ class OnnxInstance:
         self.device_id = int(gpu.option("device_id", "0")) if gpu is not None else 0
         self._executor: BoundExecutor | None = None
         types = [arg.type for arg in (*self.session.get_inputs(), *self.session.get_outputs())]
+        datatypes = [datatype_of_runtime_type(name) for name in types]
         on_gpu = self.device != "cpu"
         # Buckets need the host buffers to pad in, whatever io_binding says.
         wants_binding = bool(settings.batch_buckets) or (
             on_gpu if settings.io_binding is None else settings.io_binding
         )
-        if settings.max_batch_size > 0 and wants_binding and bindable(types):
+        if settings.max_batch_size > 0 and wants_binding and bindable(datatypes):
             preallocate = settings.preallocate_outputs
             plan = BindingPlan(
                 device=self.device,
@@ -244,10 +195,7 @@ class OnnxInstance:
         """Run the requests' inputs (same non-batch dimensions) as one batch of `rows`
         rows: the outputs, `rows` long, and the padding rows that ran and were dropped."""
         if self._executor is None:
-            if len(parts) == 1:
-                return self.run(parts[0], output_names), 0
-            inputs = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-            return self.run(inputs, output_names), 0
+            return self.run(gather(parts), output_names), 0
         try:
             return self._executor.run(parts, rows, output_names)
         except FerryError:

@@ -1,60 +1,28 @@
-"""The asyncio driver of one model's batch queue, and the hand-off to executor threads.
+"""The asyncio driver of one model's batch queue.
 
-Owns the event-loop side of design A (see `server.batching`): handlers call `submit`,
-which queues the request and returns a future; the queue is asked for a batch whenever
-something changes (a submit, a finished batch, a timer) and an executor instance is free,
-and the batch runs on that instance's own worker thread. Gathering the inputs, the model
-call and slicing the outputs all happen on that thread; the futures are resolved back on
-the loop. Every path out of an execution, exceptions included, resolves every future of
-its batch.
-
-Knows numpy but neither grpc nor onnxruntime: an instance is anything with `run`. An
-instance that also has `run_batch` gathers the inputs itself (into its own reusable
-buffers, padded to its batch buckets) and is handed the requests' inputs as they came.
+Event-loop code only (design A of `server.batching`): handlers call `submit`, which
+queues the request and returns a future; the queue is asked for a batch whenever
+something changes (a submit, a finished batch, a timer) and an executor is free, and the
+batch goes to that executor's lane (`server.executor`), which runs it on its own thread
+and reports back on the loop. Every path out of an execution, exceptions included,
+resolves every future of its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
 from .batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from .errors import ErrorKind, FerryError
+from .executor import BatchExecutor, BatchItem, ExecutedBatch, ExecutionLane, Outcome
+from .rows import Tensors
 
 log = logging.getLogger(__name__)
-
-Array = npt.NDArray[np.generic]
-Tensors = dict[str, Array]
-
-
-class Instance(Protocol):
-    """One executor of a model; called from one worker thread at a time.
-
-    An instance whose class sets `may_run_on_loop = True` promises that `run` never
-    blocks on anything but its own computation: then a lone request on an idle model may
-    run it on the event loop's thread (see ModelScheduler._may_run_inline).
-    """
-
-    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors: ...
-
-
-class BatchRunner(Protocol):
-    """An instance's optional `run_batch`: it gathers the batch itself from each request's
-    inputs and returns outputs exactly `rows` long, and the padding rows it ran and dropped."""
-
-    def __call__(
-        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
-    ) -> tuple[Tensors, int]: ...
-
 
 @dataclass(frozen=True, slots=True)
 class BatchTimings:
@@ -84,35 +52,11 @@ class Work:
     arrival_ns: int = field(default_factory=time.perf_counter_ns)
 
 
-class _Worker:
-    """The one thread of an instance. Lighter than a ThreadPoolExecutor: a batch is one
-    queue put away, with no future or work item built for it."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        # A daemon: a batch still running at exit must not keep the process alive.
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self._jobs.put(job)
-
-    def stop(self) -> None:
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            job()
-
-
 @dataclass(slots=True, eq=False)
 class _Running:
-    instance: Instance
+    lane: ExecutionLane
     batch: Batch[Work]
     start_ns: int
-
-
-_Outcome = tuple[list["Tensors"], tuple[int, int, int], int]
 
 
 # An idle model whose batches take less than this runs them on the event loop
@@ -137,7 +81,7 @@ class ModelScheduler:
         self,
         name: str,
         policy: BatchPolicy,
-        instances: Sequence[Instance],
+        executors: Sequence[BatchExecutor],
         output_names: Sequence[str],
         *,
         batchable: bool = True,
@@ -145,8 +89,8 @@ class ModelScheduler:
         observers: Sequence[BatchObserver] = (),
         inline_max_s: float = DEFAULT_INLINE_MAX_S,
     ) -> None:
-        if not instances:
-            raise ValueError("a model needs at least one instance")
+        if not executors:
+            raise ValueError("a model needs at least one executor")
         self.name = name
         self.batchable = batchable
         self._queue: BatchQueue[Work] = BatchQueue(policy)
@@ -154,17 +98,17 @@ class ModelScheduler:
         self._output_order = tuple(output_names)
         self._observers = tuple(observers)
         self._inline_max_s = inline_max_s
-        # An instance says whether it may be called from the event loop's thread (a
-        # wrapper that blocks, like the tests' gates, must not be).
-        self._inline_capable = all(getattr(i, "may_run_on_loop", False) for i in instances)
+        self._lanes = [
+            ExecutionLane(executor, f"ferry-{name}-{index}")
+            for index, executor in enumerate(executors)
+        ]
+        # Every executor must promise it may run on the loop's thread (a wrapper that
+        # blocks, like the tests' gates, must not).
+        self._inline_capable = all(lane.may_run_on_loop for lane in self._lanes)
         self._dispatch_pending = False
         # Unknown until a batch has run on a thread: the first never runs inline.
         self._recent_infer_s = float("inf")
-        self._free = list(instances)
-        self._workers = {
-            id(instance): _Worker(f"ferry-{name}-{index}")
-            for index, instance in enumerate(instances)
-        }
+        self._free = list(self._lanes)
         self._inflight: dict[int, _Running] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -241,8 +185,17 @@ class ModelScheduler:
             self.abort("model stopped before the request ran")
         if self._timer is not None:
             self._timer.cancel()
-        for worker in self._workers.values():
-            worker.stop()
+        for lane in self._lanes:
+            lane.stop()
+
+    def join_threads(self, timeout_s: float | None = None) -> bool:
+        """After close(): wait for batches still running on the lanes' threads to end."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for lane in self._lanes:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not lane.join(left):
+                return False
+        return True
 
     def abort(self, reason: str) -> None:
         """Answer everything queued or running with UNAVAILABLE, at once."""
@@ -328,45 +281,36 @@ class ModelScheduler:
             and self._recent_infer_s <= self._inline_max_s
         )
 
-    def _run_inline(self, instance: Instance, batch: Batch[Work]) -> None:
-        running = _Running(instance, batch, time.perf_counter_ns())
+    def _items(self, batch: Batch[Work]) -> tuple[list[BatchItem], list[str]]:
+        """Each request's part of a batch, and the outputs the batch must compute."""
+        items = [BatchItem(r.payload.inputs, r.rows, r.payload.outputs) for r in batch.requests]
+        wanted = {name for item in items for name in item.outputs}
+        return items, [name for name in self._output_order if name in wanted]
+
+    def _run_inline(self, lane: ExecutionLane, batch: Batch[Work]) -> None:
+        running = _Running(lane, batch, time.perf_counter_ns())
         self._inflight[id(running)] = running
-        outcome: _Outcome | BaseException
-        try:
-            outcome = self._run_batch(instance, batch)
-        except Exception as exc:
-            outcome = exc
-        self._finish(running, outcome)
+        self._finish(running, lane.run_here(*self._items(batch)))
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         self._dispatch()
 
-    def _start(self, instance: Instance, batch: Batch[Work]) -> None:
-        start_ns = time.perf_counter_ns()
-        running = _Running(instance, batch, start_ns)
+    def _start(self, lane: ExecutionLane, batch: Batch[Work]) -> None:
+        running = _Running(lane, batch, time.perf_counter_ns())
         self._inflight[id(running)] = running
-        loop = self._loop
+        items, output_names = self._items(batch)
+        lane.start(items, output_names, self._loop, lambda outcome: self._finish(running, outcome))
 
-        def job() -> None:  # on the instance's worker thread
-            outcome: _Outcome | BaseException
-            try:
-                outcome = self._run_batch(instance, batch)
-            except BaseException as exc:
-                outcome = exc
-            loop.call_soon_threadsafe(self._finish, running, outcome)
-
-        self._workers[id(instance)].submit(job)
-
-    def _finish(self, running: _Running, outcome: _Outcome | BaseException) -> None:
+    def _finish(self, running: _Running, outcome: Outcome) -> None:
         """Back on the loop: answer every request of the batch, whatever happened."""
         del self._inflight[id(running)]
         requests = running.batch.requests
         failed = True
         timings = (0, 0, 0)
         padded_rows = 0
-        if isinstance(outcome, BaseException):
+        if not isinstance(outcome, ExecutedBatch):
             error = self._execution_error(outcome)
             log.error(
                 "model '%s': batch of %d rows from %d requests failed: %s",
@@ -376,10 +320,11 @@ class ModelScheduler:
                 _resolve(pending.payload.future, error)
         else:
             failed = False
-            results, timings, padded_rows = outcome
-            for pending, result in zip(requests, results, strict=True):
+            timings = (outcome.input_ns, outcome.infer_ns, outcome.output_ns)
+            padded_rows = outcome.padded_rows
+            for pending, result in zip(requests, outcome.outputs, strict=True):
                 _resolve(pending.payload.future, result)
-        self._free.append(running.instance)
+        self._free.append(running.lane)
         record = BatchTimings(
             running.batch.rows,
             len(requests),
@@ -406,58 +351,3 @@ class ModelScheduler:
         if isinstance(exc, FerryError):
             return exc
         return FerryError(ErrorKind.INTERNAL, f"model '{self.name}' failed to run: {exc}")
-
-    def _run_batch(self, instance: Instance, batch: Batch[Work]) -> _Outcome:
-        """Runs on the instance's worker thread: gather, execute, slice."""
-        t0 = time.perf_counter_ns()
-        works = [r.payload for r in batch.requests]
-        wanted = {name for work in works for name in work.outputs}
-        output_names = [name for name in self._output_order if name in wanted]
-        padded_rows = 0
-        run_batch: BatchRunner | None = getattr(instance, "run_batch", None)
-        if self.batchable and run_batch is not None:
-            # Gathering happens inside, so it counts as execution time.
-            t1 = time.perf_counter_ns()
-            parts = [work.inputs for work in works]
-            outputs, padded_rows = run_batch(parts, batch.rows, output_names)
-        else:
-            inputs = gather(works) if self.batchable else works[0].inputs
-            t1 = time.perf_counter_ns()
-            outputs = instance.run(inputs, output_names)
-        t2 = time.perf_counter_ns()
-        if self.batchable:
-            results = scatter(outputs, batch.requests, batch.rows)
-        else:
-            results = [{name: outputs[name] for name in works[0].outputs}]
-        t3 = time.perf_counter_ns()
-        return results, (t1 - t0, t2 - t1, t3 - t2), padded_rows
-
-
-def gather(works: Sequence[Work]) -> Tensors:
-    """Concatenate each input along axis 0; a lone request is passed through uncopied."""
-    if len(works) == 1:
-        return works[0].inputs
-    return {
-        name: np.concatenate([work.inputs[name] for work in works])
-        for name in works[0].inputs
-    }
-
-
-def scatter(
-    outputs: Mapping[str, Array], requests: Sequence[PendingRequest[Work]], rows: int
-) -> list[Tensors]:
-    """Give each request its own rows of the outputs it asked for, as views."""
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise FerryError(
-                ErrorKind.INTERNAL,
-                f"output '{name}' has shape {list(array.shape)}, which does not carry the "
-                f"{rows} rows of the batch along its first dimension",
-            )
-    results: list[Tensors] = []
-    start = 0
-    for pending in requests:
-        stop = start + pending.rows
-        results.append({name: outputs[name][start:stop] for name in pending.payload.outputs})
-        start = stop
-    return results

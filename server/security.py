@@ -1,33 +1,31 @@
-"""Who may talk to Ferry, what they may ask, and how much: TLS credentials, the model-control
-policy, per-API-group keys checked by a server interceptor, connection and tensor limits, and
-the scrubbing of file-system paths from messages a caller sees.
+"""Who may talk to Ferry, what they may ask, and how much: TLS credentials, per-API-group
+keys checked by a server interceptor, and the connection and tensor limits.
 
-Everything here is parsed and validated once, at start-up, into frozen settings.
+Everything here is validated once, at start-up, into frozen settings; the flags that set
+them are declared in `server.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import hmac
-import inspect
+import ipaddress
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from .errors import ErrorKind, FerryError
+from .repository import ModelControl
+from .servicer import INFERENCE_SERVICE
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS, TensorLimits
 
 log = logging.getLogger(__name__)
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHandler[Any, Any]"]]
-
-INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 # Defaults of the connection limits. The keep-alive values are gRPC's (and Triton's):
 # a client may ping an idle connection at most every 5 minutes, and is dropped after
@@ -61,81 +59,6 @@ class TlsFiles:
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
-
-
-# Model control ----------------------------------------------------------------------------
-
-
-class ModelControlMode(enum.Enum):
-    """As Triton's --model-control-mode."""
-
-    NONE = "none"  # the repository loads at start; load/unload RPCs are refused
-    EXPLICIT = "explicit"  # load/unload RPCs allowed; only --load-model models load at start
-    POLL = "poll"  # the repository loads at start and is watched; load/unload RPCs refused
-
-
-LOAD_ALL = "*"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelControl:
-    mode: ModelControlMode = ModelControlMode.NONE
-    startup_models: tuple[str, ...] = ()  # explicit mode: names to load at start, or "*"
-    allow_load_overrides: bool = False
-
-    def __post_init__(self) -> None:
-        if self.startup_models and self.mode is not ModelControlMode.EXPLICIT:
-            raise ValueError(
-                f"--load-model needs --model-control-mode=explicit "
-                f"(got {self.mode.value}, which loads the whole repository)"
-            )
-
-    def models_at_start(self) -> tuple[str, ...] | None:
-        """The models to load at start; None means every model of the repository."""
-        if self.mode is not ModelControlMode.EXPLICIT or LOAD_ALL in self.startup_models:
-            return None
-        return self.startup_models
-
-    def check_rpc(self, action: str) -> None:
-        """Refuse RepositoryModelLoad/Unload unless the server runs in explicit mode."""
-        if self.mode is not ModelControlMode.EXPLICIT:
-            raise FerryError(
-                ErrorKind.PERMISSION_DENIED,
-                f"model {action} is turned off: the server runs with "
-                f"--model-control-mode={self.mode.value}; "
-                "--model-control-mode=explicit allows it",
-            )
-
-    def config_override(self, parameters: Mapping[str, Any]) -> str | None:
-        """The JSON model config a load request sends to replace config.pbtxt, if it may.
-
-        Without --allow-load-overrides every load parameter is refused; with it, only
-        'config' (as Triton's, a JSON ModelConfig). File overrides are never accepted:
-        a load may name only what is already inside the repository."""
-        given = sorted(parameters)
-        if not given:
-            return None
-        if not self.allow_load_overrides:
-            raise FerryError(
-                ErrorKind.PERMISSION_DENIED,
-                f"load parameters ({', '.join(repr(n) for n in given)}) override the "
-                "repository's config or files and are turned off; "
-                "--allow-load-overrides allows a config override",
-            )
-        others = [name for name in given if name != "config"]
-        if others:
-            raise FerryError(
-                ErrorKind.PERMISSION_DENIED,
-                f"load parameters {', '.join(repr(n) for n in others)} are not accepted: "
-                "Ferry takes model files only from its repository; 'config' is the one "
-                "override it allows",
-            )
-        config = parameters["config"]
-        if config.WhichOneof("parameter_choice") != "string_param":
-            raise FerryError(
-                ErrorKind.INVALID_INPUT, "load parameter 'config' must be a JSON string"
-            )
-        return str(config.string_param)
 
 
 # Restricted API groups ----------------------------------------------------------------
@@ -315,68 +238,7 @@ def _refusing(
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-# Errors that leak nothing -------------------------------------------------------------
-
-
-def shield_servicer(servicer: object, method_names: Iterable[str], service: str) -> None:
-    """Wrap each RPC method of a servicer, once, so that an exception escaping it becomes
-    INTERNAL with a short message; the detail (and its traceback) goes only to the log.
-
-    Done at start-up rather than in a server interceptor, which would cost an extra
-    coroutine and handler lookup on every call.
-    """
-    for name in method_names:
-        behaviour = getattr(servicer, name)
-        setattr(servicer, name, shielded(behaviour, f"/{service}/{name}"))
-
-
-async def _internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
-    log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error (details are in the server log)")
-
-
-def shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            responses: AsyncIterator[Any] = behaviour(request, context)
-            try:
-                async for response in responses:
-                    yield response
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                await _internal(context, method)
-            finally:
-                await responses.aclose()  # type: ignore[attr-defined]
-
-        return stream
-    if inspect.iscoroutinefunction(behaviour):
-
-        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return await behaviour(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                await _internal(context, method)
-
-        return call
-    return behaviour  # a plain function: gRPC's own handling applies
-
-
-_ABSOLUTE_PATH = re.compile(r"(?:^|(?<=[\s'\"(\[=:,]))/[^\s'\"()\[\],;:]*")
-
-
-def public_message(text: str, repository: Path) -> str:
-    """A message fit for a caller: paths inside the model repository become relative to it,
-    any other absolute path becomes `<path>`. Logs keep the original."""
-    root = str(repository)
-    text = text.replace(root + "/", "").replace(root, "<model repository>")
-    return _ABSOLUTE_PATH.sub("<path>", text)
-
-
-# All the settings, and the flags that set them ------------------------------------------
+# All the settings ------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -435,10 +297,16 @@ class SecurityOptions:
         """Open the gRPC port, with TLS when configured; returns the port (0 on failure)."""
         if self.tls is None:
             port = server.add_insecure_port(address)
+            host = address.rpartition(":")[0].strip("[]")
+            who = (
+                "any process on this machine"
+                if _is_loopback(host)
+                else "anyone who can reach this address"
+            )
             log.warning(
-                "gRPC on %s is plain text (no TLS): anyone on the network can read and send "
-                "requests; --tls-cert and --tls-key turn on TLS",
-                address,
+                "gRPC on %s is plain text (no TLS): %s can read and send requests; "
+                "--tls-cert and --tls-key turn on TLS",
+                address, who,
             )
             return port
         port = server.add_secure_port(address, self.tls.credentials())
@@ -450,89 +318,13 @@ class SecurityOptions:
         return port
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The security flags of `ferry serve`."""
-    group = parser.add_argument_group("security")
-    group.add_argument("--tls-cert", type=Path, metavar="PEM",
-                       help="server certificate chain; with --tls-key, gRPC uses TLS")
-    group.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
-    group.add_argument("--tls-client-ca", type=Path, metavar="PEM",
-                       help="CA that signs client certificates: turns on mutual TLS")
-    group.add_argument(
-        "--model-control-mode",
-        choices=[m.value for m in ModelControlMode],
-        default=ModelControlMode.NONE.value,
-        help="none: load the repository at start and refuse load/unload RPCs; explicit: "
-        "allow them and load only --load-model models at start; poll: as none, for the "
-        "repository poller",
-    )
-    group.add_argument("--load-model", action="append", default=[], metavar="NAME",
-                       help="explicit mode: a model to load at start ('*': all); repeatable")
-    group.add_argument("--allow-load-overrides", action="store_true",
-                       help="accept a 'config' override in RepositoryModelLoad")
-    group.add_argument(
-        "--restricted-api", action="append", default=[], metavar="GROUP[,GROUP]:HEADER=VALUE",
-        help="require metadata HEADER=VALUE on calls of these API groups ("
-        + ", ".join(g.value for g in ApiGroup)
-        + "); VALUE '@FILE' reads the key from FILE; repeatable",
-    )
-    group.add_argument("--max-concurrent-streams", type=int,
-                       default=DEFAULT_MAX_CONCURRENT_STREAMS, metavar="N",
-                       help="concurrent RPCs per client connection")
-    group.add_argument("--max-concurrent-rpcs", type=int, default=None, metavar="N",
-                       help="concurrent RPCs in the whole server; more get RESOURCE_EXHAUSTED "
-                       "(default: no limit%(default).0s)")
-    group.add_argument("--min-ping-interval", type=float, default=DEFAULT_MIN_PING_INTERVAL_S,
-                       metavar="SECONDS",
-                       help="shortest interval between a client's keep-alive pings")
-    group.add_argument("--max-ping-strikes", type=int, default=DEFAULT_MAX_PING_STRIKES,
-                       metavar="N",
-                       help="pings too many before the connection is closed (0: no limit)")
-    group.add_argument("--keepalive-permit-without-calls", action="store_true",
-                       help="let clients ping connections that have no call in flight")
-    group.add_argument("--max-tensor-elements", type=int, default=DEFAULT_MAX_TENSOR_ELEMENTS,
-                       metavar="N", help="most elements in one input tensor")
-    group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
-                       help="most bytes in one input tensor "
-                       "(default: --max-message-size%(default).0s)")
 
 
-def options_from(args: argparse.Namespace) -> SecurityOptions:
-    """Validate the security flags; raises ValueError with a message for the user."""
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        for path in (args.tls_cert, args.tls_key, args.tls_client_ca):
-            if path is not None and not path.is_file():
-                raise ValueError(f"TLS file {path} does not exist")
-        tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
-    elif args.tls_client_ca:
-        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
-    mode = ModelControlMode(args.model_control_mode)
-    polling = getattr(args, "poll_repository", None) is not None
-    if mode is ModelControlMode.POLL and not polling:
-        raise ValueError("--model-control-mode=poll needs --poll-repository SECONDS")
-    if mode is ModelControlMode.EXPLICIT and polling:
-        raise ValueError(
-            "--poll-repository and --model-control-mode=explicit exclude each other: "
-            "either the poller or load/unload calls decide what is loaded"
-        )
-    if polling:
-        mode = ModelControlMode.POLL
-    return SecurityOptions(
-        tls=tls,
-        model_control=ModelControl(
-            mode,
-            tuple(args.load_model),
-            args.allow_load_overrides,
-        ),
-        restricted_apis=tuple(RestrictedApi.parse(text) for text in args.restricted_api),
-        max_concurrent_streams=args.max_concurrent_streams,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        min_ping_interval_s=args.min_ping_interval,
-        max_ping_strikes=args.max_ping_strikes,
-        keepalive_permit_without_calls=args.keepalive_permit_without_calls,
-        max_tensor_elements=args.max_tensor_elements,
-        max_tensor_bytes=args.max_tensor_bytes,
-    )
+def _is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,16 +1,14 @@
 """The gRPC face of Ferry: the Open Inference Protocol servicer.
 
-Handlers stay thin: look up the model, decode and validate, submit, await, encode. This
-is the one place where FerryError kinds become gRPC status codes.
+Handlers stay thin: decode the protobuf, call the data plane, encode the answer. Errors
+become gRPC status codes through `server.grpc_status`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -18,71 +16,33 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .errors import ErrorKind, FerryError, invalid_input
-from .repository import LoadedModel, ModelManager
-from .security import ModelControl
+from .dataplane import DataPlane
+from .errors import FerryError
+from .grpc_status import status_code
+from .loaded_model import LoadedModel
+from .repository import ModelControl
+from .rows import Tensors
 from .tensors import TensorLimits, decode_request, encode_response
 
-log = logging.getLogger(__name__)
-
-STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
-    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
-    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
-    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    ErrorKind.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
-    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
-}
-
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "ferry"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
-
-
-class RequestObserver(Protocol):
-    """Told of every finished inference request, with its status code name ("" for the
-    model when the request named none that is loaded) and, when it failed, the message."""
-
-    def request_finished(
-        self, model: str, code: str, duration_ns: int, message: str = ""
-    ) -> None: ...
-
-
-def _parameter(request: pb.ModelInferRequest, name: str) -> int | None:
-    if name not in request.parameters:
-        return None
-    param = request.parameters[name]
-    kind = param.WhichOneof("parameter_choice")
-    if kind in ("int64_param", "uint64_param"):
-        value = int(getattr(param, kind))
-        if value < 0:
-            raise invalid_input(f"request parameter '{name}' must not be negative, got {value}")
-        return value
-    raise invalid_input(f"request parameter '{name}' must be an integer, got {kind}")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
-        manager: ModelManager,
+        dataplane: DataPlane,
         *,
         is_ready: Callable[[], bool],
-        request_observers: Sequence[RequestObserver] = (),
-        clock: Callable[[], float] = time.monotonic,
         tensor_limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen
         model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
     ) -> None:
-        self.manager = manager
+        self._dataplane = dataplane
+        self._models = dataplane.models
         self._tensor_limits = tensor_limits
         self._model_control = model_control
         self._is_ready = is_ready
-        self._observers = tuple(request_observers)
-        self._clock = clock
-        self.last_request_at = 0.0  # time.perf_counter() of the latest inference request
 
     # Health -------------------------------------------------------------------------
 
@@ -94,7 +54,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
         try:
-            self.manager.get(request.name, request.version)
+            self._models.get(request.name, request.version)
         except FerryError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -111,16 +71,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         settings = model.settings
         response = pb.ModelMetadataResponse(
             name=settings.name,
-            versions=sorted(self.manager.models.get(settings.name, {}), key=int),
+            versions=self._models.versions_of(settings.name),
             platform="onnxruntime_onnx",
         )
         for spec in settings.inputs:
             response.inputs.add(
-                name=spec.name, datatype=spec.datatype, shape=settings.input_shape(spec)
+                name=spec.name, datatype=spec.datatype, shape=settings.client_shapes[spec.name]
             )
         for spec in settings.outputs:
             response.outputs.add(
-                name=spec.name, datatype=spec.datatype, shape=settings.input_shape(spec)
+                name=spec.name, datatype=spec.datatype, shape=settings.client_shapes[spec.name]
             )
         return response
 
@@ -133,7 +93,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if request.name:
             models = [await self._model(request.name, request.version, context)]
         else:
-            models = [m for versions in self.manager.models.values() for m in versions.values()]
+            models = self._models.loaded()
         for model in models:
             response.model_stats.append(model.stats.to_proto())
         return response
@@ -142,7 +102,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for entry in self.manager.index():
+        for entry in self._models.index():
             if request.ready and entry.state.value != "READY":
                 continue
             response.models.add(
@@ -157,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             self._model_control.check_rpc("load")
             config = self._model_control.config_override(request.parameters)
-            await self.manager.load(request.model_name, config_override=config)
+            await self._models.load(request.model_name, config_override=config)
         except FerryError as error:
             await self._abort(context, error)
         return pb.RepositoryModelLoadResponse()
@@ -167,7 +127,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         try:
             self._model_control.check_rpc("unload")
-            await self.manager.unload(request.model_name)
+            await self._models.unload(request.model_name)
         except FerryError as error:
             await self._abort(context, error)
         return pb.RepositoryModelUnloadResponse()
@@ -230,84 +190,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse:
-        start_ns = time.perf_counter_ns()
-        self.last_request_at = start_ns / 1e9
-        model: LoadedModel | None = None
-        code = "INTERNAL"
-        message = ""
-        try:
-            model = self.manager.get(request.model_name, request.model_version)
-            settings = model.settings
-            decoded = decode_request(request, settings, self._tensor_limits)
-            deadline_s = self._deadline(request, model, time_remaining)
-            priority = self._priority(request, model)
-            outputs = await model.scheduler.submit(
-                decoded.inputs,
-                decoded.outputs,
-                rows=decoded.rows,
-                shape_key=decoded.shape_key,
-                deadline_s=deadline_s,
-                priority=priority,
-            )
-            response = encode_response(request, settings, model.version, outputs)
-            code = "OK"
-            return response
-        except FerryError as error:
-            code = STATUS_CODES[error.kind].name
-            message = error.message
-            raise
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as exc:  # never leak a traceback to the caller
-            log.exception("unexpected error serving model '%s'", request.model_name)
-            message = f"internal error: {type(exc).__name__}"
-            raise FerryError(ErrorKind.INTERNAL, message) from exc
-        finally:
-            duration_ns = time.perf_counter_ns() - start_ns
-            if model is not None:
-                model.stats.request_finished(code == "OK", duration_ns)
-            name = model.name if model is not None else ""
-            for observer in self._observers:
-                observer.request_finished(name, code, duration_ns, message)
+        limits = self._tensor_limits
 
-    def _deadline(
-        self, request: pb.ModelInferRequest, model: LoadedModel, time_remaining: float | None
-    ) -> float | None:
-        """The earliest of the caller's gRPC deadline and the model's queue timeout."""
-        settings = model.settings
-        timeout_s = settings.default_timeout_s
-        requested = _parameter(request, "timeout") if request.parameters else None
-        if requested and (settings.allow_timeout_override or timeout_s is None):
-            timeout_s = requested / 1e6
-        if timeout_s is None:  # the common case, without building a list
-            return None if time_remaining is None else self._clock() + time_remaining
-        limits = [t for t in (timeout_s, time_remaining) if t is not None]
-        return self._clock() + min(limits) if limits else None
+        def encode(model: LoadedModel, outputs: Tensors) -> pb.ModelInferResponse:
+            return encode_response(request, model.settings, model.version, outputs)
 
-    def _priority(self, request: pb.ModelInferRequest, model: LoadedModel) -> int:
-        settings = model.settings
-        if settings.priority_levels <= 1:
-            return 1  # as in Triton, a model without priority levels ignores the parameter
-        requested = _parameter(request, "priority") if request.parameters else None
-        if not requested:
-            return settings.default_priority_level
-        if requested > settings.priority_levels:
-            raise invalid_input(
-                f"priority {requested} is outside 1..{settings.priority_levels} "
-                f"(priority_levels of model '{settings.name}')"
-            )
-        return requested
+        return await self._dataplane.infer(
+            request.model_name,
+            request.model_version,
+            lambda settings: decode_request(request, settings, limits),
+            encode,
+            time_remaining,
+        )
 
     async def _model(self, name: str, version: str, context: Any) -> LoadedModel:
         try:
-            return self.manager.get(name, version)
+            return self._models.get(name, version)
         except FerryError as error:
             await self._abort(context, error)
             raise
 
     async def _abort(self, context: Any, error: FerryError) -> None:
-        await context.abort(STATUS_CODES[error.kind], error.message)
+        await context.abort(status_code(error), error.message)
 
     # Extensions Ferry does not implement ------------------------------------------
 

@@ -1,7 +1,7 @@
 """Triton-compatible statistics of one model version, for the ModelStatistics RPC.
 
 Fed once per executed batch by the scheduler and once per finished request by the
-protocol layer; all calls happen on the event loop, so plain integers suffice.
+data plane; all calls happen on the event loop, so plain integers suffice.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ferry.proto import grpc_service_pb2 as pb
 
+from .outcomes import RequestOutcome
 from .scheduler import BatchTimings
 
 
@@ -71,8 +72,8 @@ class ModelStatistics:
         sizes.compute_infer.add(timings.infer_ns)
         sizes.compute_output.add(timings.output_ns)
 
-    def request_finished(self, ok: bool, duration_ns: int) -> None:
-        (self.success if ok else self.fail).add(duration_ns)
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        (self.success if outcome.ok else self.fail).add(outcome.duration_ns)
 
     def to_proto(self) -> pb.ModelStatistics:
         message = pb.ModelStatistics(

@@ -7,6 +7,7 @@ message names the input, what was expected and what came.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,7 +25,6 @@ Array = npt.NDArray[np.generic]
 # By default no single tensor may claim more elements than this, whatever its byte length:
 # a guard against shapes whose product overflows or asks for absurd allocations.
 DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 31
-MAX_TENSOR_ELEMENTS = DEFAULT_MAX_TENSOR_ELEMENTS
 DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
 
 
@@ -44,10 +44,14 @@ class TensorLimits:
 
 @dataclass(frozen=True, slots=True)
 class DecodedRequest:
+    """A request in the server's terms, whatever protocol it came by."""
+
     inputs: dict[str, Array]
     outputs: tuple[str, ...]
     rows: int
     shape_key: tuple[tuple[int, ...], ...]
+    timeout_us: int | None = None  # the request parameter 'timeout'
+    priority: int | None = None  # the request parameter 'priority'
 
 
 def _describe(datatype: str, shape: object) -> str:
@@ -107,7 +111,30 @@ def decode_request(
             )
     outputs = _requested_outputs(request, model)
     shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
-    return DecodedRequest(arrays, outputs, rows, shape_key)
+    if not request.parameters:
+        return DecodedRequest(arrays, outputs, rows, shape_key)
+    return DecodedRequest(
+        arrays,
+        outputs,
+        rows,
+        shape_key,
+        timeout_us=_integer_parameter(request, "timeout"),
+        priority=_integer_parameter(request, "priority"),
+    )
+
+
+def _integer_parameter(request: pb.ModelInferRequest, name: str) -> int | None:
+    """A non-negative integer request parameter; unknown parameters are ignored."""
+    if name not in request.parameters:
+        return None
+    param = request.parameters[name]
+    kind = param.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        value = int(getattr(param, kind))
+        if value < 0:
+            raise invalid_input(f"request parameter '{name}' must not be negative, got {value}")
+        return value
+    raise invalid_input(f"request parameter '{name}' must be an integer, got {kind}")
 
 
 def _check_shape(
@@ -177,26 +204,33 @@ def _decode_tensor(
     shape: tuple[int, ...],
     raw: bytes | None,
 ) -> Array:
-    count = 1
-    for dim in shape:
-        count *= dim
     if raw is not None:
         if tensor.HasField("contents"):
             raise invalid_input(
                 f"input '{spec.name}' has both raw_input_contents and typed contents; "
                 "use one encoding"
             )
-        try:
-            array = from_raw(raw, spec.datatype, shape)
-        except BytesFormatError as exc:
-            raise invalid_input(
-                f"input '{spec.name}' {_describe(spec.datatype, shape)}: bad BYTES content: {exc}"
-            ) from exc
-        except ValueError as exc:
-            raise invalid_input(
-                f"input '{spec.name}' {_describe(spec.datatype, shape)}: {exc}"
-            ) from exc
-        return _as_text(array, spec) if spec.datatype == "BYTES" else array
+        return _decode_raw(raw, spec, shape)
+    return _decode_typed(tensor, spec, shape)
+
+
+def _decode_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> Array:
+    try:
+        array = from_raw(raw, spec.datatype, shape)
+    except BytesFormatError as exc:
+        raise invalid_input(
+            f"input '{spec.name}' {_describe(spec.datatype, shape)}: bad BYTES content: {exc}"
+        ) from exc
+    except ValueError as exc:
+        raise invalid_input(
+            f"input '{spec.name}' {_describe(spec.datatype, shape)}: {exc}"
+        ) from exc
+    return _as_text(array, spec) if spec.datatype == "BYTES" else array
+
+
+def _decode_typed(
+    tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, shape: tuple[int, ...]
+) -> Array:
     field = CONTENTS_FIELDS.get(spec.datatype)
     if field is None:
         raise invalid_input(
@@ -211,32 +245,34 @@ def _decode_tensor(
             f"but the request set contents.{others[0]}"
         )
     values = getattr(tensor.contents, field)
+    count = math.prod(shape)
     if len(values) != count:
         raise invalid_input(
             f"input '{spec.name}' {_describe(spec.datatype, shape)}: expected {count} "
             f"values in contents.{field}, got {len(values)}"
         )
-    dtype = NUMPY_DTYPES[spec.datatype]
     if spec.datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
         return _as_text(array.reshape(shape), spec)
+    return _checked_values(values, field, spec).reshape(shape)
+
+
+def _checked_values(values: object, field: str, spec: TensorSpec) -> Array:
+    """Typed fields are wider than some datatypes (INT8 travels as int32): refuse values
+    that do not fit instead of wrapping them around. The field is read at its own width:
+    left to guess, numpy turns UINT64 values above 2**63 into float64 and loses them."""
+    dtype = NUMPY_DTYPES[spec.datatype]
     try:
-        # Typed fields are wider than some datatypes (INT8 travels as int32): refuse
-        # values that do not fit instead of wrapping them around.
-        # Read the field at its own width: left to guess, numpy turns UINT64 values
-        # above 2**63 into float64 and loses them.
         wide = np.asarray(values, dtype=_FIELD_DTYPES[field])
         array = wide.astype(dtype)
         if wide.size and dtype.kind in "iu" and not np.array_equal(array, wide):
-            raise invalid_input(
-                f"input '{spec.name}': values out of range for {spec.datatype}"
-            )
+            raise invalid_input(f"input '{spec.name}': values out of range for {spec.datatype}")
     except OverflowError as exc:
         raise invalid_input(
             f"input '{spec.name}': values out of range for {spec.datatype}"
         ) from exc
-    return array.reshape(shape)
+    return array
 
 
 # The width of each typed contents field, as the protocol declares it.

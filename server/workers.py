@@ -1,11 +1,11 @@
 """`ferry serve --workers N`: several server processes sharing one gRPC port.
 
-One Python process is bound by its event loop and the GIL (USERS.md #10); gRPC turns on
-SO_REUSEPORT by default on Linux, so N processes can listen on the same port and the
-kernel spreads connections between them. Each worker is a full Ferry (its own models,
-batcher, statistics) and serves metrics on `metrics_port + index`. The supervisor only
-starts the workers, forwards SIGTERM/SIGINT to them, and exits with the worst exit code.
-"""
+One Python process is bound by its event loop and the GIL, so it cannot use every core for
+gRPC; gRPC turns on SO_REUSEPORT by default on Linux, so N processes can listen on the
+same port and the kernel spreads connections between them. Each worker is a full Ferry
+(its own models, batcher, statistics) and serves metrics on `metrics_port + index`. The
+supervisor only starts the workers, forwards SIGTERM/SIGINT to them, and exits with the
+worst exit code. """
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from ferry.server.app import FerryServer, ServerOptions
-from ferry.server.scheduler import Instance
-from ferry.server.security import ModelControl, ModelControlMode, SecurityOptions
+from ferry.server.executor import Runner
+from ferry.server.repository import ModelControl, ModelControlMode
+from ferry.server.security import SecurityOptions
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ class RunningServer:
         self,
         model_path: Path,
         *,
-        wrap_instance: Callable[[str, Instance], Instance] | None = None,
+        wrap_instance: Callable[[str, Runner], Runner] | None = None,
         **options: Any,
     ) -> None:
         self.loop = asyncio.new_event_loop()
@@ -95,7 +96,7 @@ class GatedInstance:
     fill up deterministically, without sleeping.
     """
 
-    def __init__(self, inner: Instance) -> None:
+    def __init__(self, inner: Runner) -> None:
         self.inner = inner
         self.batches: list[dict[str, np.ndarray]] = []
         self._gate = threading.Event()
@@ -123,11 +124,11 @@ class GatedInstance:
 
 
 @pytest.fixture
-def gated() -> Iterator[Callable[[str, Instance], GatedInstance]]:
+def gated() -> Iterator[Callable[[str, Runner], GatedInstance]]:
     """A wrap_instance hook that gates every instance; the gates are in `.instances`."""
     instances: list[GatedInstance] = []
 
-    def wrap(model: str, inner: Instance) -> GatedInstance:
+    def wrap(model: str, inner: Runner) -> GatedInstance:
         gate = GatedInstance(inner)
         instances.append(gate)
         return gate

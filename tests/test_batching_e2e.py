@@ -29,7 +29,7 @@ import tritonclient.grpc.aio as tc_aio
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from ferry.server.scheduler import Instance
+from ferry.server.executor import Runner
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import OPSET, mlp_model, two_input_model
 
@@ -146,7 +146,7 @@ def mlp_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def held_mlp(
-    start_server: StartServer, gated: Callable[[str, Instance], GatedInstance], mlp_file: Path
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], mlp_file: Path
 ) -> Iterator[Held]:
     server = start_server(mlp_file.parents[2], wrap_instance=gated)
     (gate,) = gated.instances  # type: ignore[attr-defined]
@@ -264,7 +264,7 @@ def test_requests_for_different_outputs_share_a_batch(held_mlp: Held) -> None:
 
 
 def test_different_non_batch_dims_are_never_merged(
-    start_server: StartServer, gated: Callable[[str, Instance], GatedInstance], tmp_path: Path
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], tmp_path: Path
 ) -> None:
     model_file = two_input_model(tmp_path / "repo" / "add" / "1" / "model.onnx")
     server = start_server(model_file.parents[2], wrap_instance=gated)
@@ -342,7 +342,7 @@ POISON = 666.0
 class Poisoned:
     """Raises inside the run when a batch holds the poison value, as a model might."""
 
-    def __init__(self, inner: Instance) -> None:
+    def __init__(self, inner: Runner) -> None:
         self.inner = inner
 
     def run(self, inputs: Any, output_names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -352,7 +352,7 @@ class Poisoned:
 
 
 def test_a_failing_run_fails_only_its_batch_and_the_model_keeps_serving(
-    start_server: StartServer, gated: Callable[[str, Instance], GatedInstance], mlp_file: Path
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], mlp_file: Path
 ) -> None:
     server = start_server(mlp_file.parents[2], wrap_instance=lambda n, i: gated(n, Poisoned(i)))
     (gate,) = gated.instances  # type: ignore[attr-defined]
@@ -414,7 +414,7 @@ def even_rows_model(path: Path) -> Path:
 
 
 def test_an_onnxruntime_error_is_internal_with_its_message(
-    start_server: StartServer, gated: Callable[[str, Instance], GatedInstance], tmp_path: Path
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], tmp_path: Path
 ) -> None:
     model_file = even_rows_model(tmp_path / "repo" / "even" / "1" / "model.onnx")
     server = start_server(model_file.parents[2], wrap_instance=gated)

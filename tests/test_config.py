@@ -18,7 +18,7 @@ from ferry.server.config import (
     read_config_file,
     settings_from,
 )
-from ferry.server.runtime import GraphSignature, TensorSignature
+from ferry.server.signatures import GraphSignature, TensorSignature
 
 # A graph whose first dimension is variable everywhere: batchable.
 VARIABLE = GraphSignature(
@@ -246,7 +246,7 @@ def test_without_config_a_variable_first_dimension_batches_with_the_default() ->
         TensorSpec("mask", "BOOL", (-1,)),
     )
     assert s.outputs == (TensorSpec("scores", "FP32", (10,)),)
-    assert s.input_shape(s.inputs[0]) == [-1, 3, 8]
+    assert s.client_shape(s.inputs[0]) == [-1, 3, 8]
     assert s.max_queue_delay_s == 0.0
     assert s.preferred_batch_sizes == ()
     assert s.max_queue_size == DEFAULT_MAX_QUEUE_SIZE
@@ -259,7 +259,7 @@ def test_without_config_a_fixed_first_dimension_does_not_batch() -> None:
     assert s.max_batch_size == 0
     assert not s.batchable
     assert s.inputs == (TensorSpec("image", "UINT8", (1, 28, 28)),)
-    assert s.input_shape(s.inputs[0]) == [1, 28, 28]
+    assert s.client_shape(s.inputs[0]) == [1, 28, 28]
 
 
 def test_a_config_without_max_batch_size_takes_the_default() -> None:

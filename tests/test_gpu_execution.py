@@ -19,16 +19,12 @@ from ferry.client import FerryClient
 from ferry.server.binding import BindingPlan, BoundExecutor, bucket_for, pinned_allocator
 from ferry.server.config import ConfigError, ModelSettings, read_config_file, settings_from
 from ferry.server.errors import FerryError
+from ferry.server.executor import Runner
 from ferry.server.providers import GpuFallback, create_instances, placements
-from ferry.server.runtime import (
-    GraphSignature,
-    OnnxInstance,
-    SessionSettings,
-    TensorSignature,
-    available_providers,
-)
-from ferry.server.scheduler import Instance
-from ferry.server.security import ModelControl, ModelControlMode, SecurityOptions
+from ferry.server.repository import ModelControl, ModelControlMode
+from ferry.server.runtime import OnnxInstance, SessionSettings, available_providers
+from ferry.server.security import SecurityOptions
+from ferry.server.signatures import GraphSignature, TensorSignature
 from ferry.server.warmup import WarmupInput, WarmupSample, sample_arrays
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import mlp_model, write_config
@@ -230,7 +226,7 @@ def test_gpu_groups_place_count_sessions_on_each_listed_gpu() -> None:
         "instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0, 1 ] }, { kind: KIND_CPU } ]"
     )
     found = [(p.gpu, p.providers[0].name, p.providers[0].option("device_id")) for p in
-             placements(settings)]
+             placements(settings.devices)]
     assert found == [
         (0, "CUDAExecutionProvider", "0"),
         (0, "CUDAExecutionProvider", "0"),
@@ -238,7 +234,7 @@ def test_gpu_groups_place_count_sessions_on_each_listed_gpu() -> None:
         (1, "CUDAExecutionProvider", "1"),
         (None, "CPUExecutionProvider", ""),
     ]
-    assert placements(settings_of("instance_group [ { kind: KIND_GPU } ]"))[0].gpu == 0
+    assert placements(settings_of("instance_group [ { kind: KIND_GPU } ]").devices)[0].gpu == 0
 
 
 def test_tensorrt_and_cuda_graphs_become_provider_options(tmp_path: Path) -> None:
@@ -256,7 +252,7 @@ def test_tensorrt_and_cuda_graphs_become_provider_options(tmp_path: Path) -> Non
         }}
         """
     )
-    (placement,) = placements(settings)
+    (placement,) = placements(settings.devices)
     trt, cuda, cpu = placement.providers
     assert trt.name == "TensorrtExecutionProvider"
     assert dict(trt.options) == {
@@ -284,7 +280,7 @@ def test_a_gpu_config_without_cuda_loads_on_the_cpu_with_one_warning(mlp: Path) 
     assert "CUDAExecutionProvider" not in available_providers()  # this machine
     settings = settings_of("instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0, 1 ] } ]")
     created = create_instances(
-        mlp, settings, base_settings(settings), GpuFallback.CPU, available_providers()
+        mlp, settings.devices, base_settings(settings), GpuFallback.CPU, available_providers()
     )
     assert len(created.instances) == 4
     assert {i.device for i in created.instances} == {"cpu"}
@@ -297,7 +293,8 @@ def test_a_gpu_config_without_cuda_loads_on_the_cpu_with_one_warning(mlp: Path) 
 def test_a_gpu_config_without_cuda_fails_with_gpu_fallback_fail(mlp: Path) -> None:
     settings = settings_of("instance_group [ { kind: KIND_GPU } ]")
     with pytest.raises(FerryError, match="asks for a GPU but this onnxruntime has no CUDA"):
-        create_instances(mlp, settings, base_settings(settings), GpuFallback.FAIL, ("CPU",))
+        create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, ("CPU",))
 
 
 def test_a_cuda_provider_that_does_not_start_falls_back_to_the_cpu(mlp: Path) -> None:
@@ -311,14 +308,16 @@ def test_a_cuda_provider_that_does_not_start_falls_back_to_the_cpu(mlp: Path) ->
         """
     )
     claimed = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    created = create_instances(mlp, settings, base_settings(settings), GpuFallback.CPU, claimed)
+    created = create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.CPU, claimed)
     assert [i.device for i in created.instances] == ["cpu", "cpu"]
     (warning,) = created.warnings
     assert "CUDAExecutionProvider did not start on GPU 0" in warning
     assert created.instances[0].binding_plan is not None
     assert not created.instances[0].binding_plan.cuda_graphs
     with pytest.raises(FerryError, match=r"did not start on GPU 0.*--gpu-fallback fail"):
-        create_instances(mlp, settings, base_settings(settings), GpuFallback.FAIL, claimed)
+        create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, claimed)
 
 
 def test_tensorrt_without_its_provider_warns_or_fails(mlp: Path) -> None:
@@ -330,15 +329,18 @@ def test_tensorrt_without_its_provider_warns_or_fails(mlp: Path) -> None:
         """
     )
     claimed = ("CUDAExecutionProvider", "CPUExecutionProvider")
-    created = create_instances(mlp, settings, base_settings(settings), GpuFallback.CPU, claimed)
+    created = create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.CPU, claimed)
     assert any("TensorRT is not used" in w for w in created.warnings)
     with pytest.raises(FerryError, match="asks for TensorRT"):
-        create_instances(mlp, settings, base_settings(settings), GpuFallback.FAIL, claimed)
+        create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, claimed)
 
 
 def test_kind_cpu_stays_on_the_cpu_without_a_warning(mlp: Path) -> None:
     settings = settings_of("instance_group [ { kind: KIND_CPU count: 2 } ]")
-    created = create_instances(mlp, settings, base_settings(settings), GpuFallback.FAIL, ())
+    created = create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, ())
     assert [i.device for i in created.instances] == ["cpu", "cpu"]
     assert created.warnings == []
 
@@ -466,7 +468,7 @@ def test_gpu_fallback_fail_refuses_to_load_a_gpu_model(
     (tmp_path / "m" / "1").mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(mlp.read_bytes())
     write_config(tmp_path / "m", "instance_group [ { kind: KIND_GPU } ]\n")
-    server = start_server(tmp_path, gpu_fallback="fail")
+    server = start_server(tmp_path, gpu_fallback=GpuFallback.FAIL)
     with FerryClient(server.address) as client:
         assert not client.is_model_ready("m")
     (entry,) = server.server.manager.index()
@@ -504,7 +506,7 @@ def test_padded_rows_never_reach_a_caller_and_are_counted(
 class HeldWarmup(GatedInstance):
     """Holds every run until released, from the first one: the warm-up runs."""
 
-    def __init__(self, inner: Instance) -> None:
+    def __init__(self, inner: Runner) -> None:
         super().__init__(inner)
         self.hold()
 
@@ -521,7 +523,7 @@ def test_model_ready_is_false_until_warm_up_has_finished(
     )
     held: list[HeldWarmup] = []
 
-    def wrap(model: str, inner: Instance) -> HeldWarmup:
+    def wrap(model: str, inner: Runner) -> HeldWarmup:
         gate = HeldWarmup(inner)
         held.append(gate)
         return gate
@@ -559,7 +561,7 @@ def test_model_warmup_from_the_config_runs_on_every_instance(
     )
     seen: list[GatedInstance] = []
 
-    def wrap(model: str, inner: Instance) -> GatedInstance:
+    def wrap(model: str, inner: Runner) -> GatedInstance:
         seen.append(GatedInstance(inner))
         return seen[-1]
 

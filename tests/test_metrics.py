@@ -24,8 +24,10 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from ferry.server.errors import Status
 from ferry.server.logs import AccessLog, JsonFormatter, RejectionLog
 from ferry.server.metrics import LATENCY_BUCKETS_S, ServerMetrics, batch_size_bounds
+from ferry.server.outcomes import RequestOutcome
 from ferry.server.scheduler import BatchTimings
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import mlp_model, write_config
@@ -35,6 +37,10 @@ FEATURES = 16
 MAX_BATCH = 8
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def outcome(model: str, code: str, duration_ns: int, message: str = "") -> RequestOutcome:
+    return RequestOutcome(model, "1" if model else "", Status[code], duration_ns, message)
 
 
 def make_repo(root: Path) -> Path:
@@ -265,7 +271,7 @@ def test_failed_batches_count_only_as_failed_requests() -> None:
     (observer,) = metrics.observers_for("m", "1")
     observer.batch_executed(BatchTimings(4, 2, (10, 20), 1, 1000, 1, failed=True))
     observer.batch_executed(BatchTimings(3, 2, (1000, 3000), 1, 2000, 1, failed=False))
-    metrics.request_finished("m", "INTERNAL", 5000, "boom")
+    metrics.request_finished(outcome("m", "INTERNAL", 5000, "boom"))
     samples: Samples = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
@@ -295,16 +301,16 @@ def test_rejections_are_logged_once_per_class_and_interval(
     rejections = RejectionLog(interval_s=60.0, clock=clock)
     caplog.set_level(logging.INFO, logger="ferry")
     for _ in range(5):
-        rejections.request_finished("m", "INVALID_ARGUMENT", 1000, 'input "x": wrong')
-    rejections.request_finished("m", "RESOURCE_EXHAUSTED", 1000, "queue full")
-    rejections.request_finished("m", "OK", 1000)
-    rejections.request_finished("m", "CANCELLED", 1000)
+        rejections.request_finished(outcome("m", "INVALID_ARGUMENT", 1000, 'input "x": wrong'))
+    rejections.request_finished(outcome("m", "RESOURCE_EXHAUSTED", 1000, "queue full"))
+    rejections.request_finished(outcome("m", "OK", 1000))
+    rejections.request_finished(outcome("m", "CANCELLED", 1000))
     lines = [r.getMessage() for r in caplog.records if r.name == "ferry.rejections"]
     assert len(lines) == 2
     assert "INVALID_ARGUMENT" in lines[0] and 'input "x": wrong' in lines[0]
     assert "RESOURCE_EXHAUSTED" in lines[1]
     clock.now += 61
-    rejections.request_finished("m", "INVALID_ARGUMENT", 1000, "again")
+    rejections.request_finished(outcome("m", "INVALID_ARGUMENT", 1000, "again"))
     lines = [r.getMessage() for r in caplog.records if r.name == "ferry.rejections"]
     assert len(lines) == 3
     assert "4 more" in lines[2]
@@ -312,8 +318,9 @@ def test_rejections_are_logged_once_per_class_and_interval(
 
 def test_logged_error_messages_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ferry")
-    RejectionLog().request_finished("", "NOT_FOUND", 1, "unknown model 'x\nINFO forged'")
-    AccessLog().request_finished("", "NOT_FOUND", 1, "unknown model 'y\r\nforged'" + "z" * 900)
+    RejectionLog().request_finished(outcome("", "NOT_FOUND", 1, "unknown model 'x\nINFO forged'"))
+    forged = "unknown model 'y\r\nforged'" + "z" * 900
+    AccessLog().request_finished(outcome("", "NOT_FOUND", 1, forged))
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("ferry")]
     assert len(messages) == 2
     assert all("\n" not in m and "\r" not in m for m in messages)
@@ -366,7 +373,7 @@ def test_json_formatter_writes_one_object_per_line() -> None:
     assert entry["message"] == "ModelInfer model=m"
     assert entry["level"] == "INFO" and entry["logger"] == "ferry.access"
     assert entry["code"] == "OK"
-    AccessLog().request_finished("m", "OK", 1_500_000)  # does not raise without handlers
+    AccessLog().request_finished(outcome("m", "OK", 1_500_000))  # does not raise without handlers
 
 
 def test_serve_with_json_logs(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from ferry.server.batching import BatchPolicy
 from ferry.server.errors import ErrorKind, FerryError
+from ferry.server.executor import InstanceExecutor, RunOnly
 from ferry.server.scheduler import BatchTimings, ModelScheduler, Tensors
 
 OUTPUTS = ("double", "plus_one")
@@ -36,6 +37,8 @@ class FakeClock:
 
 class FakeInstance:
     """Doubles `x` and adds one to it; records every batch; can be held still."""
+
+    may_run_on_loop = False
 
     def __init__(self) -> None:
         self.batches: list[np.ndarray] = []
@@ -90,13 +93,14 @@ async def serving(
     batchable: bool = True,
     clock: FakeClock | None = None,
     observers: Sequence[Recorder] = (),
+    timer: FakeTimer | None = None,
     **policy: object,
 ) -> AsyncIterator[ModelScheduler]:
     policy.setdefault("max_batch_size", 8)
     scheduler = ModelScheduler(
         "fake",
         BatchPolicy(**policy),  # type: ignore[arg-type]
-        instances,
+        executors(instances, batchable, timer),
         OUTPUTS,
         batchable=batchable,
         clock=clock or FakeClock(),
@@ -109,6 +113,33 @@ async def serving(
         for instance in instances:
             instance.release()
         await asyncio.wait_for(scheduler.close(grace_s=SAFETY_S), SAFETY_S + 1)
+
+
+class FakeTimer:
+    """Stands in for perf_counter_ns: each reading is `step_ns` after the last, so every
+    execution measures the same short time whatever the machine is doing."""
+
+    def __init__(self, step_ns: int = 1_000) -> None:
+        self.now_ns = 0
+        self.step_ns = step_ns
+
+    def __call__(self) -> int:
+        self.now_ns += self.step_ns
+        return self.now_ns
+
+
+def executors(
+    instances: Sequence[FakeInstance], batchable: bool = True, timer: FakeTimer | None = None
+) -> list[InstanceExecutor]:
+    """The fakes behind the executor seam, as the loader puts real instances there."""
+    return [
+        InstanceExecutor(
+            RunOnly(instance, may_run_on_loop=instance.may_run_on_loop),
+            batchable=batchable,
+            **({"timer": timer} if timer is not None else {}),
+        )
+        for instance in instances
+    ]
 
 
 def rows(*values: float) -> np.ndarray:
@@ -579,7 +610,8 @@ class LoopSafeInstance(FakeInstance):
 async def test_a_lone_request_on_an_idle_fast_model_runs_on_the_loop() -> None:
     instance = LoopSafeInstance()
     loop_thread = threading.current_thread().name
-    async with serving(instance) as scheduler:
+    # Every execution measures 1 us, well under the 1 ms limit, on any machine.
+    async with serving(instance, timer=FakeTimer(step_ns=1_000)) as scheduler:
         # The first batch runs on the instance's thread: its cost is not known yet.
         assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
         assert instance.threads[-1] != loop_thread
@@ -598,7 +630,7 @@ async def test_no_inline_run_for_slow_models_or_when_turned_off() -> None:
     instance = LoopSafeInstance()
     loop_thread = threading.current_thread().name
     scheduler = ModelScheduler(
-        "fake", BatchPolicy(max_batch_size=8), [instance], OUTPUTS,
+        "fake", BatchPolicy(max_batch_size=8), executors([instance]), OUTPUTS,
         clock=FakeClock(), inline_max_s=0.0,
     )
     scheduler.start()

@@ -3,7 +3,6 @@ connection and tensor limits, and error messages that leak no file-system paths.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -19,17 +18,16 @@ from tritonclient.utils import InferenceServerException
 
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
-from ferry.server import security
+from ferry.server.cli import build_parser, security_options
+from ferry.server.errors import public_message
+from ferry.server.grpc_status import shielded
+from ferry.server.repository import ModelControl, ModelControlMode
 from ferry.server.security import (
     ApiGroup,
-    ModelControl,
-    ModelControlMode,
     RestrictedApi,
     SecurityOptions,
     TlsFiles,
     api_group,
-    public_message,
-    shielded,
 )
 from tests.certificates import CertificateAuthority, Identity
 from tests.conftest import GatedInstance, RunningServer
@@ -595,10 +593,7 @@ async def test_unexpected_exceptions_become_internal_without_detail(
 
 
 def parse(*argv: str) -> SecurityOptions:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--poll-repository", type=float, default=None)
-    security.add_arguments(parser)
-    return security.options_from(parser.parse_args(list(argv)))
+    return security_options(build_parser().parse_args(["serve", "model.onnx", *argv]))
 
 
 def test_flags(tmp_path: Path, pki: Pki) -> None:

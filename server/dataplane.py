@@ -1,0 +1,148 @@
+"""The transport-neutral inference path that every protocol front door calls.
+
+A front door decodes its own wire format into a `DecodedRequest` and encodes the outputs
+back; in between, the data plane looks the model up, turns the request's timeout and
+priority into the queue's terms, submits it to the model's scheduler, and reports one
+`RequestOutcome` however the request ends. So a request from any front door lands in the
+same batch queue, under the same limits, and is counted the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+from .config import ModelSettings
+from .errors import ErrorKind, FerryError, Status, invalid_input
+from .loaded_model import LoadedModel
+from .outcomes import OutcomeObserver, RequestOutcome
+from .repository import IndexEntry
+from .rows import Tensors
+from .tensors import DecodedRequest
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+class ModelLookup(Protocol):
+    """What the front doors need of the models being served, and of their lifecycle."""
+
+    def get(self, name: str, version: str = "") -> LoadedModel: ...
+
+    def loaded(self) -> list[LoadedModel]: ...
+
+    def versions_of(self, name: str) -> list[str]: ...
+
+    def index(self) -> list[IndexEntry]: ...
+
+    async def load(self, name: str, config_override: str | None = None) -> None: ...
+
+    async def unload(self, name: str) -> None: ...
+
+
+class DataPlane:
+    def __init__(
+        self,
+        models: ModelLookup,
+        observers: Sequence[OutcomeObserver] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.models = models
+        # Told of requests that named no model being served; a model's own list is used
+        # for the others.
+        self._observers = tuple(observers)
+        self._clock = clock
+        self._last_request_at: float | None = None
+
+    def quiet_for(self) -> float:
+        """Seconds since the latest inference request arrived (infinite before the first)."""
+        if self._last_request_at is None:
+            return float("inf")
+        return self._clock() - self._last_request_at
+
+    async def infer(
+        self,
+        model_name: str,
+        version: str,
+        decode: Callable[[ModelSettings], DecodedRequest],
+        encode: Callable[[LoadedModel, Tensors], R],
+        time_remaining: float | None,
+        protocol: str = "grpc",
+    ) -> R:
+        """Run one request through its model's batch queue; raises FerryError."""
+        start_ns = time.perf_counter_ns()
+        now = self._clock()
+        self._last_request_at = now
+        model: LoadedModel | None = None
+        status = Status.INTERNAL
+        message = ""
+        try:
+            model = self.models.get(model_name, version)
+            settings = model.settings
+            decoded = decode(settings)
+            outputs = await model.scheduler.submit(
+                decoded.inputs,
+                decoded.outputs,
+                rows=decoded.rows,
+                shape_key=decoded.shape_key,
+                deadline_s=_deadline(decoded, settings, now, time_remaining),
+                priority=_priority(decoded, settings),
+            )
+            result = encode(model, outputs)
+            status = Status.OK
+            return result
+        except FerryError as error:
+            status = error.kind.status
+            message = error.message
+            raise
+        except asyncio.CancelledError:
+            status = Status.CANCELLED
+            raise
+        except Exception as exc:  # never leak a traceback to the caller
+            log.exception("unexpected error serving model '%s'", model_name)
+            message = f"internal error: {type(exc).__name__}"
+            raise FerryError(ErrorKind.INTERNAL, message) from exc
+        finally:
+            outcome = RequestOutcome(
+                model.name if model is not None else "",
+                model.version if model is not None else "",
+                status,
+                time.perf_counter_ns() - start_ns,
+                message,
+                protocol,
+            )
+            for observer in model.observers if model is not None else self._observers:
+                observer.request_finished(outcome)
+
+
+def _deadline(
+    decoded: DecodedRequest, settings: ModelSettings, now: float, time_remaining: float | None
+) -> float | None:
+    """The earliest of the caller's deadline and the model's queue timeout, on the clock."""
+    timeout_s = settings.default_timeout_s
+    requested = decoded.timeout_us
+    if requested and (settings.allow_timeout_override or timeout_s is None):
+        timeout_s = requested / 1e6
+    if timeout_s is None:  # the common case, without building a list
+        return None if time_remaining is None else now + time_remaining
+    if time_remaining is None:
+        return now + timeout_s
+    return now + min(timeout_s, time_remaining)
+
+
+def _priority(decoded: DecodedRequest, settings: ModelSettings) -> int:
+    if settings.priority_levels <= 1:
+        return 1  # as in Triton, a model without priority levels ignores the parameter
+    requested = decoded.priority
+    if not requested:
+        return settings.default_priority_level
+    if requested > settings.priority_levels:
+        raise invalid_input(
+            f"priority {requested} is outside 1..{settings.priority_levels} "
+            f"(priority_levels of model '{settings.name}')"
+        )
+    return requested

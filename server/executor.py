@@ -1,0 +1,184 @@
+"""The executor side of batching: what runs a formed batch, and the thread it runs on.
+
+The seam between the event loop and execution is `BatchExecutor`: given each request's
+inputs (a batch whose requests share their non-batch dimensions), it returns each
+request's own outputs and the padding rows it ran. `InstanceExecutor` implements it over
+one model instance of the runtime (anything with `run_batch`, or only `run` through
+`RunOnly`); an executor in another process can implement it too.
+
+`ExecutionLane` owns the one worker thread of an executor and brings results back to the
+event loop with `call_soon_threadsafe`. Every path out of an execution, exceptions
+included, reports back, so the scheduler can settle every caller of the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .rows import Array, Tensors, gather, scatter
+
+
+class Runner(Protocol):
+    """The least a model instance can do: run one set of inputs."""
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors: ...
+
+
+class BatchRunner(Protocol):
+    """A model instance that gathers a batch itself (into its own reusable buffers, padded
+    to its batch buckets): returns the outputs exactly `rows` long, and the padding rows it
+    ran and dropped. `may_run_on_loop` promises that running never blocks on anything but
+    its own computation, so a short batch may run on the event loop's thread."""
+
+    @property
+    def may_run_on_loop(self) -> bool: ...
+
+    def run_batch(
+        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
+    ) -> tuple[Tensors, int]: ...
+
+
+class RunOnly:
+    """Adapts an instance that only has `run` (a test's gate, a wrapper) to BatchRunner."""
+
+    def __init__(self, runner: Runner, *, may_run_on_loop: bool = False) -> None:
+        self.runner = runner
+        self.may_run_on_loop = may_run_on_loop
+
+    def run_batch(
+        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
+    ) -> tuple[Tensors, int]:
+        return self.runner.run(gather(parts), output_names), 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One request's part of a batch."""
+
+    inputs: Tensors
+    rows: int
+    outputs: tuple[str, ...]  # the outputs this request asked for
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutedBatch:
+    """Each request's own outputs, in the order of the batch, and what the run cost."""
+
+    outputs: list[Tensors]
+    padded_rows: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+class BatchExecutor(Protocol):
+    """The executor seam: run a batch of requests, return each request's outputs."""
+
+    @property
+    def may_run_on_loop(self) -> bool: ...
+
+    def execute(self, items: Sequence[BatchItem], output_names: Sequence[str]) -> ExecutedBatch: ...
+
+
+class InstanceExecutor:
+    """Runs batches on one model instance: gather (inside the instance), run, scatter.
+
+    `batchable` False: every batch is one request whose inputs are the whole tensors, and
+    its outputs are returned whole. `timer` measures the stages (nanoseconds).
+    """
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        batchable: bool = True,
+        timer: Callable[[], int] = time.perf_counter_ns,
+    ) -> None:
+        self.runner = runner
+        self.batchable = batchable
+        self._timer = timer
+
+    @property
+    def may_run_on_loop(self) -> bool:
+        return self.runner.may_run_on_loop
+
+    def execute(self, items: Sequence[BatchItem], output_names: Sequence[str]) -> ExecutedBatch:
+        timer = self._timer
+        t0 = timer()
+        rows = sum(item.rows for item in items) if self.batchable else 1
+        # Gathering happens inside the instance, so it counts as execution time.
+        t1 = timer()
+        outputs, padded_rows = self.runner.run_batch(
+            [item.inputs for item in items], rows, output_names
+        )
+        t2 = timer()
+        if self.batchable:
+            results = scatter(outputs, [i.rows for i in items], [i.outputs for i in items])
+        else:
+            results = [{name: outputs[name] for name in items[0].outputs}]
+        t3 = timer()
+        return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, t3 - t2)
+
+
+Outcome = ExecutedBatch | BaseException
+
+
+class ExecutionLane:
+    """One executor and its worker thread. Lighter than a ThreadPoolExecutor: a batch is
+    one queue put away, with no future or work item built for it."""
+
+    def __init__(self, executor: BatchExecutor, name: str) -> None:
+        self.executor = executor
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        # A daemon: a batch still running at exit must not keep the process alive.
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def may_run_on_loop(self) -> bool:
+        return self.executor.may_run_on_loop
+
+    def run_here(self, items: Sequence[BatchItem], output_names: Sequence[str]) -> Outcome:
+        """Run a batch on the calling thread (the event loop's, for a short one)."""
+        try:
+            return self.executor.execute(items, output_names)
+        except Exception as exc:
+            return exc
+
+    def start(
+        self,
+        items: Sequence[BatchItem],
+        output_names: Sequence[str],
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[Outcome], None],
+    ) -> None:
+        """Run a batch on the lane's thread; `done(outcome)` is called on `loop`."""
+
+        def job() -> None:
+            outcome: Outcome
+            try:
+                outcome = self.executor.execute(items, output_names)
+            except BaseException as exc:
+                outcome = exc
+            loop.call_soon_threadsafe(done, outcome)
+
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Let the thread end once the batches already handed to it are done."""
+        self._jobs.put(None)
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        """Wait for the thread to end; False if it is still running a batch."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()

@@ -1,0 +1,179 @@
+"""Loading one model: from its source on disk to schedulers that take requests.
+
+For each version its policy selects: derive the settings from the graph and the config
+(read once, by the repository), create the onnxruntime sessions on the devices the config
+asks for, warm each one up, then wrap them in a scheduler with its statistics. Sessions
+are built and warmed on worker threads, so a slow load never stalls other models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .batching import BatchPolicy
+from .config import DEFAULT_MODEL_FILENAME, ConfigError, ModelSettings, TensorSpec, settings_from
+from .executor import BatchExecutor, InstanceExecutor, Runner, RunOnly
+from .loaded_model import LoadedModel
+from .outcomes import OutcomeObserver
+from .providers import GpuFallback, create_instances, placements
+from .repository import ModelSource
+from .runtime import OnnxInstance, SessionSettings, available_providers, default_intra_op_threads
+from .scheduler import BatchObserver, ModelScheduler
+from .signatures import read_signature
+from .stats import ModelStatistics
+from .warmup import warm_up
+
+log = logging.getLogger(__name__)
+
+BatchObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
+# Tests wrap each instance (to hold it still, or count its batches); a wrapper has `run`.
+InstanceWrapper = Callable[[str, OnnxInstance], Runner]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How every model of a server is loaded."""
+
+    gpu_fallback: GpuFallback = GpuFallback.CPU
+    session_threads: int = 0  # 0: default_intra_op_threads decides
+    clock: Callable[[], float] = time.monotonic
+    batch_observers_for: BatchObserverFactory = lambda name, version: ()
+    request_observers: tuple[OutcomeObserver, ...] = ()
+    wrap_instance: InstanceWrapper | None = field(default=None)
+
+
+def build_sessions(
+    source: ModelSource, version: int, options: LoadOptions
+) -> tuple[ModelSettings, list[OnnxInstance]]:
+    """The settings and the sessions of one version (runs on a worker thread)."""
+    config = source.config
+    model_file = source.versions[version]
+    settings = settings_from(
+        source.name,
+        read_signature(model_file),
+        config.message if config else None,
+        config.set_fields if config else set(),
+        config.warnings if config else [],
+    )
+    devices = settings.devices
+    threads = options.session_threads or default_intra_op_threads(len(placements(devices)))
+    session_settings = SessionSettings(
+        intra_op_threads=threads,
+        graph_optimization_level=settings.graph_optimization_level,
+        max_batch_size=settings.max_batch_size,
+        io_binding=settings.io_binding,
+        batch_buckets=settings.batch_buckets,
+        cuda_graphs=settings.cuda_graphs,
+    )
+    created = create_instances(
+        model_file, devices, session_settings, options.gpu_fallback, available_providers()
+    )
+    if created.warnings:
+        settings = dataclasses.replace(settings, warnings=(*settings.warnings, *created.warnings))
+    return settings, created.instances
+
+
+def policy_for(settings: ModelSettings) -> BatchPolicy:
+    return BatchPolicy(
+        max_batch_size=max(1, settings.max_batch_size),
+        max_queue_delay_s=settings.max_queue_delay_s,
+        preferred_batch_sizes=settings.preferred_batch_sizes,
+        max_queue_size=settings.max_queue_size,
+        priority_levels=settings.priority_levels,
+        priority_aging_s=settings.priority_aging_s if settings.priority_levels > 1 else None,
+    )
+
+
+def describe(settings: ModelSettings, version: str, devices: Sequence[str] = ()) -> str:
+    """One log line: tensors, shapes, datatypes and batching settings."""
+
+    def tensors(specs: Sequence[TensorSpec]) -> str:
+        return ", ".join(f"{s.name} {s.datatype} {settings.client_shape(s)}" for s in specs)
+
+    batching = (
+        f"max_batch_size={settings.max_batch_size} "
+        f"max_queue_delay={settings.max_queue_delay_s * 1e6:.0f}us "
+        f"preferred={list(settings.preferred_batch_sizes)} "
+        f"max_queue_size={settings.max_queue_size}"
+        if settings.batchable
+        else "no batching"
+    )
+    return (
+        f"model '{settings.name}' version {version} ready: inputs [{tensors(settings.inputs)}] "
+        f"outputs [{tensors(settings.outputs)}]; {batching}; "
+        + (
+            f"instances={len(devices)} on {', '.join(sorted(set(devices)))}"
+            if devices
+            else f"instances={settings.instance_count} ({settings.instance_kind})"
+        )
+        + (f"; batch buckets {list(settings.batch_buckets)}" if settings.batch_buckets else "")
+    )
+
+
+async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, LoadedModel]:
+    """Every version the source's policy selects, ready to take requests."""
+    versions = source.selected_versions()
+    if not versions:
+        raise ConfigError(
+            f"no version folder with a model file in {source.folder} "
+            f"(expected {source.folder}/<version>/{DEFAULT_MODEL_FILENAME})"
+        )
+    loaded: dict[str, LoadedModel] = {}
+    for number in versions:
+        model = await _load_version(source, number, options)
+        loaded[model.version] = model
+    return loaded
+
+
+async def _load_version(source: ModelSource, number: int, options: LoadOptions) -> LoadedModel:
+    loop = asyncio.get_running_loop()
+    settings, instances = await loop.run_in_executor(
+        None, build_sessions, source, number, options
+    )
+    version = str(number)
+    for warning in settings.warnings:
+        log.warning("model '%s': %s", source.name, warning)
+    devices = [f"{i.device}:{i.device_id}" if i.device != "cpu" else "cpu" for i in instances]
+    wrap = options.wrap_instance
+    runners: Sequence[Runner] = (
+        [wrap(source.name, instance) for instance in instances] if wrap else instances
+    )
+    executors: list[BatchExecutor] = [
+        InstanceExecutor(RunOnly(runner), batchable=settings.batchable)
+        for runner in runners
+    ] if wrap else [
+        InstanceExecutor(instance, batchable=settings.batchable) for instance in instances
+    ]
+    if settings.warmup:
+        # Before the model is registered: it reports ready only once every instance has
+        # run its warm-up.
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    None, warm_up, source.name, runner, settings.warmup,
+                    settings.output_names, source.folder,
+                )
+                for runner in runners
+            )
+        )
+    stats = ModelStatistics(source.name, version)
+    scheduler = ModelScheduler(
+        source.name,
+        policy_for(settings),
+        executors,
+        settings.output_names,
+        batchable=settings.batchable,
+        clock=options.clock,
+        observers=(stats, *options.batch_observers_for(source.name, version)),
+    )
+    scheduler.start()
+    log.info(describe(settings, version, devices))
+    return LoadedModel(
+        source.name, version, settings, scheduler, stats,
+        observers=(stats, *options.request_observers),
+    )

@@ -1,0 +1,197 @@
+"""The models being served, by name and version, and their lifecycle: load, reload,
+unload, failures, retirement of replaced versions, and closing.
+
+Which files a model comes from is the repository's business (`server.repository`); how a
+version is built is the loader's (`server.loading`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from .config import ConfigError
+from .errors import ErrorKind, FerryError, not_found, public_message
+from .loaded_model import LoadedModel
+from .loading import LoadOptions, load_versions
+from .repository import IndexEntry, ModelRepository, ModelState
+
+log = logging.getLogger(__name__)
+
+
+class ModelManager:
+    """The models being served, by name and version, and their load/unload lifecycle."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        load_options: LoadOptions = LoadOptions(),  # noqa: B008 - frozen
+        drain_grace_s: float = 30.0,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.repository = repository
+        self._load_options = load_options
+        self._on_change = on_change
+        self._drain_grace_s = drain_grace_s
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._failures: dict[str, str] = {}
+        self._states: dict[str, ModelState] = {}
+        self._draining: set[asyncio.Task[None]] = set()
+        # Versions that no longer take requests but may still hold some: replaced or
+        # unloaded ones, and at close every one. abort() must still reach them.
+        self._retiring: set[LoadedModel] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
+
+    def loaded(self) -> list[LoadedModel]:
+        """Every version being served, model by model."""
+        return [model for versions in self._models.values() for model in versions.values()]
+
+    def versions_of(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=int)
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._models
+
+    def known_names(self) -> list[str]:
+        """The models of the repository and those loaded, each once, sorted."""
+        return sorted(set(self.repository.model_names()) | set(self._models))
+
+    async def load_all(self, names: Sequence[str] | None = None) -> None:
+        """Load these models (None: every model of the repository)."""
+        for name in self.repository.model_names() if names is None else names:
+            try:
+                await self.load(name)
+            except FerryError:
+                pass  # logged and recorded in the index; the other models still serve
+
+    def all_ready(self) -> bool:
+        """Every model asked for at start is loaded, and at least one is: a server with no
+        model to serve is not ready, even in explicit mode before its first load."""
+        return bool(self._models) and not self._failures
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        if self._closing:
+            raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        versions = self._models.get(name)
+        if not versions:
+            if name in self._failures:
+                raise FerryError(
+                    ErrorKind.UNAVAILABLE,
+                    f"model '{name}' is not loaded: {self._failures[name]}",
+                )
+            raise not_found(f"unknown model '{name}'")
+        if not version:
+            return versions[max(versions, key=int)]
+        model = versions.get(version)
+        if model is None:
+            raise not_found(
+                f"model '{name}' has no version '{version}'; available: "
+                f"{', '.join(sorted(versions, key=int))}"
+            )
+        return model
+
+    def index(self) -> list[IndexEntry]:
+        entries: list[IndexEntry] = []
+        names = set(self.repository.model_names()) | set(self._models) | set(self._failures)
+        for name in sorted(names):
+            if name in self._models:
+                entries.extend(
+                    IndexEntry(name, version, ModelState.READY)
+                    for version in sorted(self._models[name], key=int)
+                )
+            elif name in self._failures:
+                entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE, self._failures[name]))
+            else:
+                state = self._states.get(name, ModelState.UNAVAILABLE)
+                reason = "" if state is not ModelState.UNAVAILABLE else "not loaded"
+                entries.append(IndexEntry(name, "", state, reason))
+        return entries
+
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        """Load (or reload) a model; on failure the running versions keep serving.
+        `config_override` is a JSON ModelConfig used instead of config.pbtxt."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            self._states[name] = ModelState.LOADING
+            try:
+                source = self.repository.locate(name).with_config(config_override)
+                loaded = await load_versions(source, self._load_options)
+            except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
+                detail = exc.message if isinstance(exc, FerryError) else str(exc)
+                where = self.repository.path / name
+                log.error("model '%s' (%s) failed to load: %s", name, where, detail)
+                # callers see paths relative to the repository, and no others
+                reason = public_message(detail, self.repository.path)
+                if name in self._models:
+                    self._states[name] = ModelState.READY
+                elif name in self.repository.model_names():
+                    self._failures[name] = reason
+                    self._states[name] = ModelState.UNAVAILABLE
+                else:
+                    # not a model of the repository (a typo, '../x'): it leaves no trace,
+                    # neither in the index nor in the server's readiness
+                    self._states.pop(name, None)
+                kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
+                await self._changed()
+                raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc
+            previous = self._models.get(name, {})
+            self._models[name] = loaded
+            self._failures.pop(name, None)
+            self._states[name] = ModelState.READY
+            for model in previous.values():
+                self._retire(model)
+        await self._changed()
+
+    async def unload(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            versions = self._models.pop(name, None)
+            self._failures.pop(name, None)
+            if versions is None:
+                raise not_found(f"model '{name}' is not loaded")
+            self._states[name] = ModelState.UNAVAILABLE
+            for model in versions.values():
+                self._retire(model)
+            log.info("model '%s' unloaded", name)
+        await self._changed()
+
+    async def _changed(self) -> None:
+        if self._on_change is not None:
+            await self._on_change()
+
+    async def close(self, grace_s: float | None) -> None:
+        """Finish every model's queued requests (up to grace_s), then stop them."""
+        self._closing = True
+        closing = self.loaded()
+        self._retiring.update(closing)
+        self._models = {}
+        await asyncio.gather(
+            *(model.scheduler.close(grace_s) for model in closing), *self._draining
+        )
+
+    def abort(self, reason: str) -> None:
+        """Answer everything queued or running, in every version (retiring ones included),
+        UNAVAILABLE at once."""
+        for model in (*self.loaded(), *self._retiring):
+            model.scheduler.abort(reason)
+
+    def join_threads(self, timeout_s: float) -> bool:
+        """After close(): wait for batches still running on executor threads to end, so
+        that the process never exits under a running session. False if some did not."""
+        models = (*self.loaded(), *self._retiring)
+        return all(model.scheduler.join_threads(timeout_s) for model in models)
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Let a replaced or unloaded version finish what it accepted, in the background."""
+        self._retiring.add(model)
+        task = asyncio.get_running_loop().create_task(model.scheduler.close(self._drain_grace_s))
+        self._draining.add(task)
+
+        def retired(done: asyncio.Task[None]) -> None:
+            self._draining.discard(done)
+            if not self._closing:
+                self._retiring.discard(model)
+
+        task.add_done_callback(retired)

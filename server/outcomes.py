@@ -1,0 +1,31 @@
+"""A finished inference request, reported once to everyone who counts it.
+
+The data plane builds one `RequestOutcome` per request, whatever the protocol and however
+it ended, and hands it to one list of observers: the model's statistics, the metrics, the
+rejection log and the access log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .errors import Status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    model: str  # "" when the request named no model that is loaded
+    version: str
+    status: Status
+    duration_ns: int
+    message: str = ""  # what the caller was told, when it failed
+    protocol: str = "grpc"
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+class OutcomeObserver(Protocol):
+    def request_finished(self, outcome: RequestOutcome) -> None: ...
