@@ -86,6 +86,9 @@ class Measurement:
     p90_ms: float
     p99_ms: float
     mean_ms: float
+    tool: str = "ghz"
+    # The server's CPU time (every process and thread) during the point, per OK answer.
+    server_cpu_us_per_request: float = float("nan")
 
     @property
     def rows_per_s(self) -> float:

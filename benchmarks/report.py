@@ -1,5 +1,6 @@
-"""The report: a markdown table, issue 5's targets as ratios, and two plots, all from one
-results.json. Regenerate them from a saved run with
+"""The report: markdown tables (throughput, latency, server CPU per request, perf_analyzer),
+issue 12's targets as ratios, and two plots, all from one results.json. Regenerate them
+from a saved run with
 
     python -m benchmarks.report benchmarks/results/results.json
 """
@@ -16,12 +17,17 @@ from typing import Any
 
 from .servers import NAIVE, NULL
 
-# Issue 5's targets, each a ratio against the naive server in the same run.
+# Issue 12's targets, each a ratio against a baseline in the same run.
 TARGET_CONCURRENCY = 64
-TARGET_COMPUTE_SPEEDUP = 4.5
-TARGET_OVERHEAD_SPEEDUP = 2.5
+TARGET_COMPUTE_SPEEDUP = 6.0  # x naive
+TARGET_OVERHEAD_SPEEDUP = 1.5  # x naive
+TARGET_OVERHEAD_OF_NULL = 0.9  # x the null server's throughput
+TARGET_CPU_OF_NULL = 1.2  # server CPU per request, x the null server's
 TARGET_IDLE_P50_EXTRA_MS = 0.1
-TARGET_P99_DIVISOR = 3.0
+# A server named "<name>-before" is the same server built from the previous commit: every
+# point of "<name>" is compared with it, and one more than this much slower is a miss.
+BEFORE_SUFFIX = "-before"
+BEFORE_TOLERANCE = 0.05
 
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
@@ -39,6 +45,8 @@ class Point:
     ok: int
     count: int
     errors: dict[str, int]
+    tool: str = "ghz"
+    cpu_us: float = float("nan")  # server CPU per answered request
 
     @property
     def rows_per_s(self) -> float:
@@ -57,6 +65,8 @@ class Point:
             ok=int(data["ok"]),
             count=int(data["count"]),
             errors=dict(data.get("errors") or {}),
+            tool=str(data.get("tool", "ghz")),
+            cpu_us=float(data.get("server_cpu_us_per_request", float("nan"))),
         )
 
 
@@ -68,11 +78,15 @@ class Results:
         self.meta: dict[str, Any] = data["meta"]
         self.models: dict[str, dict[str, Any]] = data["models"]  # name -> {role, features}
         self.ceiling: dict[str, dict[str, float]] = data["ceiling"]  # model -> batch -> rows/s
-        self.points = [Point.from_json(p) for p in data["measurements"]]
+        every = [Point.from_json(p) for p in data["measurements"]]
+        self.points = [p for p in every if p.tool == "ghz"]
+        self.pa_points = [p for p in every if p.tool == "perf_analyzer"]
         self.servers = list(dict.fromkeys(p.server for p in self.points))
 
-    def point(self, model: str, server: str, concurrency: int, rows: int = 1) -> Point | None:
-        for p in self.points:
+    def point(
+        self, model: str, server: str, concurrency: int, rows: int = 1, tool: str = "ghz"
+    ) -> Point | None:
+        for p in self.points if tool == "ghz" else self.pa_points:
             if (p.model, p.server, p.concurrency, p.rows) == (model, server, concurrency, rows):
                 return p
         return None
@@ -89,8 +103,11 @@ class Results:
 
     @property
     def candidates(self) -> list[str]:
-        """The servers judged against the targets: everything but the baselines."""
-        return [s for s in self.servers if s not in (NAIVE, NULL)]
+        """The servers judged against the targets: everything but the baselines and the
+        builds of the previous commit."""
+        return [
+            s for s in self.servers if s not in (NAIVE, NULL) and not s.endswith(BEFORE_SUFFIX)
+        ]
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -151,8 +168,8 @@ def ceiling_table(results: Results) -> list[str]:
 def measurement_table(results: Results) -> list[str]:
     lines = [
         "| model | server | concurrency | rows/request | req/s | rows/s | p50 ms | p99 ms "
-        "| errors | x naive | % of ceiling |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU us/request | errors | x naive | % of ceiling |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     order = {name: index for index, name in enumerate(results.servers)}
     points = sorted(
@@ -173,7 +190,7 @@ def measurement_table(results: Results) -> list[str]:
         lines.append(
             f"| {p.model} | {p.server} | {p.concurrency} | {p.rows} | {_num(p.req_per_s)} "
             f"| {_num(p.rows_per_s)} | {_num(p.p50_ms, 2)} | {_num(p.p99_ms, 2)} "
-            f"| {errors} | {_ratio(vs_naive)} | {_percent(vs_ceiling)} |"
+            f"| {_num(p.cpu_us)} | {errors} | {_ratio(vs_naive)} | {_percent(vs_ceiling)} |"
         )
     return lines
 
@@ -197,32 +214,36 @@ def _checks_for(results: Results, server: str) -> list[TargetCheck]:
     compute = results.model_with_role("compute-bound")
     overhead = results.model_with_role("overhead-bound")
     c = TARGET_CONCURRENCY
-    checks = []
+    checks: list[TargetCheck] = []
 
-    def pair(model: str | None, concurrency: int) -> tuple[Point | None, Point | None]:
-        if model is None:
-            return None, None
-        return (
-            results.point(model, server, concurrency),
-            results.point(model, NAIVE, concurrency),
-        )
+    def ratio_check(
+        target: str, model: str | None, baseline: str, goal: float, tool: str
+    ) -> TargetCheck:
+        ours = results.point(model, server, c, tool=tool) if model else None
+        base = results.point(model, baseline, c, tool=tool) if model else None
+        if ours is None or base is None or base.req_per_s <= 0:
+            return TargetCheck(server, target, "not measured", None)
+        ratio = ours.req_per_s / base.req_per_s
+        measured = f"{ratio:.2f}x ({ours.req_per_s:,.0f} vs {base.req_per_s:,.0f} req/s)"
+        return TargetCheck(server, target, measured, ratio >= goal)
 
-    for model, role, goal in (
-        (compute, "compute-bound", TARGET_COMPUTE_SPEEDUP),
-        (overhead, "overhead-bound", TARGET_OVERHEAD_SPEEDUP),
-    ):
-        ours, naive = pair(model, c)
-        target = f"{role} ({model}), concurrency {c}: throughput ≥ {goal}x naive"
-        if ours is None or naive is None or naive.req_per_s <= 0:
-            checks.append(TargetCheck(server, target, "not measured", None))
-            continue
-        ratio = ours.req_per_s / naive.req_per_s
-        measured = f"{ratio:.2f}x ({ours.req_per_s:,.0f} vs {naive.req_per_s:,.0f} req/s)"
-        checks.append(TargetCheck(server, target, measured, ratio >= goal))
+    for tool in ("ghz", "perf_analyzer"):
+        checks.append(ratio_check(
+            f"{compute}, c={c}, {tool}: throughput ≥ {TARGET_COMPUTE_SPEEDUP:g}x naive",
+            compute, NAIVE, TARGET_COMPUTE_SPEEDUP, tool,
+        ))
+        checks.append(ratio_check(
+            f"{overhead}, c={c}, {tool}: throughput ≥ {TARGET_OVERHEAD_OF_NULL:g}x null",
+            overhead, NULL, TARGET_OVERHEAD_OF_NULL, tool,
+        ))
+        checks.append(ratio_check(
+            f"{overhead}, c={c}, {tool}: throughput ≥ {TARGET_OVERHEAD_SPEEDUP:g}x naive",
+            overhead, NAIVE, TARGET_OVERHEAD_SPEEDUP, tool,
+        ))
 
     for model in (m for m in (compute, overhead) if m is not None):
-        ours, naive = pair(model, 1)
-        target = f"{model}, concurrency 1: p50 ≤ naive p50 + {TARGET_IDLE_P50_EXTRA_MS} ms"
+        ours, naive = results.point(model, server, 1), results.point(model, NAIVE, 1)
+        target = f"{model}, c=1: p50 ≤ naive p50 + {TARGET_IDLE_P50_EXTRA_MS} ms"
         if ours is None or naive is None:
             checks.append(TargetCheck(server, target, "not measured", None))
             continue
@@ -230,18 +251,35 @@ def _checks_for(results: Results, server: str) -> list[TargetCheck]:
         measured = f"{extra:+.3f} ms ({ours.p50_ms:.3f} vs {naive.p50_ms:.3f} ms)"
         checks.append(TargetCheck(server, target, measured, extra <= TARGET_IDLE_P50_EXTRA_MS))
 
-    ours, naive = pair(compute, c)
-    target = f"compute-bound ({compute}), concurrency {c}: p99 ≤ naive p99 / {TARGET_P99_DIVISOR:g}"
-    if ours is None or naive is None or ours.p99_ms <= 0:
+    ours = results.point(overhead, server, c) if overhead else None
+    null = results.point(overhead, NULL, c) if overhead else None
+    target = f"{overhead}, c={c}: server CPU per request ≤ {TARGET_CPU_OF_NULL:g}x null's"
+    if ours is None or null is None or math.isnan(ours.cpu_us) or math.isnan(null.cpu_us):
         checks.append(TargetCheck(server, target, "not measured", None))
     else:
-        measured = (
-            f"naive/ours = {naive.p99_ms / ours.p99_ms:.2f} "
-            f"({ours.p99_ms:.2f} vs {naive.p99_ms:.2f} ms)"
+        ratio = ours.cpu_us / null.cpu_us
+        measured = f"{ratio:.2f}x ({ours.cpu_us:,.0f} vs {null.cpu_us:,.0f} us)"
+        checks.append(TargetCheck(server, target, measured, ratio <= TARGET_CPU_OF_NULL))
+
+    before = server + BEFORE_SUFFIX
+    if before in results.servers:
+        slower = []
+        compared = 0
+        for p in results.points:
+            if p.server != server:
+                continue
+            old = results.point(p.model, before, p.concurrency, p.rows)
+            if old is None or old.req_per_s <= 0:
+                continue
+            compared += 1
+            if p.req_per_s < old.req_per_s * (1 - BEFORE_TOLERANCE):
+                slower.append(f"{p.model} c={p.concurrency} r={p.rows}: "
+                              f"{p.req_per_s / old.req_per_s:.2f}x")
+        target = (
+            f"no point slower than {before} (more than {BEFORE_TOLERANCE:.0%} below it)"
         )
-        checks.append(
-            TargetCheck(server, target, measured, ours.p99_ms <= naive.p99_ms / TARGET_P99_DIVISOR)
-        )
+        measured = f"{compared} points compared; slower: " + (", ".join(slower) or "none")
+        checks.append(TargetCheck(server, target, measured, not slower if compared else None))
     return checks
 
 
@@ -266,6 +304,28 @@ def stream_table(results: Results) -> list[str]:
             f"| {entry['messages_per_stream']} | {_num(entry['messages_per_s'])} "
             f"| {_ratio(ratio)} | {_num(entry['mean_stream_ms'], 1)} "
             f"| {sum(entry['errors'].values())} |"
+        )
+    return lines
+
+
+def perf_analyzer_table(results: Results) -> list[str]:
+    """The points measured with Triton's perf_analyzer too (its last window)."""
+    if not results.pa_points:
+        return ["Not measured (no perf_analyzer, or `--no-perf-analyzer`)."]
+    lines = [
+        "| model | server | concurrency | req/s | p50 ms | p99 ms | x naive |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in results.pa_points:
+        naive = results.point(p.model, NAIVE, p.concurrency, p.rows, tool="perf_analyzer")
+        vs_naive = (
+            p.req_per_s / naive.req_per_s
+            if naive and naive.req_per_s > 0 and p.server != NAIVE
+            else None
+        )
+        lines.append(
+            f"| {p.model} | {p.server} | {p.concurrency} | {_num(p.req_per_s)} "
+            f"| {_num(p.p50_ms, 2)} | {_num(p.p99_ms, 2)} | {_ratio(vs_naive)} |"
         )
     return lines
 
@@ -304,7 +364,11 @@ def render_markdown(results: Results, plots: dict[str, str]) -> str:
         "",
         *stream_table(results),
         "",
-        "## Targets (issue 5)",
+        "## perf_analyzer",
+        "",
+        *perf_analyzer_table(results),
+        "",
+        "## Targets (issue 12)",
         "",
         *targets_table(check_targets(results)),
         "",

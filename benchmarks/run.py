@@ -13,6 +13,7 @@ Writes results.json, results.md, throughput.png and p99.png into --out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Any
 from . import ceiling
 from .load import LoadSpec, Measurement, find_ghz, ghz_version, run_ghz, write_request
 from .make_models import MODELS, OVERHEAD_BOUND, BenchModel, write_repository
+from .perf_analyzer_load import find_perf_analyzer, run_perf_analyzer
 from .report import write_report
 from .servers import NAIVE, NULL, RunningServer, ServerVariant
 from .stream import StreamMeasurement, run_stream, write_stream_data
@@ -93,6 +95,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ghz", default=None, help="path of the ghz binary")
     parser.add_argument(
         "--ghz-cpus", type=int, default=None, help="cores ghz may use (default: all of them)"
+    )
+    parser.add_argument(
+        "--perf-analyzer-concurrency",
+        type=int,
+        nargs="*",
+        default=[1, 64],
+        help="batch-1 points also measured with Triton's perf_analyzer",
+    )
+    parser.add_argument(
+        "--perf-analyzer-window", type=float, default=4.0, help="seconds per perf_analyzer window"
+    )
+    parser.add_argument(
+        "--no-perf-analyzer", action="store_true", help="ghz only, even when perf_analyzer is here"
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        choices=[m.name for m in MODELS],
+        help="measure only these models (repeatable; default: all)",
     )
     parser.add_argument(
         "--update-readme", action="store_true", help="copy the report into benchmarks/README.md"
@@ -184,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         args.multi_row_concurrency = 4
         args.stream_concurrency = 4
         args.stream_messages = min(args.stream_messages, 5)
+        args.perf_analyzer_concurrency = list(args.concurrency)
         args.ceiling_seconds = 0.05
     out: Path = args.out or (args.work / "smoke" if args.smoke else HERE / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -192,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     if len({v.name for v in variants}) != len(variants):
         raise SystemExit("two servers have the same name")
     ghz = find_ghz(args.ghz)
+    perf_analyzer = None if args.no_perf_analyzer else find_perf_analyzer()
 
-    models = tuple(m.scaled(16) for m in MODELS) if args.smoke else MODELS
+    chosen = tuple(m for m in MODELS if args.model is None or m.name in args.model)
+    models = tuple(m.scaled(16) for m in chosen) if args.smoke else chosen
     repo = write_repository(work / ("models-smoke" if args.smoke else "models"), models)
     points = plan(args, variants, models)
     warmups = len({(v.name, m.name) for v, m, _ in points})
@@ -269,16 +294,40 @@ def main(argv: list[str] | None = None) -> int:
                     / "raw"
                     / f"{variant.name}_{model.name}_c{spec.concurrency}_r{spec.rows}.json"
                 )
+                cpu_before = server.cpu_seconds()
                 result = run_ghz(ghz, server.target, request, spec, model.name, variant.name, raw)
+                cpu_s = server.cpu_seconds() - cpu_before
                 server.check_alive()
+                if result.ok:
+                    result = dataclasses.replace(
+                        result, server_cpu_us_per_request=cpu_s * 1e6 / result.ok
+                    )
                 measurements.append(result)
                 errors = f", errors {result.errors}" if result.errors else ""
                 print(
                     f"  {model.name} c={spec.concurrency:<3} rows={spec.rows}: "
                     f"{result.req_per_s:9,.0f} req/s  p50 {result.p50_ms:7.2f} ms  "
-                    f"p99 {result.p99_ms:7.2f} ms{errors}",
+                    f"p99 {result.p99_ms:7.2f} ms  "
+                    f"cpu {result.server_cpu_us_per_request:6.0f} us/req{errors}",
                     flush=True,
                 )
+                if (
+                    perf_analyzer is not None
+                    and spec.rows == 1
+                    and spec.concurrency in args.perf_analyzer_concurrency
+                ):
+                    pa = run_perf_analyzer(
+                        perf_analyzer, server.target, spec, model.name, variant.name,
+                        window_s=0.5 if args.smoke else args.perf_analyzer_window,
+                    )
+                    server.check_alive()
+                    measurements.append(pa)
+                    print(
+                        f"  {model.name} c={spec.concurrency:<3} perf_analyzer: "
+                        f"{pa.req_per_s:9,.0f} req/s  p50 {pa.p50_ms:7.2f} ms  "
+                        f"p99 {pa.p99_ms:7.2f} ms",
+                        flush=True,
+                    )
             if args.stream_messages and variant.name not in BASELINES:
                 for model in dict.fromkeys(m for m, _ in mine):
                     data = write_stream_data(

@@ -22,6 +22,8 @@ import grpc
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
+from .cpu import process_group_cpu_seconds
+
 # The baselines keep these names: the report's ratios and targets are relative to them.
 NAIVE = "naive"
 NULL = "null"
@@ -157,6 +159,11 @@ class RunningServer:
                 )
             except grpc.RpcError:
                 return False  # not listening yet, or still loading
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's whole process group has used so far."""
+        assert self._process is not None
+        return process_group_cpu_seconds(self._process.pid)
 
     def check_alive(self) -> None:
         """Raise if the server has exited: what ghz measured after that is not the server."""
