@@ -264,6 +264,7 @@ class ModelManager:
         self._draining: set[asyncio.Task[None]] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
+        self._closing_schedulers: list[ModelScheduler] = []
 
     @property
     def models(self) -> dict[str, dict[str, LoadedModel]]:
@@ -376,18 +377,23 @@ class ModelManager:
     async def close(self, grace_s: float | None) -> None:
         """Finish every model's queued requests (up to grace_s), then stop them."""
         self._closing = True
-        closing = [
-            model.scheduler.close(grace_s)
-            for versions in self._models.values()
-            for model in versions.values()
+        # Kept for abort(): a second signal must reach the schedulers being drained here.
+        self._closing_schedulers = [
+            model.scheduler for versions in self._models.values() for model in versions.values()
         ]
         self._models = {}
-        await asyncio.gather(*closing, *self._draining)
+        await asyncio.gather(
+            *(scheduler.close(grace_s) for scheduler in self._closing_schedulers),
+            *self._draining,
+        )
 
     def abort(self, reason: str) -> None:
+        """Answer everything queued or running UNAVAILABLE, during a close() too."""
         for versions in self._models.values():
             for model in versions.values():
                 model.scheduler.abort(reason)
+        for scheduler in self._closing_schedulers:
+            scheduler.abort(reason)
 
     def _retire(self, model: LoadedModel) -> None:
         """Let a replaced or unloaded version finish what it accepted, in the background."""

@@ -15,6 +15,7 @@ import pytest
 from ferry.server.app import FerryServer, ServerOptions
 from ferry.server.scheduler import Instance
 from ferry.server.security import ModelControl, ModelControlMode, SecurityOptions
+from tests.process import FerryProcess
 
 T = TypeVar("T")
 
@@ -136,3 +137,19 @@ def gated() -> Iterator[Callable[[str, Instance], GatedInstance]]:
     yield wrap
     for gate in instances:
         gate.release()
+
+
+@pytest.fixture
+def ferry_process() -> Iterator[Callable[..., FerryProcess]]:
+    """Factory: ferry_process(model_path, *flags) -> a ready `ferry serve` child process
+    (see tests/process.py); any still running at the end of the test is killed."""
+    processes: list[FerryProcess] = []
+
+    def start(model_path: Path, *args: str, **kwargs: Any) -> FerryProcess:
+        process = FerryProcess(model_path, *args, **kwargs)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.close()
