@@ -28,6 +28,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how long tests/test_soak.py keeps its clients busy (CI: 60)",
     )
 
+def soak_timeout_s(soak_seconds: float) -> float:
+    """The timeout of a soak test: its requested length, plus time to start the server
+    and for the last requests (30 s deadlines) to come back. The global 120 s would kill
+    `--soak-seconds 600` half-way."""
+    return soak_seconds * 1.25 + 90.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    soak_seconds = float(config.getoption("--soak-seconds"))
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(soak_timeout_s(soak_seconds)))
+
+
 # Load/unload RPCs are refused unless a server runs in explicit model control; with "*" it
 # still loads the whole repository at start. Pass as start_server(..., security=...).
 EXPLICIT_MODEL_CONTROL = SecurityOptions(
