@@ -15,6 +15,7 @@ import pytest
 from ferry.server.app import FerryServer, ServerOptions
 from ferry.server.scheduler import Instance
 from ferry.server.security import ModelControl, ModelControlMode, SecurityOptions
+from tests.gpu import gpu_unavailable_reason
 from tests.process import FerryProcess
 
 T = TypeVar("T")
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("soak") is not None:
             item.add_marker(pytest.mark.timeout(soak_timeout_s(soak_seconds)))
+        if item.get_closest_marker("gpu") is not None:
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {reason}"))
 
 
 # Load/unload RPCs are refused unless a server runs in explicit model control; with "*" it
