@@ -65,6 +65,10 @@ class ServerOptions:
             raise ValueError(f"grpc port must be within 0..65535, got {self.grpc_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be within 0..65535, got {self.metrics_port}")
+        if self.poll_repository_s is not None and not self.poll_repository_s > 0:
+            raise ValueError(
+                f"poll interval must be > 0 s, got {self.poll_repository_s}"
+            )
         if self.session_threads < 0:
             raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:
@@ -180,7 +184,10 @@ class FerryServer:
     async def start(self) -> int:
         """Load the repository, then open the port; returns the bound gRPC port."""
         address = f"{self.options.host}:{self.options.grpc_port}"
-        self.grpc_port = self.options.security.bind(self._server, address)
+        try:
+            self.grpc_port = self.options.security.bind(self._server, address)
+        except RuntimeError as exc:  # grpc's "Failed to bind to address" (port in use)
+            raise OSError(f"cannot listen on {address}: {exc}") from exc
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {address}")
         if self.options.metrics_port is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__, logs
@@ -283,7 +285,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
         return supervise(argv, args.workers, args.host, args.grpc_port, options.metrics_port)
-    return asyncio.run(serve(options))
+    code = asyncio.run(serve(options))
+    _exit_now_if_a_batch_still_runs(code)
+    return code
+
+
+def _exit_now_if_a_batch_still_runs(code: int) -> None:
+    """A batch still running when the grace ended (or a second signal came) is inside
+    onnxruntime on a daemon worker thread; the interpreter's teardown would destroy its
+    session under it and the process would die of SIGABRT instead of exiting `code`.
+    Its callers are already answered, so leave without the teardown."""
+    workers = [t for t in threading.enumerate() if t.daemon and t.name.startswith("ferry-")]
+    for worker in workers:
+        worker.join(0.2)  # an idle worker is just taking its stop sentinel
+    if any(worker.is_alive() for worker in workers):
+        log.warning("a batch is still running: exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

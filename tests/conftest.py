@@ -16,6 +16,8 @@ from ferry.server.app import FerryServer, ServerOptions
 from ferry.server.executor import Runner
 from ferry.server.repository import ModelControl, ModelControlMode
 from ferry.server.security import SecurityOptions
+from tests.gpu import gpu_unavailable_reason
+from tests.process import FerryProcess
 
 T = TypeVar("T")
 
@@ -27,6 +29,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=60.0,
         help="how long tests/test_soak.py keeps its clients busy (CI: 60)",
     )
+
+def soak_timeout_s(soak_seconds: float) -> float:
+    """The timeout of a soak test: its requested length, plus time to start the server
+    and for the last requests (30 s deadlines) to come back. The global 120 s would kill
+    `--soak-seconds 600` half-way."""
+    return soak_seconds * 1.25 + 90.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    soak_seconds = float(config.getoption("--soak-seconds"))
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(soak_timeout_s(soak_seconds)))
+        if item.get_closest_marker("gpu") is not None:
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {reason}"))
+
 
 # Load/unload RPCs are refused unless a server runs in explicit model control; with "*" it
 # still loads the whole repository at start. Pass as start_server(..., security=...).
@@ -137,3 +157,19 @@ def gated() -> Iterator[Callable[[str, Runner], GatedInstance]]:
     yield wrap
     for gate in instances:
         gate.release()
+
+
+@pytest.fixture
+def ferry_process() -> Iterator[Callable[..., FerryProcess]]:
+    """Factory: ferry_process(model_path, *flags) -> a ready `ferry serve` child process
+    (see tests/process.py); any still running at the end of the test is killed."""
+    processes: list[FerryProcess] = []
+
+    def start(model_path: Path, *args: str, **kwargs: Any) -> FerryProcess:
+        process = FerryProcess(model_path, *args, **kwargs)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.close()

@@ -112,3 +112,50 @@ def write_config(model_folder: Path, text: str) -> Path:
     path = model_folder / "config.pbtxt"
     path.write_text(text)
     return path
+
+
+def spin_model(path: Path, offset: float = 0.0, features: int = 4) -> Path:
+    """x [batch, features] -> y = x + offset, after spinning max(x) times through a Loop.
+
+    The caller chooses how long a batch takes: zeros (warm-up) run at once, a row of 1e9
+    keeps the instance busy for as long as a test needs. `offset` tells versions apart.
+    Process-level tests use it where an in-process test would gate the executor.
+    """
+    state = 16
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("MatMul", ["s_in", "w"], ["s_out"]),
+        ],
+        "spin_body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [state, state]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [state, state]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["most"], keepdims=0),
+            helper.make_node("Cast", ["most"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "", "s0"], ["s"], body=body),
+            helper.make_node("ReduceSum", ["s"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["x", "offset"], ["shifted"]),
+            helper.make_node("Add", ["shifted", "nothing"], ["y"]),
+        ],
+        "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features])],
+        [
+            numpy_helper.from_array(np.eye(state, dtype=np.float32), "s0"),
+            numpy_helper.from_array(np.eye(state, dtype=np.float32), "w"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+            numpy_helper.from_array(np.array(offset, dtype=np.float32), "offset"),
+        ],
+    )
+    return _save(graph, path)

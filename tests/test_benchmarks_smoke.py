@@ -17,6 +17,7 @@ import pytest
 
 from benchmarks.load import find_ghz
 from benchmarks.report import Results, check_targets, render_markdown, update_readme
+from tests.external_tools import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,7 +27,7 @@ def test_smoke_run_writes_table_and_plots_for_every_server(tmp_path: Path) -> No
     try:
         find_ghz()
     except FileNotFoundError:
-        pytest.skip("ghz is not installed (scripts/install-test-tools.sh installs it)")
+        missing("ghz is not installed (scripts/install-test-tools.sh installs it)")
     out = tmp_path / "out"
     done = subprocess.run(
         [
@@ -139,3 +140,17 @@ def test_update_readme_replaces_only_the_results_section(tmp_path: Path) -> None
     assert "### Setup" in text  # one level below the README's own sections
     assert "](results/throughput.png)" in text  # plot links relative to the README
     assert text.startswith("# Bench\n") and text.endswith("## After\n")
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception),
+                                            ("", pytest.skip.Exception)])
+def test_missing_ghz_fails_the_smoke_run_in_ci_and_skips_it_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    def no_ghz(explicit: str | None = None) -> Path:
+        raise FileNotFoundError("ghz not found")
+
+    monkeypatch.setattr(sys.modules[__name__], "find_ghz", no_ghz)
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="ghz is not installed"):
+        test_smoke_run_writes_table_and_plots_for_every_server(tmp_path)

@@ -138,7 +138,7 @@ def test_digits_client_without_a_server_says_so(tmp_path: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         url = f"127.0.0.1:{sock.getsockname()[1]}"
         result = run_script(str(EXAMPLES / "digits_client.py"), "--url", url)
-    assert result.returncode != 0
+    assert result.returncode == 2  # as the README says
     assert f"cannot reach Ferry at {url}" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from ferry.server.security import SecurityOptions
 from ferry.server.signatures import GraphSignature, TensorSignature
 from ferry.server.warmup import WarmupInput, WarmupSample, sample_arrays
 from tests.conftest import GatedInstance, RunningServer
+from tests.gpu import has_gpu
 from tests.models import mlp_model, write_config
 from tests.waiting import wait_until
 
@@ -214,8 +216,9 @@ def test_pinned_memory_falls_back_to_ordinary_memory_without_a_gpu() -> None:
     cudart = sorted(Path(__file__).resolve().parent.parent.glob(
         ".tools/perf-venv/lib/python*/site-packages/nvidia/cuda_runtime/lib/libcudart.so.12"
     ))
-    if cudart:  # a real CUDA runtime without a device: cudaHostAlloc fails, cleanly
-        assert pinned_allocator(str(cudart[0])) is None
+    if cudart:  # a real CUDA runtime: page-locked memory where a GPU is, cleanly none else
+        allocator = pinned_allocator(str(cudart[0]))
+        assert (allocator is not None) == has_gpu()
 
 
 # Providers and the fallback to the CPU ---------------------------------------------
@@ -276,12 +279,15 @@ def base_settings(settings: ModelSettings) -> SessionSettings:
     )
 
 
+# A machine without CUDA is faked by the providers handed to create_instances, and a GPU
+# that does not start by asking for GPU 99: these tests hold on CPU and CUDA machines alike.
+CPU_ONLY = ("CPUExecutionProvider",)
+
+
 def test_a_gpu_config_without_cuda_loads_on_the_cpu_with_one_warning(mlp: Path) -> None:
-    assert "CUDAExecutionProvider" not in available_providers()  # this machine
     settings = settings_of("instance_group [ { kind: KIND_GPU count: 2 gpus: [ 0, 1 ] } ]")
     created = create_instances(
-        mlp, settings.devices, base_settings(settings), GpuFallback.CPU, available_providers()
-    )
+            mlp, settings.devices, base_settings(settings), GpuFallback.CPU, CPU_ONLY)
     assert len(created.instances) == 4
     assert {i.device for i in created.instances} == {"cpu"}
     assert {i.providers for i in created.instances} == {("CPUExecutionProvider",)}
@@ -299,11 +305,12 @@ def test_a_gpu_config_without_cuda_fails_with_gpu_fallback_fail(mlp: Path) -> No
 
 def test_a_cuda_provider_that_does_not_start_falls_back_to_the_cpu(mlp: Path) -> None:
     """onnxruntime carries on without a provider that fails; Ferry notices and says so.
-    (Here the provider is claimed available but is not: the session runs on the CPU.)"""
+    (The provider is claimed available, and GPU 99 exists nowhere: without CUDA the
+    session runs on the CPU, with CUDA it fails to start; either way the CPU serves.)"""
     settings = settings_of(
         """
         max_batch_size: 8
-        instance_group [ { kind: KIND_GPU count: 2 } ]
+        instance_group [ { kind: KIND_GPU count: 2 gpus: [ 99 ] } ]
         optimization { cuda { graphs: true } }
         """
     )
@@ -312,12 +319,12 @@ def test_a_cuda_provider_that_does_not_start_falls_back_to_the_cpu(mlp: Path) ->
         mlp, settings.devices, base_settings(settings), GpuFallback.CPU, claimed)
     assert [i.device for i in created.instances] == ["cpu", "cpu"]
     (warning,) = created.warnings
-    assert "CUDAExecutionProvider did not start on GPU 0" in warning
+    assert re.search(r"(did not start|could not create a session) on GPU 99", warning), warning
     assert created.instances[0].binding_plan is not None
     assert not created.instances[0].binding_plan.cuda_graphs
-    with pytest.raises(FerryError, match=r"did not start on GPU 0.*--gpu-fallback fail"):
+    with pytest.raises(FerryError, match=r"on GPU 99.*--gpu-fallback fail"):
         create_instances(
-        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, claimed)
+            mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, claimed)
 
 
 def test_tensorrt_without_its_provider_warns_or_fails(mlp: Path) -> None:
@@ -451,7 +458,10 @@ def test_a_gpu_model_serves_on_the_cpu_with_the_warning(
 ) -> None:
     (tmp_path / "m" / "1").mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(mlp.read_bytes())
-    write_config(tmp_path / "m", "max_batch_size: 8\ninstance_group [ { kind: KIND_GPU } ]\n")
+    # GPU 99 exists nowhere: the fallback happens on CPU and CUDA machines alike.
+    write_config(
+        tmp_path / "m", "max_batch_size: 8\ninstance_group [ { kind: KIND_GPU gpus: [ 99 ] } ]\n"
+    )
     with caplog.at_level(logging.WARNING, logger="ferry"):
         server = start_server(tmp_path)
     warnings = [r.getMessage() for r in caplog.records if "run on the CPU" in r.getMessage()]
@@ -467,12 +477,43 @@ def test_gpu_fallback_fail_refuses_to_load_a_gpu_model(
 ) -> None:
     (tmp_path / "m" / "1").mkdir(parents=True)
     (tmp_path / "m" / "1" / "model.onnx").write_bytes(mlp.read_bytes())
-    write_config(tmp_path / "m", "instance_group [ { kind: KIND_GPU } ]\n")
+    write_config(tmp_path / "m", "instance_group [ { kind: KIND_GPU gpus: [ 99 ] } ]\n")
     server = start_server(tmp_path, gpu_fallback=GpuFallback.FAIL)
     with FerryClient(server.address) as client:
         assert not client.is_model_ready("m")
     (entry,) = server.server.manager.index()
     assert "asks for a GPU" in entry.reason and "--gpu-fallback fail" in entry.reason
+
+
+# On a GPU (skipped elsewhere, with the reason) ---------------------------------------
+
+
+@pytest.mark.gpu
+def test_a_gpu_config_runs_on_cuda_where_there_is_one(mlp: Path) -> None:
+    settings = settings_of("max_batch_size: 8\ninstance_group [ { kind: KIND_GPU count: 2 } ]")
+    created = create_instances(
+        mlp, settings.devices, base_settings(settings), GpuFallback.FAIL, available_providers()
+    )
+    assert [(i.device, i.device_id) for i in created.instances] == [("cuda", 0), ("cuda", 0)]
+    assert created.warnings == []
+
+
+@pytest.mark.gpu
+def test_a_gpu_model_serves_on_cuda_with_the_cpu_results(
+    tmp_path: Path,
+    mlp: Path,
+    reference: Callable[[np.ndarray], dict[str, np.ndarray]],
+    start_server: StartServer,
+) -> None:
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "model.onnx").write_bytes(mlp.read_bytes())
+    write_config(tmp_path / "m", "max_batch_size: 8\ninstance_group [ { kind: KIND_GPU } ]\n")
+    server = start_server(tmp_path, gpu_fallback="fail")
+    x = np.random.default_rng(5).standard_normal((5, 16)).astype(np.float32)
+    with FerryClient(server.address) as client:
+        assert client.is_model_ready("m")
+        got = client.infer("m", {"x": x})
+    np.testing.assert_allclose(got["probs"], reference(x)["probs"], rtol=1e-3, atol=1e-4)
 
 
 def test_padded_rows_never_reach_a_caller_and_are_counted(

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,8 +30,10 @@ from ferry.server.logs import AccessLog, JsonFormatter, RejectionLog
 from ferry.server.metrics import LATENCY_BUCKETS_S, ServerMetrics, batch_size_bounds
 from ferry.server.outcomes import RequestOutcome
 from ferry.server.scheduler import BatchTimings
+from ferry.server.workers import free_port
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import mlp_model, write_config
+from tests.process import FerryProcess, listening_ports
 from tests.waiting import wait_until
 
 FEATURES = 16
@@ -253,10 +256,26 @@ def test_each_server_has_its_own_registry(
 
 
 def test_no_metrics_endpoint_when_turned_off(
-    tmp_path: Path, start_server: Callable[..., RunningServer]
+    tmp_path: Path, ferry_process: Callable[..., FerryProcess]
 ) -> None:
-    server = start_server(make_repo(tmp_path), metrics_port=None)
-    assert server.server.metrics_port == 0
+    """`--metrics-port -1` (the last value wins) leaves the port of an earlier
+    `--metrics-port P` closed: connecting to it is refused, and the process listens on
+    its gRPC port only. The same P with metrics on answers, so the probe can see one."""
+    repo = make_repo(tmp_path)
+    port = free_port("127.0.0.1")
+    on = ferry_process(repo, "--metrics-port", str(port))
+    assert on.metrics_port == port
+    assert listening_ports(on.pid) == {on.port, port}
+    assert "ferry_requests_total" in on.scrape()
+    assert on.stop() == 0
+
+    off = ferry_process(repo, "--metrics-port", str(port), "--metrics-port", "-1")
+    assert off.metrics_port == 0
+    assert listening_ports(off.pid) == {off.port}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert "Prometheus" not in off.log
+    assert off.stop() == 0
 
 
 def test_batch_size_buckets_follow_the_largest_max_batch_size() -> None:

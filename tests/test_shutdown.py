@@ -9,17 +9,18 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import GatedInstance, RunningServer
-from tests.models import mlp_model, write_config
+from tests.models import mlp_model, spin_model, write_config
+from tests.process import FerryProcess, infer, metric
 from tests.waiting import wait_until
 
 FEATURES = 256
@@ -62,6 +63,27 @@ class ServerProcess:
         return "".join(self.lines)
 
 
+SPIN_OFFSET = 0.5
+FOREVER = 1e9  # spin_model rounds: far longer than any test runs
+
+
+@pytest.fixture
+def spin_repo(tmp_path: Path) -> Path:
+    """A model whose batch takes as long as its input says, one request per batch."""
+    repo = tmp_path / "spin"
+    spin_model(repo / "m" / "1" / "model.onnx", offset=SPIN_OFFSET)
+    write_config(repo / "m", "max_batch_size: 1\n")
+    return repo
+
+
+def spin_infer(address: str, n: float) -> tuple[str, np.ndarray | None]:
+    return infer(address, np.full((1, 4), n, np.float32), timeout=60)
+
+
+def queue_depth(server: FerryProcess) -> float | None:
+    return metric(server.scrape(), "ferry_queue_depth", model="m")
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     repo = tmp_path / "repo"
@@ -70,39 +92,55 @@ def repo(tmp_path: Path) -> Path:
     return repo
 
 
-def test_sigterm_mid_burst_answers_every_request_and_exits_zero(repo: Path) -> None:
-    server = ServerProcess(repo, "--shutdown-grace", "20")
-    address = f"127.0.0.1:{server.port}"
-    session = ort.InferenceSession(str(repo / "m" / "1" / "model.onnx"))
-    answered = threading.Semaphore(0)
+def test_sigterm_mid_burst_answers_every_request_and_exits_zero(
+    spin_repo: Path, ferry_process: Callable[..., FerryProcess]
+) -> None:
+    """Requests the server accepted before the signal are all answered OK; only those
+    sent after it may be refused (UNAVAILABLE); the process exits 0 within the grace."""
+    grace_s = 20.0
+    server = ferry_process(spin_repo, "--shutdown-grace", str(grace_s), "--metrics-port", "0")
+    accepted = 24
+    spins = [2e5 + i for i in range(accepted)]  # about 0.2 s each, one at a time
+    with concurrent.futures.ThreadPoolExecutor(accepted) as pool:
+        futures = [pool.submit(spin_infer, server.address, n) for n in spins]
+        # One runs, the rest wait in the queue: every one of them is accepted.
+        wait_until(lambda: queue_depth(server) == accepted - 1, timeout=30,
+                   what="the burst to be queued")
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait_for("SIGTERM received: draining", timeout=10)
+        late = [pool.submit(spin_infer, server.address, 0.0) for _ in range(8)]
+        outcomes = [f.result(timeout=60) for f in futures]
+        late_outcomes = [f.result(timeout=60) for f in late]
+    code = server.wait(timeout=grace_s + 10)
+    elapsed = time.monotonic() - signalled
 
-    def one(index: int) -> str:
-        x = np.full((1, FEATURES), index / 100, dtype=np.float32)
-        try:
-            with triton.InferenceServerClient(address) as client:
-                tensor = triton.InferInput("x", [1, FEATURES], "FP32")
-                tensor.set_data_from_numpy(x)
-                result = client.infer("m", [tensor], client_timeout=60).as_numpy("logits")
-        except InferenceServerException as error:
-            return error.status()
-        finally:
-            answered.release()
-        expected = session.run(["logits"], {"x": x})[0]
-        return "OK" if np.allclose(result, expected, rtol=1e-4, atol=1e-5) else "WRONG"
+    assert [status for status, _ in outcomes] == ["OK"] * accepted
+    for n, (_, y) in zip(spins, outcomes, strict=True):
+        np.testing.assert_array_equal(y, np.full((1, 4), n + SPIN_OFFSET, np.float32))
+    assert [status for status, _ in late_outcomes] == ["UNAVAILABLE"] * len(late)
+    assert code == 0, server.log
+    assert elapsed < grace_s, f"exited {elapsed:.1f} s after SIGTERM, grace {grace_s} s"
+    assert "Traceback" not in server.log
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(one, i) for i in range(240)]
-        for _ in range(40):  # mid-burst: some answered, most still to come
-            assert answered.acquire(timeout=60)
-        server.process.send_signal(signal.SIGTERM)
-        outcomes = [f.result(timeout=90) for f in futures]
 
-    assert server.process.wait(timeout=60) == 0
-    assert set(outcomes) <= {"OK", "StatusCode.UNAVAILABLE"}, outcomes
-    assert outcomes.count("OK") >= 40
-    stderr = server.stderr
-    assert "Traceback" not in stderr
-    assert "SIGTERM received: draining" in stderr
+def test_end_of_grace_answers_busy_work_unavailable_and_exits_on_time(
+    spin_repo: Path, ferry_process: Callable[..., FerryProcess]
+) -> None:
+    grace_s = 1.0
+    server = ferry_process(spin_repo, "--shutdown-grace", str(grace_s), "--metrics-port", "0")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(spin_infer, server.address, FOREVER) for _ in range(4)]
+        wait_until(lambda: queue_depth(server) == 3, timeout=30, what="three queued requests")
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        outcomes = [f.result(timeout=30)[0] for f in futures]
+        code = server.wait(timeout=30)
+    elapsed = time.monotonic() - signalled
+    assert outcomes == ["UNAVAILABLE"] * 4
+    assert code == 0, server.log
+    assert elapsed < grace_s + 3.0, f"exited {elapsed:.1f} s after SIGTERM, grace {grace_s} s"
+    assert "Traceback" not in server.log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -190,12 +228,28 @@ def test_new_requests_during_drain_get_unavailable(
 
 
 @pytest.mark.skipif(os.name != "posix", reason="signals")
-def test_second_signal_stops_at_once(repo: Path) -> None:
-    server = ServerProcess(repo, "--shutdown-grace", "600")
-    server.process.send_signal(signal.SIGTERM)
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=30) == 0
-    assert "Traceback" not in server.stderr
+def test_second_signal_stops_at_once(
+    spin_repo: Path, ferry_process: Callable[..., FerryProcess]
+) -> None:
+    """A busy server: the first signal starts a drain that could last the whole grace
+    (600 s); the second answers the running and queued requests UNAVAILABLE at once."""
+    server = ferry_process(spin_repo, "--shutdown-grace", "600", "--metrics-port", "0")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(spin_infer, server.address, FOREVER) for _ in range(4)]
+        wait_until(lambda: queue_depth(server) == 3, timeout=30, what="three queued requests")
+        server.send_signal(signal.SIGTERM)
+        server.wait_for("SIGTERM received: draining", timeout=10)
+        assert not any(f.done() for f in futures)  # the drain waits for them
+        signalled = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        outcomes = [f.result(timeout=30)[0] for f in futures]
+        code = server.wait(timeout=30)
+    elapsed = time.monotonic() - signalled
+    assert outcomes == ["UNAVAILABLE"] * 4
+    assert code == 0, server.log
+    assert elapsed < 5.0, f"exited {elapsed:.1f} s after the second signal"
+    assert "second signal" in server.log
+    assert "Traceback" not in server.log
 
 
 def test_second_signal_stops_at_once_while_clients_keep_sending(repo: Path) -> None:

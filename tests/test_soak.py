@@ -21,7 +21,7 @@ import pytest
 
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, soak_timeout_s
 from tests.models import mlp_model, write_config
 
 FEATURES = 32
@@ -42,10 +42,18 @@ def logits_of(response: pb.ModelInferResponse) -> np.ndarray:
     return np.frombuffer(response.raw_output_contents[index], np.float32).reshape(shape)
 
 
+def test_the_soak_timeout_follows_the_requested_length() -> None:
+    for seconds in (60.0, 600.0, 3600.0):
+        assert soak_timeout_s(seconds) > seconds + 60  # start-up and 30 s deadlines
+
+
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.asyncio
 async def test_mixed_traffic_soak(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     seconds = float(request.config.getoption("--soak-seconds"))
+    timeout = request.node.get_closest_marker("timeout")
+    assert timeout is not None and timeout.args[0] == soak_timeout_s(seconds)
     repo = tmp_path / "repo"
     mlp_model(repo / "m" / "1" / "model.onnx", features=FEATURES, hidden=64, classes=8)
     write_config(repo / "m", "max_batch_size: 16\ndynamic_batching { }\n")
