@@ -160,6 +160,12 @@ class RunningServer:
             except grpc.RpcError:
                 return False  # not listening yet, or still loading
 
+    @property
+    def pid(self) -> int:
+        """The server's process (its group leader)."""
+        assert self._process is not None
+        return self._process.pid
+
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the server's whole process group has used so far."""
         assert self._process is not None

@@ -59,9 +59,12 @@ class _Running:
     start_ns: int
 
 
-# An idle model whose batches take less than this runs them on the event loop
-# (see ModelScheduler._may_run_inline); 0 turns that off.
+# A lone request on an idle model whose batches take less than this runs on the event
+# loop (see ModelScheduler._may_run_inline); 0 turns that off.
 DEFAULT_INLINE_MAX_S = 0.001
+# Under load, batches of a model this fast run on the event loop too: the hand-off to a
+# worker thread and back costs more than the batch itself.
+DEFAULT_INLINE_BUSY_MAX_S = 0.0002
 
 
 def _resolve(future: asyncio.Future[Tensors], value: Tensors | BaseException) -> None:
@@ -88,6 +91,7 @@ class ModelScheduler:
         clock: Callable[[], float] = time.monotonic,
         observers: Sequence[BatchObserver] = (),
         inline_max_s: float = DEFAULT_INLINE_MAX_S,
+        inline_busy_max_s: float = DEFAULT_INLINE_BUSY_MAX_S,
     ) -> None:
         if not executors:
             raise ValueError("a model needs at least one executor")
@@ -98,6 +102,7 @@ class ModelScheduler:
         self._output_order = tuple(output_names)
         self._observers = tuple(observers)
         self._inline_max_s = inline_max_s
+        self._inline_busy_max_s = min(inline_busy_max_s, inline_max_s)
         self._lanes = [
             ExecutionLane(executor, f"ferry-{name}-{index}")
             for index, executor in enumerate(executors)
@@ -266,19 +271,25 @@ class ModelScheduler:
     def _may_run_inline(self, batch: Batch[Work]) -> bool:
         """Whether a batch may run right here on the event loop instead of its thread.
 
-        Only a lone request on an idle model (nothing else running or queued) whose
-        recent executions took less than `inline_max_s`: then the thread hand-off costs
-        more than the work (a round trip measured at about 85 us on a 2-core VM, against
-        10 us for a small MLP), and nobody else is waiting for the loop. Batches of
-        several requests always go to the instance threads, so under load the loop keeps
-        reading requests while the model computes.
+        The hand-off to a worker thread and back (a queue put, a wake-up, and
+        `call_soon_threadsafe` through the loop's self-pipe) costs tens of microseconds of
+        CPU: more than a small model's whole batch. So a batch runs on the loop when the
+        model's recent executions took at most `inline_busy_max_s`, or, for a lone request
+        on an idle model (nothing else running or queued, so nobody waits for the loop),
+        at most `inline_max_s`. Slower batches go to the executor threads, so that the
+        loop keeps reading requests while the model computes. The first batch always runs
+        on a thread: its cost is not known yet.
         """
+        if not self._inline_capable:
+            return False
+        recent = self._recent_infer_s
+        if recent <= self._inline_busy_max_s:
+            return True
         return (
-            self._inline_capable
+            recent <= self._inline_max_s
             and len(batch.requests) == 1
             and not self._inflight
             and not self._queue
-            and self._recent_infer_s <= self._inline_max_s
         )
 
     def _items(self, batch: Batch[Work]) -> tuple[list[BatchItem], list[str]]:
@@ -290,7 +301,9 @@ class ModelScheduler:
     def _run_inline(self, lane: ExecutionLane, batch: Batch[Work]) -> None:
         running = _Running(lane, batch, time.perf_counter_ns())
         self._inflight[id(running)] = running
-        self._finish(running, lane.run_here(*self._items(batch)))
+        # The caller (_dispatch) goes on taking batches: no re-dispatch from in here, which
+        # would nest one call deeper per batch.
+        self._finish(running, lane.run_here(*self._items(batch)), redispatch=False)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -303,7 +316,7 @@ class ModelScheduler:
         items, output_names = self._items(batch)
         lane.start(items, output_names, self._loop, lambda outcome: self._finish(running, outcome))
 
-    def _finish(self, running: _Running, outcome: Outcome) -> None:
+    def _finish(self, running: _Running, outcome: Outcome, redispatch: bool = True) -> None:
         """Back on the loop: answer every request of the batch, whatever happened."""
         del self._inflight[id(running)]
         requests = running.batch.requests
@@ -342,7 +355,7 @@ class ModelScheduler:
                 self._recent_infer_s += (infer_s - self._recent_infer_s) * 0.25
         for observer in self._observers:
             observer.batch_executed(record)
-        if self._accepting or self._queue:
+        if redispatch and (self._accepting or self._queue):
             self._dispatch()
         else:
             self._notify_if_idle()

@@ -610,8 +610,9 @@ class LoopSafeInstance(FakeInstance):
 async def test_a_lone_request_on_an_idle_fast_model_runs_on_the_loop() -> None:
     instance = LoopSafeInstance()
     loop_thread = threading.current_thread().name
-    # Every execution measures 1 us, well under the 1 ms limit, on any machine.
-    async with serving(instance, timer=FakeTimer(step_ns=1_000)) as scheduler:
+    # Every execution measures 500 us on any machine: under the 1 ms limit for a lone
+    # request on an idle model, over the 200 us limit for batches under load.
+    async with serving(instance, timer=FakeTimer(step_ns=500_000)) as scheduler:
         # The first batch runs on the instance's thread: its cost is not known yet.
         assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
         assert instance.threads[-1] != loop_thread
@@ -623,6 +624,37 @@ async def test_a_lone_request_on_an_idle_fast_model_runs_on_the_loop() -> None:
         assert [(await result(f))["double"].tolist() for f in both] == [[[6]], [[8]]]
         assert instance.batch_rows[-1] == 2
         assert instance.threads[-1] != loop_thread
+
+
+@pytest.mark.asyncio
+async def test_under_load_a_very_fast_models_batches_run_on_the_loop() -> None:
+    instance = LoopSafeInstance()
+    loop_thread = threading.current_thread().name
+    # Every execution measures 1 us: cheaper than any hand-off to a thread.
+    async with serving(instance, timer=FakeTimer(step_ns=1_000)) as scheduler:
+        assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
+        assert instance.threads[-1] != loop_thread  # the first batch: cost unknown
+        many = [send(scheduler, rows(value)) for value in range(2, 30)]
+        answers = [(await result(f))["double"].tolist() for f in many]
+        assert answers == [[[2 * value]] for value in range(2, 30)]
+        assert instance.threads[1:] == [loop_thread] * (len(instance.threads) - 1)
+        assert sum(instance.batch_rows[1:]) == 28
+        assert max(instance.batch_rows) == 8  # still batched, up to max_batch_size
+
+
+@pytest.mark.asyncio
+async def test_many_inline_batches_in_a_row_do_not_nest() -> None:
+    # Each request has its own shape, so each is a batch of its own: hundreds of inline
+    # batches from one dispatch must run one after another, not one call deeper each.
+    instance = LoopSafeInstance()
+    async with serving(instance, timer=FakeTimer(step_ns=1_000)) as scheduler:
+        await result(send(scheduler, rows(1)))
+        futures = [
+            send(scheduler, np.full((1, width), 1.0, dtype=np.float32))
+            for width in range(1, 1500)
+        ]
+        done = [await result(f) for f in futures]
+        assert [d["double"].shape for d in done] == [(1, w) for w in range(1, 1500)]
 
 
 @pytest.mark.asyncio
