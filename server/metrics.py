@@ -32,7 +32,7 @@ from .scheduler import BatchObserver, BatchTimings, ModelScheduler
 # prometheus_client adds a `<name>_created` timestamp series to every counter and histogram
 # by default: Prometheus ignores it in the text format, and it doubles the series count. The
 # switch is process-wide, and the process that imports this module is a Ferry server.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client has no hints here
 
 # Requests for a model that is not loaded are counted under this one label value, so that
 # callers cannot create label values (and time series) at will.
