@@ -25,6 +25,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
+COPY src/ src/
 RUN /opt/ferry/bin/python -m pip install --no-cache-dir --quiet --upgrade "pip>=24" \
     && /opt/ferry/bin/python -m pip install --no-cache-dir --quiet -c constraints.txt ".[cpu]"
 
@@ -63,6 +64,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY proto/ proto/
 COPY server/ server/
 COPY client/ client/
+COPY src/ src/
 RUN /opt/ferry/bin/python -m pip install --no-cache-dir --quiet --upgrade "pip>=24" \
     && /opt/ferry/bin/python -m pip install --no-cache-dir --quiet -c constraints.txt ".[gpu]"
 

@@ -1,13 +1,20 @@
 """Train the example model: a digits classifier, exported to ONNX for Ferry to serve.
 
 Uses scikit-learn's bundled 8x8 digits data set (no download) with a fixed seed and a
-held-out test split, and writes into OUT (default: this folder)
+held-out test split, and writes into a new temporary folder (or --out DIR, or with
+--overwrite-committed the committed files in examples/):
 
     model_repository/digits/1/model.onnx   pixels FP32 [batch, 64] -> label INT64 [batch],
                                            probabilities FP32 [batch, 10]
     model_repository/digits/config.pbtxt
     digits_test_split.npz                  the whole held-out split, for digits_client.py
     digits_samples.json                    its first 20 samples, for clients in other languages
+
+The split, the samples and the config come out identical everywhere. The model's
+coefficients are the solver's floating-point result: one thread and fixed solver settings make
+a run repeat itself on one machine, but another CPU's BLAS kernels round differently (up to
+about 2e-4 in a coefficient), so a retrained model.onnx need not equal the committed one byte
+for byte; its predictions agree (tests/test_example.py checks how closely).
 
 Needs the test extras (scikit-learn, skl2onnx):  .venv/bin/python examples/train_digits.py
 """
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +37,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 SEED = 0
 TEST_FRACTION = 0.2
 SAMPLE_COUNT = 20
 TARGET_OPSET = 17
 MODEL_NAME = "digits"
+EXAMPLES = Path(__file__).resolve().parent
 
 CONFIG = f"""\
 # The example model: a logistic regression over 8x8 digit images (examples/train_digits.py).
@@ -67,8 +78,12 @@ def held_out_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def train(pixels: np.ndarray, labels: np.ndarray) -> Pipeline:
-    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    classifier.fit(pixels.astype(np.float32), labels)
+    # Every solver setting spelt out (a scikit-learn upgrade may change a default), and one
+    # BLAS/OpenMP thread: a threaded reduction may add in another order on each run.
+    solver = LogisticRegression(solver="lbfgs", C=1.0, tol=1e-4, max_iter=2000)
+    classifier = make_pipeline(StandardScaler(), solver)
+    with threadpool_limits(limits=1):
+        classifier.fit(pixels.astype(np.float32), labels)
     return classifier
 
 
@@ -109,17 +124,32 @@ def onnx_accuracy(model: onnx.ModelProto, pixels: np.ndarray, labels: np.ndarray
     return float(np.mean(predicted == labels))
 
 
-def main() -> None:
+def output_folder(argv: list[str] | None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent,
-        help="folder to write the model repository and the samples into (default: %(default)s)",
+        help="folder to write the model repository and the samples into "
+        "(default: a new temporary folder; the checkout stays as it is)",
     )
-    args = parser.parse_args()
-    out: Path = args.out
+    where.add_argument(
+        "--overwrite-committed",
+        action="store_true",
+        help=f"write over the committed model and samples in {EXAMPLES}",
+    )
+    args = parser.parse_args(argv)
+    if args.overwrite_committed:
+        return EXAMPLES
+    if args.out is None:
+        return Path(tempfile.mkdtemp(prefix="ferry-digits-"))
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    return Path(args.out)
 
+
+def main(argv: list[str] | None = None) -> None:
+    out = output_folder(argv)
     train_x, test_x, train_y, test_y = held_out_split()
     classifier = train(train_x, train_y)
     model = export(classifier)
@@ -145,7 +175,9 @@ def main() -> None:
     print(f"trained on {len(train_y)} samples, held out {len(test_y)}")
     print(f"held-out accuracy: scikit-learn {sklearn_accuracy:.4f}, onnxruntime {accuracy:.4f}")
     print(f"wrote {model_folder} ({size_kib:.1f} KiB model) and samples into {out}")
+    if out != EXAMPLES:
+        print(f"serve it with: .venv/bin/ferry serve {out / 'model_repository'}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

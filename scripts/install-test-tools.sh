@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# Install the external tools that integration tests drive, into .tools/ (idempotent).
+# Install the external tools that integration tests drive (idempotent). What it writes:
+#   .tools/bin/   ghz, protoc-gen-go, protoc-gen-go-grpc (built with Go), the perf_analyzer wrapper
+#   .tools/perf-venv/                       perf_analyzer's own venv (tritonclient 2.41.0)
+#   examples/clients/node/node_modules/     the Node.js client's packages (npm ci)
+#   Go's and npm's download caches in your home folder (go env GOMODCACHE, ~/.npm)
+# and, as root, Debian packages system-wide: scripts/install-system-tools.sh, skipped with
+# FERRY_SKIP_SYSTEM_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .tools/bin
@@ -47,16 +53,9 @@ else
 fi
 
 # Triton's perf_analyzer, from the tritonclient 2.41.0 wheel, in a venv of its own
-# (scripts/perf-analyzer-requirements.txt says why). It links Debian's libb64 and CUDA's
-# runtime library; .tools/bin/perf_analyzer is a wrapper that finds the latter.
-if ! dpkg -s libb64-0d >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libb64-0d
-  else
-    echo "install-test-tools: libb64-0d missing; run as root, or: sudo apt-get install libb64-0d" >&2
-  fi
-fi
+# (scripts/perf-analyzer-requirements.txt says why). It links Debian's libb64 (from
+# scripts/install-system-tools.sh) and CUDA's runtime library; .tools/bin/perf_analyzer is a
+# wrapper that finds the latter.
 perf_requirements=scripts/perf-analyzer-requirements.txt
 if ! [ .tools/perf-venv/.installed -nt "$perf_requirements" ]; then
   rm -rf .tools/perf-venv
@@ -74,19 +73,6 @@ exec "$venv/bin/perf_analyzer" "$@"
 WRAPPER
 chmod +x .tools/bin/perf_analyzer
 
-# Prometheus and promtool (Debian's `prometheus` package ships both), for the metrics
-# tests: promtool checks the exposition text, and a Prometheus server started by the test
-# on loopback scrapes Ferry. The package would also start a system service where systemd
-# runs; the tests need none, so it is stopped and disabled.
-if ! { command -v prometheus >/dev/null && command -v promtool >/dev/null; }; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
-    if [ -d /run/systemd/system ]; then
-      systemctl disable --now prometheus >/dev/null 2>&1 || true
-    fi
-  else
-    echo "install-test-tools: prometheus/promtool missing; run as root, or:" \
-      "sudo apt-get install prometheus" >&2
-  fi
-fi
+# Debian packages, system-wide: libb64-0d (perf_analyzer) and prometheus (promtool and a
+# Prometheus server that tests/test_prometheus.py starts on loopback to scrape Ferry).
+scripts/install-system-tools.sh

@@ -22,6 +22,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
@@ -29,6 +30,11 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from .outcomes import RequestOutcome
 from .scheduler import BatchObserver, BatchTimings
+
+# prometheus_client adds a `<name>_created` timestamp series to every counter and histogram
+# by default: Prometheus ignores it in the text format, and it doubles the series count. The
+# switch is process-wide, and the process that imports this module is a Ferry server.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client has no hints here
 
 # Requests for a model that is not loaded are counted under this one label value, so that
 # callers cannot create label values (and time series) at will.

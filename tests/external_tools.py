@@ -4,6 +4,7 @@ them in .tools/. A missing tool skips its test on a developer's machine and fail
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / ".tools"
 INSTALL_HINT = "run scripts/install-test-tools.sh"
+SYSTEM_HINT = (
+    "scripts/install-system-tools.sh installs it as root with apt-get"
+    " (skipped when FERRY_SKIP_SYSTEM_TOOLS=1)"
+)
 
 
 def missing(message: str) -> NoReturn:
@@ -32,3 +37,9 @@ def require_tool(name: str, hint: str = INSTALL_HINT) -> str:
     if found is None:
         missing(f"{name} not found in .tools/bin or on PATH: {hint}")
     return found
+
+
+def require_system_library(name: str, package: str) -> None:
+    """A shared library that a system package provides (found as the dynamic linker would)."""
+    if ctypes.util.find_library(name) is None:
+        missing(f"lib{name} not found (Debian package {package}): {SYSTEM_HINT}")

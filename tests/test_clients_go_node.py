@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -80,9 +81,7 @@ def test_go_client_prints_what_onnxruntime_answers(
 
 @pytest.mark.parametrize("index", SAMPLE_INDEXES)
 def test_node_client_prints_what_onnxruntime_answers(index: int, start_server) -> None:
-    node = require_tool("node", "install Node.js 18 or newer")
-    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
-        missing(f"{NODE_CLIENT}/node_modules is missing: run scripts/install-test-tools.sh")
+    node = node_client()
     server: RunningServer = start_server(MODEL_REPOSITORY)
     command = [node, "digits_client.js", "--addr", server.address, "--sample", str(index)]
     done = run(command, cwd=NODE_CLIENT, timeout=60)
@@ -96,7 +95,78 @@ def test_go_client_reports_a_server_error(go_binary: Path, start_server) -> None
         [*command, "-model", "no-such-model"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0
-    assert "NotFound" in done.stderr, done.stderr
+    # gRPC's canonical code name, as the README's error table and the Node.js client say it.
+    assert "ModelInfer: NOT_FOUND: unknown model 'no-such-model'" in done.stderr, done.stderr
+
+
+def unreachable_address() -> tuple[socket.socket, str]:
+    """A loopback port that is bound but never listens: connections to it are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock, f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_go_client_names_the_status_when_no_server_answers(go_binary: Path) -> None:
+    sock, address = unreachable_address()
+    with sock:
+        done = subprocess.run(
+            [str(go_binary), "-addr", address, "-timeout", "5s"],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode != 0
+    assert "ModelInfer: UNAVAILABLE: " in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("cwd", [REPO, GO_CLIENT], ids=["repository-root", "own-folder"])
+def test_go_client_finds_the_samples_from_the_root_and_its_folder(
+    cwd: Path, go_binary: Path, start_server
+) -> None:
+    server: RunningServer = start_server(MODEL_REPOSITORY)
+    done = run([str(go_binary), "-addr", server.address], cwd=cwd, timeout=60)
+    assert_matches_onnxruntime(done.stdout, 0)
+
+
+def test_go_client_without_samples_says_where_it_looked(go_binary: Path, tmp_path: Path) -> None:
+    done = subprocess.run([str(go_binary)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode != 0
+    assert "no samples file at examples/digits_samples.json" in done.stderr, done.stderr
+    assert "-samples PATH" in done.stderr
+
+
+def node_client() -> str:
+    node = require_tool("node", "install Node.js 18 or newer")
+    if not (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        missing(f"{NODE_CLIENT}/node_modules is missing: run scripts/install-test-tools.sh")
+    return node
+
+
+def test_node_client_runs_from_the_repository_root(start_server) -> None:
+    server: RunningServer = start_server(MODEL_REPOSITORY)
+    script = str(NODE_CLIENT.relative_to(REPO) / "digits_client.js")
+    done = run([node_client(), script, "--addr", server.address], cwd=REPO, timeout=60)
+    assert_matches_onnxruntime(done.stdout, 0)
+
+
+def test_node_client_names_the_status_of_a_server_error(start_server) -> None:
+    server: RunningServer = start_server(MODEL_REPOSITORY)
+    command = [node_client(), "digits_client.js", "--addr", server.address,
+               "--model", "no-such-model"]  # fmt: skip
+    done = subprocess.run(command, cwd=NODE_CLIENT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.startswith(
+        "digits_client: ModelInfer: NOT_FOUND: unknown model 'no-such-model'"
+    ), done.stderr
+
+
+def test_node_client_names_the_status_when_no_server_answers() -> None:
+    sock, address = unreachable_address()
+    with sock:
+        command = [node_client(), "digits_client.js", "--addr", address, "--timeout-ms", "5000"]
+        done = subprocess.run(command, cwd=NODE_CLIENT, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    assert done.returncode != 0
+    assert done.stderr.startswith("digits_client: ModelInfer: UNAVAILABLE: "), done.stderr
 
 
 @pytest.mark.timeout(300)

@@ -1,6 +1,7 @@
 """The Dockerfile: hadolint finds nothing, it installs Ferry exactly as scripts/setup.sh
 does, and its image runs as a non-root user with a gRPC health check. (Building the image
-needs a Docker daemon and a base image from a registry, so no test here builds it.)"""
+needs a Docker daemon and a base image from a registry; tests/test_dockerfile_build.py runs
+the cpu stage's COPY and RUN steps without Docker instead.)"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RunningServer
-from tests.external_tools import REPO, require_tool
+from tests.external_tools import REPO, require_system_library, require_tool
 
 MODEL_REPOSITORY = REPO / "examples" / "model_repository"
 
@@ -19,6 +19,7 @@ MODEL_REPOSITORY = REPO / "examples" / "model_repository"
 def test_perf_analyzer_profiles_the_example_model(start_server, tmp_path: Path) -> None:
     # The wrapper in .tools/bin puts CUDA's runtime library (from PyPI) on the library path.
     perf_analyzer = require_tool("perf_analyzer")
+    require_system_library("b64", "libb64-0d")
     server: RunningServer = start_server(MODEL_REPOSITORY)
     report = tmp_path / "perf.csv"
     command = [

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import RunningServer
+from tests.external_tools import SYSTEM_HINT
 from tests.models import mlp_model, write_config
 from tests.waiting import wait_until
 
@@ -38,7 +39,7 @@ FEATURES = 16
 def require_tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(ROOT / ".tools" / "bin"))
     if path is None:
-        message = f"{name} not found; scripts/install-test-tools.sh installs it (apt: prometheus)"
+        message = f"{name} not found (Debian package prometheus): {SYSTEM_HINT}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

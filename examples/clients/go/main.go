@@ -1,9 +1,9 @@
 // Command digitsclient sends one sample of the digits example to Ferry over gRPC and prints
 // the predicted label and the class probabilities.
 //
-// Start Ferry first (scripts/serve-example.sh), then, from this folder:
+// Start Ferry first (scripts/serve-example.sh), then, from the repository root (README.md):
 //
-//	go run . -addr 127.0.0.1:8001 -sample 0
+//	go -C examples/clients/go run . -addr 127.0.0.1:8001 -sample 0
 //
 // The stubs in inference/ are generated from Ferry's proto/ by generate.sh.
 package main
@@ -19,10 +19,14 @@ import (
 	"log"
 	"math"
 	"os"
+	"path/filepath"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	pb "ferry.example/digitsclient/inference"
 )
@@ -36,13 +40,21 @@ type samples struct {
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8001", "Ferry's gRPC address, host:port")
 	model := flag.String("model", "digits", "model name")
-	samplesPath := flag.String("samples", "../../digits_samples.json", "samples file")
+	samplesPath := flag.String("samples", "",
+		"samples file (default: examples/digits_samples.json, found from the repository root or this folder)")
 	index := flag.Int("sample", 0, "which sample of the file to send")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline of the request")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("digitsclient: ")
+	var err error
 
+	if *samplesPath == "" {
+		*samplesPath, err = defaultSamples()
+		if err != nil {
+			log.Fatal(err)
+		}
+	}
 	pixels, err := loadSample(*samplesPath, *index)
 	if err != nil {
 		log.Fatal(err)
@@ -70,7 +82,7 @@ func main() {
 		RawInputContents: [][]byte{encodeFloat32s(pixels)},
 	})
 	if err != nil {
-		log.Fatalf("ModelInfer: %v", err)
+		log.Fatalf("ModelInfer: %s: %s", statusName(status.Code(err)), status.Convert(err).Message())
 	}
 
 	label, probabilities, err := decodeOutputs(response)
@@ -83,6 +95,43 @@ func main() {
 	}
 	fmt.Printf("label: %d\n", label)
 	fmt.Printf("probabilities: %s\n", probabilitiesJSON)
+}
+
+// samplesCandidates are where examples/digits_samples.json is, seen from the repository root
+// and from this folder: the two places the README runs the client from.
+var samplesCandidates = []string{
+	filepath.Join("examples", "digits_samples.json"),
+	filepath.Join("..", "..", "digits_samples.json"),
+}
+
+func defaultSamples() (string, error) {
+	for _, candidate := range samplesCandidates {
+		if _, err := os.Stat(candidate); err == nil {
+			return candidate, nil
+		}
+	}
+	return "", fmt.Errorf("no samples file at %s (run from the repository root or "+
+		"examples/clients/go, or pass -samples PATH)", strings.Join(samplesCandidates, " or "))
+}
+
+// statusNames are gRPC's canonical code names, as Ferry's README and the Node.js client print
+// them (codes.Code's own String gives Go-style names such as NotFound).
+var statusNames = map[codes.Code]string{
+	codes.OK: "OK", codes.Canceled: "CANCELLED", codes.Unknown: "UNKNOWN",
+	codes.InvalidArgument: "INVALID_ARGUMENT", codes.DeadlineExceeded: "DEADLINE_EXCEEDED",
+	codes.NotFound: "NOT_FOUND", codes.AlreadyExists: "ALREADY_EXISTS",
+	codes.PermissionDenied: "PERMISSION_DENIED", codes.ResourceExhausted: "RESOURCE_EXHAUSTED",
+	codes.FailedPrecondition: "FAILED_PRECONDITION", codes.Aborted: "ABORTED",
+	codes.OutOfRange: "OUT_OF_RANGE", codes.Unimplemented: "UNIMPLEMENTED",
+	codes.Internal: "INTERNAL", codes.Unavailable: "UNAVAILABLE", codes.DataLoss: "DATA_LOSS",
+	codes.Unauthenticated: "UNAUTHENTICATED",
+}
+
+func statusName(code codes.Code) string {
+	if name, ok := statusNames[code]; ok {
+		return name
+	}
+	return fmt.Sprintf("status %d", uint32(code))
 }
 
 func loadSample(path string, index int) ([]float32, error) {

@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // Send one sample of the digits example to Ferry over gRPC and print the predicted label and
-// the class probabilities. Start Ferry first (scripts/serve-example.sh), then, from this folder:
+// the class probabilities. Start Ferry first (scripts/serve-example.sh), then (README.md):
 //
-//   npm ci
-//   node digits_client.js --addr 127.0.0.1:8001 --sample 0
+//   npm ci --prefix examples/clients/node
+//   node examples/clients/node/digits_client.js --addr 127.0.0.1:8001 --sample 0
 //
 // The service definition is loaded at run time from Ferry's proto/ folder.
 'use strict';
@@ -68,6 +68,13 @@ function float32Text(value) {
   return String(value);
 }
 
+// gRPC status codes by their canonical names (NOT_FOUND, UNAVAILABLE, ...), as Ferry's README
+// and the Go client print them. grpc.status is a TypeScript enum: it maps numbers to names too.
+function statusName(code) {
+  const name = grpc.status[code];
+  return typeof name === 'string' ? name : `status ${code}`;
+}
+
 function decodeOutputs(response) {
   const raws = response.raw_output_contents;
   if (raws.length !== response.outputs.length) {
@@ -110,7 +117,7 @@ function main() {
   client.ModelInfer(request, { deadline }, (error, response) => {
     client.close();
     if (error) {
-      console.error(`digits_client: ModelInfer: ${error.code} ${error.details}`);
+      console.error(`digits_client: ModelInfer: ${statusName(error.code)}: ${error.details}`);
       process.exitCode = 1;
       return;
     }
