@@ -61,9 +61,10 @@ def run_perf_analyzer(
         errors={},
         seconds=window_s,
         req_per_s=per_s,
-        p50_ms=float(row["p50 latency"]) / 1000,
-        p90_ms=float(row["p90 latency"]) / 1000,
-        p99_ms=float(row["p99 latency"]) / 1000,
-        mean_ms=float(row["Avg latency"]) / 1000,
+        # perf_analyzer writes latencies in microseconds.
+        p50_ms=float(row.get("p50 latency") or "nan") / 1000,
+        p90_ms=float(row.get("p90 latency") or "nan") / 1000,
+        p99_ms=float(row.get("p99 latency") or "nan") / 1000,
+        mean_ms=float(row.get("Avg latency") or "nan") / 1000,
         tool="perf_analyzer",
     )

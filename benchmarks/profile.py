@@ -88,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=97, help="samples per second per thread")
     parser.add_argument(
+        "--busy-only",
+        action="store_true",
+        help="leave out samples of idle threads (py-spy's own judgement), so the shares "
+        "are of CPU time rather than of wall time",
+    )
+    parser.add_argument(
         "--out", type=Path, required=True, help="path prefix of OUT.txt and OUT.md"
     )
     parser.add_argument("--work", type=Path, default=HERE / ".work")
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         load = subprocess.Popen(ghz_command(find_ghz(), server.target, request, spec),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(2)  # past connection set-up and the first batches
-        command = [str(py_spy), "record", "--native", "--threads", "--idle", "-r", str(args.rate),
+        idle = [] if args.busy_only else ["--idle"]
+        command = [str(py_spy), "record", "--native", "--threads", *idle, "-r", str(args.rate),
                    "-d", str(round(args.seconds)), "-f", "raw", "-o", str(collapsed),
                    "-p", str(server.pid)]
         done = subprocess.run(command, capture_output=True, text=True)

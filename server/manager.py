@@ -35,6 +35,8 @@ class ModelManager:
         self._on_change = on_change
         self._drain_grace_s = drain_grace_s
         self._models: dict[str, dict[str, LoadedModel]] = {}
+        # Each model's newest version, for requests that name none; empty while closing.
+        self._latest: dict[str, LoadedModel] = {}
         self._failures: dict[str, str] = {}
         self._states: dict[str, ModelState] = {}
         self._draining: set[asyncio.Task[None]] = set()
@@ -72,6 +74,10 @@ class ModelManager:
         return bool(self._models) and not self._failures
 
     def get(self, name: str, version: str = "") -> LoadedModel:
+        if not version:  # the common case: one dictionary look-up per request
+            latest = self._latest.get(name)
+            if latest is not None:
+                return latest
         if self._closing:
             raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
         versions = self._models.get(name)
@@ -138,6 +144,7 @@ class ModelManager:
                 raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc
             previous = self._models.get(name, {})
             self._models[name] = loaded
+            self._latest[name] = loaded[max(loaded, key=int)]
             self._failures.pop(name, None)
             self._states[name] = ModelState.READY
             for model in previous.values():
@@ -148,6 +155,7 @@ class ModelManager:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             versions = self._models.pop(name, None)
+            self._latest.pop(name, None)
             self._failures.pop(name, None)
             if versions is None:
                 raise not_found(f"model '{name}' is not loaded")
@@ -167,6 +175,7 @@ class ModelManager:
         closing = self.loaded()
         self._retiring.update(closing)
         self._models = {}
+        self._latest = {}
         await asyncio.gather(
             *(model.scheduler.close(grace_s) for model in closing), *self._draining
         )

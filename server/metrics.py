@@ -3,12 +3,17 @@ and the HTTP endpoint that serves it.
 
 Each FerryServer owns its CollectorRegistry (several servers may share a process, as in
 the tests); nothing here touches prometheus_client's global default registry.
-Updates happen on the event loop; scrapes run on the endpoint's thread and read only
-values that prometheus_client guards with locks or plain snapshots swapped in whole.
+
+The per-request and per-batch figures are plain counters and bucket lists, written only
+on the event loop (no lock per observation: prometheus_client's metric objects take one on
+every `inc` and `observe`), and turned into metric families when scraped. A scrape runs on
+the endpoint's thread and copies each list or dictionary in one C-level call, which no
+other Python thread can interleave with.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,16 +22,19 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
     GCCollector,
-    Histogram,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from .outcomes import RequestOutcome
 from .scheduler import BatchObserver, BatchTimings
@@ -73,33 +81,53 @@ class ModelView:
     max_batch_size: int
 
 
-class _BatchSizes:
-    """Executed batches of one model counted by exact row count; the scrape turns them
-    into a histogram whose buckets follow the models loaded at that moment."""
+class LatencyHistogram:
+    """Observations in LATENCY_BUCKETS_S (seconds), written on the event loop only."""
+
+    __slots__ = ("counts", "total")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[int, int] = {}
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last: above every bound
+        self.total = 0.0
 
-    def add(self, rows: int) -> None:
-        with self._lock:
-            self._counts[rows] = self._counts.get(rows, 0) + 1
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.total += seconds
 
-    def snapshot(self) -> dict[int, int]:
-        with self._lock:
-            return dict(self._counts)
+    def family_buckets(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative (le, count) pairs, +Inf last, and the sum, as scraped."""
+        counts, total = list(self.counts), self.total
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(LATENCY_BUCKETS_S, counts, strict=False):
+            running += count
+            buckets.append((_bound(bound), running))
+        buckets.append(("+Inf", running + counts[-1]))
+        return buckets, total
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+@dataclass(slots=True)
+class _ModelFigures:
+    """Per-batch figures of one model, written on the event loop only."""
+
+    queue: LatencyHistogram
+    compute: LatencyHistogram
+    inferences: int = 0
+    batches: int = 0
+    padded_rows: int = 0
+    sizes: dict[int, int] | None = None  # executed batches by exact row count
 
 
 class _ModelObserver:
-    """Per-batch metrics of one model, with its labelled children looked up once."""
+    """The BatchObserver of one model."""
 
-    def __init__(self, metrics: ServerMetrics, model: str) -> None:
-        self._queue = metrics.queue_duration.labels(model=model)
-        self._compute = metrics.compute_duration.labels(model=model)
-        self._inferences = metrics.inferences.labels(model=model)
-        self._batches = metrics.batches.labels(model=model)
-        self._padded = metrics.padded_rows.labels(model=model)
-        self._sizes = metrics.batch_sizes_of(model)
+    def __init__(self, figures: _ModelFigures) -> None:
+        self._figures = figures
 
     def batch_executed(self, timings: BatchTimings) -> None:
         # Like the statistics extension, only successful executions count: a failed
@@ -107,15 +135,17 @@ class _ModelObserver:
         # ferry_requests_total with their error code.
         if timings.failed:
             return
-        observe = self._queue.observe
+        figures = self._figures
+        observe = figures.queue.observe
         for queue_ns in timings.queue_ns:
             observe(queue_ns / NS_PER_S)
-        self._compute.observe(timings.infer_ns / NS_PER_S)
-        self._inferences.inc(timings.rows)
-        self._batches.inc()
-        if timings.padded_rows:
-            self._padded.inc(timings.padded_rows)
-        self._sizes.add(timings.rows)
+        figures.compute.observe(timings.infer_ns / NS_PER_S)
+        figures.inferences += timings.rows
+        figures.batches += 1
+        figures.padded_rows += timings.padded_rows
+        sizes = figures.sizes
+        assert sizes is not None
+        sizes[timings.rows] = sizes.get(timings.rows, 0) + 1
 
 
 class _ScrapeTimeCollector:
@@ -129,6 +159,13 @@ class _ScrapeTimeCollector:
             GaugeMetricFamily("ferry_queue_depth", "", labels=["model"]),
             GaugeMetricFamily("ferry_model_ready", "", labels=["model"]),
             HistogramMetricFamily("ferry_batch_size", "", labels=["model"]),
+            CounterMetricFamily("ferry_requests", "", labels=["model", "code"]),
+            HistogramMetricFamily("ferry_request_duration_seconds", "", labels=["model"]),
+            HistogramMetricFamily("ferry_queue_duration_seconds", "", labels=["model"]),
+            HistogramMetricFamily("ferry_compute_duration_seconds", "", labels=["model"]),
+            CounterMetricFamily("ferry_inferences", "", labels=["model"]),
+            CounterMetricFamily("ferry_batches", "", labels=["model"]),
+            CounterMetricFamily("ferry_padded_rows", "", labels=["model"]),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -164,6 +201,8 @@ class _ScrapeTimeCollector:
             rows_total = sum(rows * n for rows, n in counts.items())
             sizes.add_metric([name], buckets, rows_total)
         yield sizes
+        yield from self._metrics.request_families()
+        yield from self._metrics.batch_families()
 
 
 class ServerMetrics:
@@ -172,87 +211,38 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter(
-            "ferry_requests_total",
-            "Finished inference requests, by gRPC status code",
-            ["model", "code"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "ferry_request_duration_seconds",
-            "Inference request latency, from arrival to response, whatever its outcome",
-            ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
-        )
-        self.queue_duration = Histogram(
-            "ferry_queue_duration_seconds",
-            "Time each request waited in the queue before its batch ran",
-            ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
-        )
-        self.compute_duration = Histogram(
-            "ferry_compute_duration_seconds",
-            "Model execution (session.run) time per batch",
-            ["model"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=registry,
-        )
-        self.inferences = Counter(
-            "ferry_inferences_total",
-            "Rows inferred in successful batches",
-            ["model"],
-            registry=registry,
-        )
-        self.batches = Counter(
-            "ferry_batches_total",
-            "Successful batch executions (inferences / batches = mean batch size)",
-            ["model"],
-            registry=registry,
-        )
-        self.padded_rows = Counter(
-            "ferry_padded_rows_total",
-            "Padding rows run to fill a batch up to a batch bucket, not in ferry_inferences_total",
-            ["model"],
-            registry=registry,
-        )
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         registry.register(_ScrapeTimeCollector(self))
-        self._batch_sizes: dict[str, _BatchSizes] = {}
+        self._figures: dict[str, _ModelFigures] = {}
         self._batch_observers: dict[str, _ModelObserver] = {}
-        self._request_children: dict[tuple[str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
+        self._request_counts: dict[tuple[str, str], int] = {}  # (model label, code)
+        self._request_durations: dict[str, LatencyHistogram] = {}
         # Replaced whole (never mutated) by models_changed, so a scrape reads a
         # consistent pair without a lock.
         self._snapshot: tuple[tuple[ModelView, ...], Mapping[str, bool]] = ((), {})
 
-    # Fed by the scheduler, the servicer and the app --------------------------------
+    # Fed by the scheduler, the data plane and the app -----------------------------
 
     def observers_for(self, model: str, version: str) -> Sequence[BatchObserver]:
         """The BatchObserver of a model version (every version shares the model's)."""
         observer = self._batch_observers.get(model)
         if observer is None:
-            observer = self._batch_observers[model] = _ModelObserver(self, model)
+            figures = _ModelFigures(LatencyHistogram(), LatencyHistogram(), sizes={})
+            self._figures[model] = figures
+            observer = self._batch_observers[model] = _ModelObserver(figures)
         return (observer,)
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        model, code = outcome.model, outcome.status.name
-        label = model or UNKNOWN_MODEL
-        counter = self._request_children.get((label, code))
-        if counter is None:
-            counter = self._request_children[label, code] = self.requests.labels(
-                model=label, code=code
-            )
-        counter.inc()
-        if model:
-            duration = self._duration_children.get(model)
+        label = outcome.model or UNKNOWN_MODEL
+        key = (label, outcome.status.name)
+        counts = self._request_counts
+        counts[key] = counts.get(key, 0) + 1
+        if outcome.model:
+            duration = self._request_durations.get(label)
             if duration is None:
-                duration = self._duration_children[model] = self.request_duration.labels(
-                    model=model
-                )
+                duration = self._request_durations[label] = LatencyHistogram()
             duration.observe(outcome.duration_ns / NS_PER_S)
 
     def models_changed(self, views: Iterable[ModelView], ready: Mapping[str, bool]) -> None:
@@ -264,14 +254,65 @@ class ServerMetrics:
     def snapshot(self) -> tuple[tuple[ModelView, ...], Mapping[str, bool]]:
         return self._snapshot
 
-    def batch_sizes_of(self, model: str) -> _BatchSizes:
-        sizes = self._batch_sizes.get(model)
-        if sizes is None:
-            sizes = self._batch_sizes[model] = _BatchSizes()
-        return sizes
-
     def batch_size_counts(self) -> dict[str, dict[int, int]]:
-        return {name: sizes.snapshot() for name, sizes in list(self._batch_sizes.items())}
+        return {
+            name: dict(figures.sizes or {}) for name, figures in list(self._figures.items())
+        }
+
+    def request_families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "ferry_requests",
+            "Finished inference requests, by gRPC status code",
+            labels=["model", "code"],
+        )
+        for (model, code), count in sorted(list(self._request_counts.items())):
+            requests.add_metric([model, code], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "ferry_request_duration_seconds",
+            "Inference request latency, from arrival to response, whatever its outcome",
+            labels=["model"],
+        )
+        for model, histogram in sorted(list(self._request_durations.items())):
+            durations.add_metric([model], *histogram.family_buckets())
+        yield durations
+
+    def batch_families(self) -> Iterator[Metric]:
+        figures = sorted(list(self._figures.items()))
+        queue = HistogramMetricFamily(
+            "ferry_queue_duration_seconds",
+            "Time each request waited in the queue before its batch ran",
+            labels=["model"],
+        )
+        compute = HistogramMetricFamily(
+            "ferry_compute_duration_seconds",
+            "Model execution (session.run) time per batch",
+            labels=["model"],
+        )
+        counters = {
+            "inferences": CounterMetricFamily(
+                "ferry_inferences", "Rows inferred in successful batches", labels=["model"]
+            ),
+            "batches": CounterMetricFamily(
+                "ferry_batches",
+                "Successful batch executions (inferences / batches = mean batch size)",
+                labels=["model"],
+            ),
+            "padded_rows": CounterMetricFamily(
+                "ferry_padded_rows",
+                "Padding rows run to fill a batch up to a batch bucket, "
+                "not in ferry_inferences_total",
+                labels=["model"],
+            ),
+        }
+        for model, figure in figures:
+            queue.add_metric([model], *figure.queue.family_buckets())
+            compute.add_metric([model], *figure.compute.family_buckets())
+            for attribute, family in counters.items():
+                family.add_metric([model], getattr(figure, attribute))
+        yield queue
+        yield compute
+        yield from counters.values()
 
     def render(self) -> bytes:
         """The exposition text, as /metrics serves it."""

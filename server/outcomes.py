@@ -7,14 +7,12 @@ rejection log and the access log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .errors import Status
 
 
-@dataclass(frozen=True, slots=True)
-class RequestOutcome:
+class RequestOutcome(NamedTuple):  # one per request: a tuple is the cheapest record to build
     model: str  # "" when the request named no model that is loaded
     version: str
     status: Status

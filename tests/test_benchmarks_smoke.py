@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.load import find_ghz
-from benchmarks.report import Results, check_targets, render_markdown, update_readme
+from benchmarks.report import Point, Results, check_targets, render_markdown, update_readme
 from tests.external_tools import missing
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,15 +61,25 @@ def test_smoke_run_writes_table_and_plots_for_every_server(tmp_path: Path) -> No
     assert "Smoke run" in table
     for server in ("ferry", "naive", "null"):
         assert f"| {server} |" in table
-    assert "## Targets (issue 5)" in table
+    assert "## Targets (issue 12)" in table
+    assert "server CPU us/request" in table
     for name in ("throughput.png", "p99.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
 def _point(
-    model: str, server: str, concurrency: int, req_per_s: float, p50: float, p99: float
+    model: str,
+    server: str,
+    concurrency: int,
+    req_per_s: float,
+    p50: float,
+    p99: float,
+    cpu_us: float = float("nan"),
+    tool: str = "ghz",
 ) -> dict[str, Any]:
     return {
+        "tool": tool,
+        "server_cpu_us_per_request": cpu_us,
         "model": model,
         "server": server,
         "concurrency": concurrency,
@@ -87,13 +97,16 @@ def _results(ferry_large_64: float, ferry_small_64: float) -> Results:
     points = [
         _point("small", "naive", 1, 1000, 0.50, 1.0),
         _point("small", "ferry", 1, 1000, 0.55, 1.0),
-        _point("small", "naive", 64, 1000, 50, 90),
-        _point("small", "ferry", 64, ferry_small_64, 20, 40),
+        _point("small", "naive", 64, 1000, 50, 90, cpu_us=600),
+        _point("small", "ferry", 64, ferry_small_64, 20, 40, cpu_us=300),
         _point("large", "naive", 1, 100, 5.0, 9.0),
         _point("large", "ferry", 1, 100, 5.3, 9.0),
         _point("large", "naive", 64, 100, 600, 900),
         _point("large", "ferry", 64, ferry_large_64, 100, 200),
-        _point("small", "null", 64, 2000, 10, 20),
+        _point("small", "null", 64, 2000, 10, 20, cpu_us=280),
+        # The same point from perf_analyzer: judged on its own, never mixed with ghz's.
+        _point("large", "naive", 64, 100, 600, 900, tool="perf_analyzer"),
+        _point("large", "ferry", 64, 500, 100, 200, tool="perf_analyzer"),
     ]
     return Results(
         {
@@ -105,25 +118,45 @@ def _results(ferry_large_64: float, ferry_small_64: float) -> Results:
     )
 
 
-def test_targets_pass_and_miss_as_ratios_to_naive() -> None:
-    checks = check_targets(_results(ferry_large_64=460, ferry_small_64=2400))
+def test_targets_pass_and_miss_as_ratios_to_the_baselines() -> None:
+    checks = check_targets(_results(ferry_large_64=700, ferry_small_64=1900))
     assert all(check.server == "ferry" for check in checks)  # baselines are not judged
     assert [(check.target, check.passed) for check in checks] == [
-        ("compute-bound (large), concurrency 64: throughput ≥ 4.5x naive", True),  # 4.6x
-        ("overhead-bound (small), concurrency 64: throughput ≥ 2.5x naive", False),  # 2.4x
-        ("large, concurrency 1: p50 ≤ naive p50 + 0.1 ms", False),  # +0.3 ms
-        ("small, concurrency 1: p50 ≤ naive p50 + 0.1 ms", True),  # +0.05 ms
-        ("compute-bound (large), concurrency 64: p99 ≤ naive p99 / 3", True),  # 900 / 200
+        ("large, c=64, ghz: throughput ≥ 6x naive", True),  # 7x
+        ("small, c=64, ghz: throughput ≥ 0.9x null", True),  # 0.95x
+        ("small, c=64, ghz: throughput ≥ 1.5x naive", True),  # 1.9x
+        ("large, c=64, perf_analyzer: throughput ≥ 6x naive", False),  # 5x
+        ("small, c=64, perf_analyzer: throughput ≥ 0.9x null", None),  # not measured
+        ("small, c=64, perf_analyzer: throughput ≥ 1.5x naive", None),
+        ("large, c=1: p50 ≤ naive p50 + 0.1 ms", False),  # +0.3 ms
+        ("small, c=1: p50 ≤ naive p50 + 0.1 ms", True),  # +0.05 ms
+        ("small, c=64: server CPU per request ≤ 1.2x null's", True),  # 300 / 280
     ]
+    slower = check_targets(_results(ferry_large_64=460, ferry_small_64=1700))
+    assert [c.passed for c in slower[:3]] == [False, False, True]  # 4.6x, 0.85x, 1.7x
+
+
+def test_a_before_build_is_compared_point_by_point() -> None:
+    results = _results(ferry_large_64=700, ferry_small_64=1900)
+    before = [
+        Point.from_json({**_point(p.model, "ferry-before", p.concurrency, p.req_per_s, 1, 1)})
+        for p in results.points
+        if p.server == "ferry"
+    ]
+    before[0] = Point.from_json(_point(before[0].model, "ferry-before", 1, 2000, 1, 1))
+    results.points += before
+    results.servers.append("ferry-before")
+    (check,) = [c for c in check_targets(results) if "ferry-before" in c.target]
+    assert check.passed is False
+    assert "4 points compared; slower: small c=1 r=1: 0.50x" in check.measured
+    assert all(c.server == "ferry" for c in check_targets(results))  # never judged itself
 
 
 def test_report_marks_unmeasured_targets_and_lists_every_server() -> None:
     results = _results(ferry_large_64=100, ferry_small_64=100)
     results.points = [p for p in results.points if p.concurrency != 1]
     markdown = render_markdown(results, {"Throughput": "throughput.png"})
-    assert "| ferry | large, concurrency 1: p50 ≤ naive p50 + 0.1 ms | not measured | n/a |" in (
-        markdown
-    )
+    assert "| ferry | large, c=1: p50 ≤ naive p50 + 0.1 ms | not measured | n/a |" in markdown
     assert "MISS" in markdown
     for server in ("ferry", "naive", "null"):
         assert f"| {server} |" in markdown
