@@ -43,6 +43,8 @@ LATENCY_BUCKETS_S = (
 )
 
 NS_PER_S = 1e9
+# Real / padded elements of a padding model's batch: 1 is a batch with no padding.
+PADDING_FILL_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 def batch_size_bounds(largest_max_batch_size: int) -> list[int]:
@@ -94,6 +96,8 @@ class _ModelObserver:
         self._batches = metrics.batches.labels(model=model)
         self._padded = metrics.padded_rows.labels(model=model)
         self._sizes = metrics.batch_sizes_of(model)
+        self._padded_elements = metrics.padded_elements.labels(model=model)
+        self._padding_fill = metrics.padding_fill.labels(model=model)
 
     def batch_executed(self, timings: BatchTimings) -> None:
         # Like the statistics extension, only successful executions count: a failed
@@ -110,6 +114,9 @@ class _ModelObserver:
         if timings.padded_rows:
             self._padded.inc(timings.padded_rows)
         self._sizes.add(timings.rows)
+        if timings.padded_elements:
+            self._padded_elements.inc(timings.padded_elements - timings.real_elements)
+            self._padding_fill.observe(timings.real_elements / timings.padded_elements)
 
 
 class _ScrapeTimeCollector:
@@ -209,6 +216,20 @@ class ServerMetrics:
             "ferry_padded_rows_total",
             "Padding rows run to fill a batch up to a batch bucket, not in ferry_inferences_total",
             ["model"],
+            registry=registry,
+        )
+        self.padded_elements = Counter(
+            "ferry_padded_elements_total",
+            "Pad positions added along the padded axis of variable-length inputs, over all "
+            "rows (padded minus real; rows padded to a batch bucket not included)",
+            ["model"],
+            registry=registry,
+        )
+        self.padding_fill = Histogram(
+            "ferry_padding_fill_ratio",
+            "Real / padded elements along the padded axis, per batch of a padding model",
+            ["model"],
+            buckets=PADDING_FILL_BUCKETS,
             registry=registry,
         )
         ProcessCollector(registry=registry)

@@ -50,6 +50,7 @@ class DecodedRequest:
     outputs: tuple[str, ...]
     rows: int
     shape_key: tuple[tuple[int, ...], ...]
+    length: int = 0  # along the padded axis, for a model that pads its inputs
     timeout_us: int | None = None  # the request parameter 'timeout'
     priority: int | None = None  # the request parameter 'priority'
 
@@ -110,14 +111,19 @@ def decode_request(
                 f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
             )
     outputs = _requested_outputs(request, model)
-    shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    length = 0
+    if model.padding is None:
+        shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    else:
+        length, shape_key = model.padding.request_key(arrays, model.input_names)
     if not request.parameters:
-        return DecodedRequest(arrays, outputs, rows, shape_key)
+        return DecodedRequest(arrays, outputs, rows, shape_key, length)
     return DecodedRequest(
         arrays,
         outputs,
         rows,
         shape_key,
+        length,
         timeout_us=_integer_parameter(request, "timeout"),
         priority=_integer_parameter(request, "priority"),
     )
