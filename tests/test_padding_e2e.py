@@ -262,3 +262,18 @@ def wait_for_queue(server: RunningServer, count: int) -> None:
     while server.call(depth()) != count:
         assert time.monotonic() < deadline, f"{count} requests never queued"
         time.sleep(0.002)
+
+
+def test_the_readme_config_example_serves_the_encoder(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Variable-length inputs", 1)[1]
+    example = section.split("```\n", 2)[1]
+    assert "padding_inputs" in example
+    repo = encoder_repo(tmp_path, config=example)
+    server = start_server(repo)
+    reference = Reference(repo / "encoder" / "1" / "model.onnx")
+    arrays = request_of(seed=5, length=37)
+    with tc.InferenceServerClient(server.address) as client:
+        assert_equal_to_alone(client.infer("encoder", infer_inputs(arrays)), reference(arrays))
