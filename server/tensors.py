@@ -50,9 +50,9 @@ class DecodedRequest:
     outputs: tuple[str, ...]
     rows: int
     shape_key: tuple[tuple[int, ...], ...]
-    length: int = 0  # along the padded axis, for a model that pads its inputs
     timeout_us: int | None = None  # the request parameter 'timeout'
     priority: int | None = None  # the request parameter 'priority'
+    length: int = 0  # along the padded axis, for a model that pads its inputs
 
 
 def _describe(datatype: str, shape: object) -> str:
@@ -111,22 +111,29 @@ def decode_request(
                 f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
             )
     outputs = _requested_outputs(request, model)
-    length = 0
-    if model.padding is None:
-        shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
-    else:
-        length, shape_key = model.padding.request_key(arrays, model.input_names)
+    length, shape_key = batch_key(arrays, model)
     if not request.parameters:
-        return DecodedRequest(arrays, outputs, rows, shape_key, length)
+        return DecodedRequest(arrays, outputs, rows, shape_key, length=length)
     return DecodedRequest(
         arrays,
         outputs,
         rows,
         shape_key,
-        length,
         timeout_us=_integer_parameter(request, "timeout"),
         priority=_integer_parameter(request, "priority"),
+        length=length,
     )
+
+
+def batch_key(
+    arrays: Mapping[str, Array], model: ModelSettings
+) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    """What decides which requests may share a batch: the length along the padded axis
+    (0 when the model does not pad) and the shape key (the non-batch shapes, the padded
+    axis left out). Raises FerryError when padded inputs disagree on their length."""
+    if model.padding is None:
+        return 0, tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    return model.padding.request_key(arrays, model.input_names)
 
 
 def _integer_parameter(request: pb.ModelInferRequest, name: str) -> int | None:
