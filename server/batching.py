@@ -16,6 +16,11 @@ Rules, in Triton's vocabulary:
   its place in line.
 - Requests whose non-batch shapes differ (their `shape_key`) never share a batch. The
   oldest request in priority order decides the group of the next batch.
+- A model that pads variable-length inputs (`BatchPolicy.padding`) leaves the padded
+  axis out of its shape keys and gives each request its `length` along it: the batch is
+  padded to the bucket of its longest request, and a request joins only if the batch's
+  padded elements stay within `max_padding_ratio` times its real ones. One that would
+  not is passed over, keeps its place in line, and goes in a later batch.
 - A batch is dispatched when it is full, when a preferred size can be formed (the
   largest one that can), when the oldest request has waited `max_queue_delay_s`, or at
   once when that delay is 0: an idle server adds no wait.
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import ErrorKind, FerryError
+from .padding import LengthBuckets
 
 P = TypeVar("P")
 
@@ -49,6 +55,7 @@ class BatchPolicy:
     max_queue_size: int = 0  # requests; 0 means unbounded
     priority_levels: int = 1
     priority_aging_s: float | None = None
+    padding: LengthBuckets | None = None  # None: only equal shapes share a batch
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -78,6 +85,7 @@ class PendingRequest(Generic[P]):
     arrival_s: float
     deadline_s: float | None = None
     priority: int = 1
+    length: int = 0  # along the padded axis, when the model pads
     sequence: int = field(default=0, init=False)
     queued: bool = field(default=False, init=False)
 
@@ -186,14 +194,17 @@ class BatchQueue(Generic[P]):
         candidate = [head]
         rows = head.rows
         blocked = False  # a same-shape request is waiting that does not fit
-        for request in ordered:
-            if request.shape_key != head.shape_key:
-                continue
-            if rows + request.rows > policy.max_batch_size:
-                blocked = True
-                break
-            candidate.append(request)
-            rows += request.rows
+        if policy.padding is not None:
+            rows, blocked = self._padded_candidate(policy.padding, candidate, ordered)
+        else:
+            for request in ordered:
+                if request.shape_key != head.shape_key:
+                    continue
+                if rows + request.rows > policy.max_batch_size:
+                    blocked = True
+                    break
+                candidate.append(request)
+                rows += request.rows
 
         take = 0
         if rows == policy.max_batch_size or blocked or policy.max_queue_delay_s == 0:
@@ -281,6 +292,35 @@ class BatchQueue(Generic[P]):
             for request in level:
                 if id(request) not in seen:
                     yield request
+
+    def _padded_candidate(
+        self,
+        buckets: LengthBuckets,
+        candidate: list[PendingRequest[P]],
+        ordered: Iterator[PendingRequest[P]],
+    ) -> tuple[int, bool]:
+        """Grow `candidate` (the head alone) with the requests of its group, in order, that
+        keep the batch's padding within bounds; returns its rows and whether a request of
+        the group is waiting that does not fit in rows."""
+        head = candidate[0]
+        rows = head.rows
+        longest = head.length
+        real = head.rows * head.length
+        limit = self.policy.max_batch_size
+        for request in ordered:
+            if request.shape_key != head.shape_key:
+                continue
+            if rows + request.rows > limit:
+                return rows, True
+            joined_real = real + request.rows * request.length
+            joined_longest = max(longest, request.length)
+            if not buckets.fits(rows + request.rows, joined_longest, joined_real):
+                continue  # too short or too long for this batch: it waits for its own
+            candidate.append(request)
+            rows += request.rows
+            real = joined_real
+            longest = joined_longest
+        return rows, False
 
     def _preferred_prefix(self, candidate: list[PendingRequest[P]]) -> int:
         """Requests in the longest prefix whose rows make a preferred size, or 0."""

@@ -19,6 +19,7 @@ from ferry.proto import model_config_pb2 as mc
 from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME
 
 from .devices import DeviceSettings, InstanceGroup, TensorRtSettings
+from .padding import PaddingConfigError, PaddingSettings, parse_padding, to_parameters
 from .signatures import GraphSignature, TensorSignature
 from .warmup import WarmupInput, WarmupSample, bucket_samples
 
@@ -93,10 +94,13 @@ class ModelSettings:
     batch_buckets: tuple[int, ...] = ()
     io_binding: bool | None = None  # None: on a GPU only (and wherever buckets pad)
     warmup: tuple[WarmupSample, ...] = ()
+    # Variable-length inputs padded to a common length (server/padding.py); None: off.
+    padding: PaddingSettings | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # Derived once here, so that no request rebuilds them.
     inputs_by_name: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
     client_shapes: Mapping[str, tuple[int, ...]] = field(init=False, repr=False, compare=False)
+    input_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     output_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     output_datatypes: Mapping[str, str] = field(init=False, repr=False, compare=False)
 
@@ -106,6 +110,7 @@ class ModelSettings:
             "client_shapes": {
                 spec.name: tuple(self.client_shape(spec)) for spec in (*self.inputs, *self.outputs)
             },
+            "input_names": tuple(spec.name for spec in self.inputs),
             "output_names": tuple(spec.name for spec in self.outputs),
             "output_datatypes": {spec.name: spec.datatype for spec in self.outputs},
         }
@@ -192,6 +197,9 @@ class ModelSettings:
             )
         if self.io_binding is not None:
             config.parameters[_IO_BINDING_PARAMETER].string_value = str(self.io_binding).lower()
+        if self.padding is not None:
+            for key, value in to_parameters(self.padding).items():
+                config.parameters[key].string_value = value
         for sample in self.warmup:
             entry = config.model_warmup.add(
                 name=sample.name, batch_size=sample.batch_size, count=sample.count
@@ -392,12 +400,24 @@ def settings_from(
     cuda_graphs = config.optimization.cuda.graphs
     buckets = _batch_buckets(config, max_batch_size, preferred, cuda_graphs or bool(tensorrt))
     io_binding = _bool_parameter(config, _IO_BINDING_PARAMETER)
+    try:
+        padding = parse_padding(
+            {key: value.string_value for key, value in config.parameters.items()},
+            [(t.name, t.datatype, t.dims) for t in inputs],
+            [(t.name, t.datatype, t.dims) for t in outputs],
+            max_batch_size,
+        )
+    except PaddingConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if config.model_warmup:
         warmup = tuple(_warmup_sample(w, inputs, max_batch_size) for w in config.model_warmup)
     else:
         # CUDA graphs are captured on the second run of a shape: warm each bucket twice.
         warmup = bucket_samples(
-            buckets, [(t.name, t.datatype, t.dims) for t in inputs], 2 if cuda_graphs else 1
+            buckets,
+            [(t.name, t.datatype, t.dims) for t in inputs],
+            2 if cuda_graphs else 1,
+            _padded_lengths(padding),
         )
 
     return ModelSettings(
@@ -430,8 +450,18 @@ def settings_from(
         batch_buckets=buckets,
         io_binding=io_binding,
         warmup=warmup,
+        padding=padding,
         warnings=tuple(warnings),
     )
+
+
+def _padded_lengths(padding: PaddingSettings | None) -> tuple[tuple[int, dict[str, int]], ...]:
+    """For warm-up with batch buckets: each listed length bucket, longest first (so host
+    buffers are sized once), as (length, {padded input: axis})."""
+    if padding is None or not padding.buckets.lengths:
+        return ()
+    axes = {name: padding.axis for name in padding.inputs}
+    return tuple((length, axes) for length in reversed(padding.buckets.lengths))
 
 
 def _instance_group(group: mc.ModelInstanceGroup) -> InstanceGroup:

@@ -91,6 +91,7 @@ class DataPlane:
                 shape_key=decoded.shape_key,
                 deadline_s=_deadline(decoded, settings, now, time_remaining),
                 priority=_priority(decoded, settings),
+                length=decoded.length,
             )
             result = encode(model, outputs)
             status = Status.OK

@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .rows import Array, Tensors, gather, scatter
+from .padding import PaddingSettings
+from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadded
 
 
 class Runner(Protocol):
@@ -64,6 +65,7 @@ class BatchItem:
     inputs: Tensors
     rows: int
     outputs: tuple[str, ...]  # the outputs this request asked for
+    length: int = 0  # along the padded axis, for a model that pads its inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,10 @@ class ExecutedBatch:
     input_ns: int
     infer_ns: int
     output_ns: int
+    # A padding model's positions along the padded axis, summed over the rows: the
+    # requests' own, and what ran after padding (batch-bucket rows not included).
+    real_elements: int = 0
+    padded_elements: int = 0
 
 
 class BatchExecutor(Protocol):
@@ -90,7 +96,9 @@ class InstanceExecutor:
     """Runs batches on one model instance: gather (inside the instance), run, scatter.
 
     `batchable` False: every batch is one request whose inputs are the whole tensors, and
-    its outputs are returned whole. `timer` measures the stages (nanoseconds).
+    its outputs are returned whole. With `padding`, the requests' padded inputs are first
+    padded to the bucket of the longest, and the outputs that follow that axis are cut
+    back to each request's length. `timer` measures the stages (nanoseconds).
     """
 
     def __init__(
@@ -98,10 +106,12 @@ class InstanceExecutor:
         runner: BatchRunner,
         *,
         batchable: bool = True,
+        padding: PaddingSettings | None = None,
         timer: Callable[[], int] = time.perf_counter_ns,
     ) -> None:
         self.runner = runner
         self.batchable = batchable
+        self.padding = padding if batchable else None
         self._timer = timer
 
     @property
@@ -109,6 +119,8 @@ class InstanceExecutor:
         return self.runner.may_run_on_loop
 
     def execute(self, items: Sequence[BatchItem], output_names: Sequence[str]) -> ExecutedBatch:
+        if self.padding is not None:
+            return self._execute_padded(self.padding, items, output_names)
         timer = self._timer
         t0 = timer()
         rows = sum(item.rows for item in items) if self.batchable else 1
@@ -124,6 +136,31 @@ class InstanceExecutor:
             results = [{name: outputs[name] for name in items[0].outputs}]
         t3 = timer()
         return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, t3 - t2)
+
+    def _execute_padded(
+        self, padding: PaddingSettings, items: Sequence[BatchItem], output_names: Sequence[str]
+    ) -> ExecutedBatch:
+        timer = self._timer
+        t0 = timer()
+        lengths = [item.length for item in items]
+        row_counts = [item.rows for item in items]
+        rows = sum(row_counts)
+        target = padding.buckets.padded_length(max(lengths))
+        inputs = gather_padded(
+            [item.inputs for item in items], lengths, target, padding.axis, padding.inputs
+        )
+        t1 = timer()
+        outputs, padded_rows = self.runner.run_batch([inputs], rows, output_names)
+        t2 = timer()
+        results = scatter_unpadded(
+            outputs, row_counts, lengths, target, [i.outputs for i in items],
+            padding.outputs or {},
+        )
+        t3 = timer()
+        real = sum(r * n for r, n in zip(row_counts, lengths, strict=True))
+        return ExecutedBatch(
+            results, padded_rows, t1 - t0, t2 - t1, t3 - t2, real, rows * target
+        )
 
 
 Outcome = ExecutedBatch | BaseException

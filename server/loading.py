@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 
 from .batching import BatchPolicy
 from .config import DEFAULT_MODEL_FILENAME, ConfigError, ModelSettings, TensorSpec, settings_from
+from .errors import FerryError
 from .executor import BatchExecutor, InstanceExecutor, Runner, RunOnly
 from .loaded_model import LoadedModel
 from .outcomes import OutcomeObserver
+from .padding import (
+    PADDING_OUTPUTS_PARAMETER,
+    PROBE_LENGTHS,
+    PaddingConfigError,
+    probe_output_axes,
+)
 from .providers import GpuFallback, create_instances, placements
 from .repository import ModelSource
 from .runtime import OnnxInstance, SessionSettings, available_providers, default_intra_op_threads
@@ -75,7 +82,32 @@ def build_sessions(
     )
     if created.warnings:
         settings = dataclasses.replace(settings, warnings=(*settings.warnings, *created.warnings))
-    return settings, created.instances
+    return with_output_axes(settings, created.instances[0]), created.instances
+
+
+def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings:
+    """A padding model whose config does not say which outputs follow the padded axis:
+    find them by running the model on two lengths."""
+    padding = settings.padding
+    if padding is None or padding.outputs is not None:
+        return settings
+    try:
+        axes = probe_output_axes(
+            instance,
+            padding,
+            [(t.name, t.datatype, t.dims) for t in settings.inputs],
+            settings.output_names,
+        )
+    except PaddingConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    except FerryError as exc:
+        raise ConfigError(
+            f"running the model on inputs of lengths {PROBE_LENGTHS} to find the outputs "
+            f"that follow the padded axis failed ({exc.message}); name them in parameter "
+            f"{PADDING_OUTPUTS_PARAMETER}"
+        ) from None
+    log.info("model '%s': outputs cut back to each request's length: %s", settings.name, axes)
+    return dataclasses.replace(settings, padding=dataclasses.replace(padding, outputs=axes))
 
 
 def policy_for(settings: ModelSettings) -> BatchPolicy:
@@ -86,6 +118,7 @@ def policy_for(settings: ModelSettings) -> BatchPolicy:
         max_queue_size=settings.max_queue_size,
         priority_levels=settings.priority_levels,
         priority_aging_s=settings.priority_aging_s if settings.priority_levels > 1 else None,
+        padding=settings.padding.buckets if settings.padding is not None else None,
     )
 
 
@@ -112,6 +145,7 @@ def describe(settings: ModelSettings, version: str, devices: Sequence[str] = ())
             else f"instances={settings.instance_count} ({settings.instance_kind})"
         )
         + (f"; batch buckets {list(settings.batch_buckets)}" if settings.batch_buckets else "")
+        + (f"; {settings.padding.describe()}" if settings.padding is not None else "")
     )
 
 
@@ -143,11 +177,13 @@ async def _load_version(source: ModelSource, number: int, options: LoadOptions) 
     runners: Sequence[Runner] = (
         [wrap(source.name, instance) for instance in instances] if wrap else instances
     )
+    padding = settings.padding
     executors: list[BatchExecutor] = [
-        InstanceExecutor(RunOnly(runner), batchable=settings.batchable)
+        InstanceExecutor(RunOnly(runner), batchable=settings.batchable, padding=padding)
         for runner in runners
     ] if wrap else [
-        InstanceExecutor(instance, batchable=settings.batchable) for instance in instances
+        InstanceExecutor(instance, batchable=settings.batchable, padding=padding)
+        for instance in instances
     ]
     if settings.warmup:
         # Before the model is registered: it reports ready only once every instance has

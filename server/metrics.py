@@ -57,6 +57,8 @@ LATENCY_BUCKETS_S = (
 )
 
 NS_PER_S = 1e9
+# Real / padded elements of a padding model's batch: 1 is a batch with no padding.
+PADDING_FILL_BUCKETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 def batch_size_bounds(largest_max_batch_size: int) -> list[int]:
@@ -81,26 +83,27 @@ class ModelView:
     max_batch_size: int
 
 
-class LatencyHistogram:
-    """Observations in LATENCY_BUCKETS_S (seconds), written on the event loop only."""
+class LoopHistogram:
+    """Observations in fixed buckets, written on the event loop only."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)  # the last: above every bound
+    def __init__(self, bounds: Sequence[float] = LATENCY_BUCKETS_S) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound
         self.total = 0.0
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, value: float) -> None:
         # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
-        self.total += seconds
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
 
     def family_buckets(self) -> tuple[list[tuple[str, float]], float]:
         """Cumulative (le, count) pairs, +Inf last, and the sum, as scraped."""
         counts, total = list(self.counts), self.total
         buckets: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip(LATENCY_BUCKETS_S, counts, strict=False):
+        for bound, count in zip(self.bounds, counts, strict=False):
             running += count
             buckets.append((_bound(bound), running))
         buckets.append(("+Inf", running + counts[-1]))
@@ -115,11 +118,13 @@ def _bound(value: float) -> str:
 class _ModelFigures:
     """Per-batch figures of one model, written on the event loop only."""
 
-    queue: LatencyHistogram
-    compute: LatencyHistogram
+    queue: LoopHistogram
+    compute: LoopHistogram
+    padding_fill: LoopHistogram
     inferences: int = 0
     batches: int = 0
     padded_rows: int = 0
+    padded_elements: int = 0
     sizes: dict[int, int] | None = None  # executed batches by exact row count
 
 
@@ -146,6 +151,9 @@ class _ModelObserver:
         sizes = figures.sizes
         assert sizes is not None
         sizes[timings.rows] = sizes.get(timings.rows, 0) + 1
+        if timings.padded_elements:
+            figures.padded_elements += timings.padded_elements - timings.real_elements
+            figures.padding_fill.observe(timings.real_elements / timings.padded_elements)
 
 
 class _ScrapeTimeCollector:
@@ -166,6 +174,8 @@ class _ScrapeTimeCollector:
             CounterMetricFamily("ferry_inferences", "", labels=["model"]),
             CounterMetricFamily("ferry_batches", "", labels=["model"]),
             CounterMetricFamily("ferry_padded_rows", "", labels=["model"]),
+            CounterMetricFamily("ferry_padded_elements", "", labels=["model"]),
+            HistogramMetricFamily("ferry_padding_fill_ratio", "", labels=["model"]),
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -218,7 +228,7 @@ class ServerMetrics:
         self._figures: dict[str, _ModelFigures] = {}
         self._batch_observers: dict[str, _ModelObserver] = {}
         self._request_counts: dict[tuple[str, str], int] = {}  # (model label, code)
-        self._request_durations: dict[str, LatencyHistogram] = {}
+        self._request_durations: dict[str, LoopHistogram] = {}
         # Replaced whole (never mutated) by models_changed, so a scrape reads a
         # consistent pair without a lock.
         self._snapshot: tuple[tuple[ModelView, ...], Mapping[str, bool]] = ((), {})
@@ -229,7 +239,9 @@ class ServerMetrics:
         """The BatchObserver of a model version (every version shares the model's)."""
         observer = self._batch_observers.get(model)
         if observer is None:
-            figures = _ModelFigures(LatencyHistogram(), LatencyHistogram(), sizes={})
+            figures = _ModelFigures(
+                LoopHistogram(), LoopHistogram(), LoopHistogram(PADDING_FILL_BUCKETS), sizes={}
+            )
             self._figures[model] = figures
             observer = self._batch_observers[model] = _ModelObserver(figures)
         return (observer,)
@@ -242,7 +254,7 @@ class ServerMetrics:
         if outcome.model:
             duration = self._request_durations.get(label)
             if duration is None:
-                duration = self._request_durations[label] = LatencyHistogram()
+                duration = self._request_durations[label] = LoopHistogram()
             duration.observe(outcome.duration_ns / NS_PER_S)
 
     def models_changed(self, views: Iterable[ModelView], ready: Mapping[str, bool]) -> None:
@@ -304,14 +316,27 @@ class ServerMetrics:
                 "not in ferry_inferences_total",
                 labels=["model"],
             ),
+            "padded_elements": CounterMetricFamily(
+                "ferry_padded_elements",
+                "Pad positions added along the padded axis of variable-length inputs, over "
+                "all rows (padded minus real; rows padded to a batch bucket not included)",
+                labels=["model"],
+            ),
         }
+        fill = HistogramMetricFamily(
+            "ferry_padding_fill_ratio",
+            "Real / padded elements along the padded axis, per batch of a padding model",
+            labels=["model"],
+        )
         for model, figure in figures:
             queue.add_metric([model], *figure.queue.family_buckets())
             compute.add_metric([model], *figure.compute.family_buckets())
+            fill.add_metric([model], *figure.padding_fill.family_buckets())
             for attribute, family in counters.items():
                 family.add_metric([model], getattr(figure, attribute))
         yield queue
         yield compute
+        yield fill
         yield from counters.values()
 
     def render(self) -> bytes:

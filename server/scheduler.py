@@ -36,6 +36,9 @@ class BatchTimings:
     output_ns: int
     failed: bool
     padded_rows: int = 0  # rows of padding the instance ran to reach a batch bucket
+    # A padding model's positions along its padded axis (see ExecutedBatch).
+    real_elements: int = 0
+    padded_elements: int = 0
 
 
 class BatchObserver(Protocol):
@@ -147,6 +150,7 @@ class ModelScheduler:
         shape_key: object,
         deadline_s: float | None = None,
         priority: int = 1,
+        length: int = 0,
     ) -> asyncio.Future[Tensors]:
         """Queue one request; the future resolves to its own output rows.
 
@@ -163,6 +167,7 @@ class ModelScheduler:
             arrival_s=self._clock(),
             deadline_s=deadline_s,
             priority=priority,
+            length=length,
         )
         self._queue.submit(pending)
         future.add_done_callback(lambda f: self._on_settled(f, pending))
@@ -294,7 +299,10 @@ class ModelScheduler:
 
     def _items(self, batch: Batch[Work]) -> tuple[list[BatchItem], list[str]]:
         """Each request's part of a batch, and the outputs the batch must compute."""
-        items = [BatchItem(r.payload.inputs, r.rows, r.payload.outputs) for r in batch.requests]
+        items = [
+            BatchItem(r.payload.inputs, r.rows, r.payload.outputs, r.length)
+            for r in batch.requests
+        ]
         wanted = {name for item in items for name in item.outputs}
         return items, [name for name in self._output_order if name in wanted]
 
@@ -322,7 +330,7 @@ class ModelScheduler:
         requests = running.batch.requests
         failed = True
         timings = (0, 0, 0)
-        padded_rows = 0
+        padded_rows = real_elements = padded_elements = 0
         if not isinstance(outcome, ExecutedBatch):
             error = self._execution_error(outcome)
             log.error(
@@ -335,6 +343,7 @@ class ModelScheduler:
             failed = False
             timings = (outcome.input_ns, outcome.infer_ns, outcome.output_ns)
             padded_rows = outcome.padded_rows
+            real_elements, padded_elements = outcome.real_elements, outcome.padded_elements
             for pending, result in zip(requests, outcome.outputs, strict=True):
                 _resolve(pending.payload.future, result)
         self._free.append(running.lane)
@@ -345,6 +354,8 @@ class ModelScheduler:
             *timings,
             failed=failed,
             padded_rows=padded_rows,
+            real_elements=real_elements,
+            padded_elements=padded_elements,
         )
         if not failed:
             # What a batch costs lately, to decide whether one may run inline.

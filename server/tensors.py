@@ -52,6 +52,7 @@ class DecodedRequest:
     shape_key: tuple[tuple[int, ...], ...]
     timeout_us: int | None = None  # the request parameter 'timeout'
     priority: int | None = None  # the request parameter 'priority'
+    length: int = 0  # along the padded axis, for a model that pads its inputs
 
 
 def _describe(datatype: str, shape: object) -> str:
@@ -110,9 +111,9 @@ def decode_request(
                 f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
             )
     outputs = _requested_outputs(request, model)
-    shape_key = tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    length, shape_key = batch_key(arrays, model)
     if not request.parameters:
-        return DecodedRequest(arrays, outputs, rows, shape_key)
+        return DecodedRequest(arrays, outputs, rows, shape_key, length=length)
     return DecodedRequest(
         arrays,
         outputs,
@@ -120,7 +121,19 @@ def decode_request(
         shape_key,
         timeout_us=_integer_parameter(request, "timeout"),
         priority=_integer_parameter(request, "priority"),
+        length=length,
     )
+
+
+def batch_key(
+    arrays: Mapping[str, Array], model: ModelSettings
+) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    """What decides which requests may share a batch: the length along the padded axis
+    (0 when the model does not pad) and the shape key (the non-batch shapes, the padded
+    axis left out). Raises FerryError when padded inputs disagree on their length."""
+    if model.padding is None:
+        return 0, tuple(arrays[s.name].shape[1:] for s in model.inputs if s.name in arrays)
+    return model.padding.request_key(arrays, model.input_names)
 
 
 def _integer_parameter(request: pb.ModelInferRequest, name: str) -> int | None:

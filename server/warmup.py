@@ -108,21 +108,43 @@ def _fill(
 
 
 def bucket_samples(
-    buckets: Sequence[int], inputs: Sequence[tuple[str, str, tuple[int, ...]]], runs: int = 1
+    buckets: Sequence[int],
+    inputs: Sequence[tuple[str, str, tuple[int, ...]]],
+    runs: int = 1,
+    lengths: Sequence[tuple[int, Mapping[str, int]]] = (),
 ) -> tuple[WarmupSample, ...]:
     """One zero batch per bucket; none when an input has a variable non-batch dimension
-    (its shape at run time cannot be guessed). `inputs` are (name, datatype, dims)."""
-    if any(-1 in dims for _, _, dims in inputs):
-        return ()
-    return tuple(
-        WarmupSample(
-            name=f"bucket {size}",
-            batch_size=size,
-            inputs=tuple((name, WarmupInput(datatype, dims)) for name, datatype, dims in inputs),
-            count=runs,
+    (its shape at run time cannot be guessed). `inputs` are (name, datatype, dims).
+
+    `lengths` are a padding model's length buckets, each with its padded inputs and their
+    axis (batch axis 0): then each batch bucket runs at each length, the padded axes set."""
+    samples: list[WarmupSample] = []
+    for length, axes in lengths or [(0, {})]:
+        shaped = [
+            (name, datatype, _with_length(dims, axes.get(name), length))
+            for name, datatype, dims in inputs
+        ]
+        if any(-1 in dims for _, _, dims in shaped):
+            return ()
+        label = f" length {length}" if axes else ""
+        samples.extend(
+            WarmupSample(
+                name=f"bucket {size}{label}",
+                batch_size=size,
+                inputs=tuple(
+                    (name, WarmupInput(datatype, dims)) for name, datatype, dims in shaped
+                ),
+                count=runs,
+            )
+            for size in buckets
         )
-        for size in buckets
-    )
+    return tuple(samples)
+
+
+def _with_length(dims: tuple[int, ...], axis: int | None, length: int) -> tuple[int, ...]:
+    if axis is None:
+        return dims
+    return (*dims[: axis - 1], length, *dims[axis:])
 
 
 def warm_up(

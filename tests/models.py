@@ -159,3 +159,109 @@ def spin_model(path: Path, offset: float = 0.0, features: int = 4) -> Path:
         ],
     )
     return _save(graph, path)
+
+
+def masked_encoder_model(
+    path: Path,
+    vocab: int = 64,
+    width: int = 16,
+    max_length: int = 256,
+    layers: int = 1,
+    seed: int = 0,
+) -> Path:
+    """A small transformer-style encoder over token ids that masks its padding.
+
+    input_ids INT64 [batch, seq] and attention_mask INT64 [batch, seq] (1 real, 0 pad) ->
+    token_states FP32 [batch, seq, width] and pooled FP32 [batch, width]. Embedding
+    lookup plus learned positions; per layer, single-head self-attention whose keys are
+    masked (an additive -1e9 on padded keys, so they get exactly zero weight), a residual
+    and a tanh feed-forward; then the mean of the real tokens' states.
+    """
+    rng = np.random.default_rng(seed)
+
+    def weight(name: str, *shape: int, scale: float = 0.5) -> onnx.TensorProto:
+        values = (rng.standard_normal(shape) * scale / np.sqrt(shape[0])).astype(np.float32)
+        return numpy_helper.from_array(values, name)
+
+    def const(name: str, values: object, dtype: type = np.float32) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(values, dtype=dtype), name)
+
+    initializers = [
+        weight("embedding", vocab, width, scale=float(np.sqrt(vocab))),
+        weight("positions", max_length, width, scale=float(np.sqrt(max_length)) * 0.2),
+        const("one_i", 1, np.int64),
+        const("zero_i", 0, np.int64),
+        const("axis_1", [1], np.int64),
+        const("axis_2", [2], np.int64),
+        const("one_f", 1.0),
+        const("big_negative", -1e9),
+        const("scale", 1.0 / np.sqrt(width)),
+        const("tiny", 1e-9),
+    ]
+    n = helper.make_node
+    nodes = [
+        n("Gather", ["embedding", "input_ids"], ["tokens"]),
+        n("Shape", ["input_ids"], ["ids_shape"]),
+        n("Gather", ["ids_shape", "one_i"], ["seq_len"]),
+        n("Range", ["zero_i", "seq_len", "one_i"], ["position_ids"]),
+        n("Gather", ["positions", "position_ids"], ["position_states"]),
+        n("Add", ["tokens", "position_states"], ["h0"]),
+        n("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["mask", "axis_1"], ["key_mask"]),  # [batch, 1, seq]
+        n("Sub", ["one_f", "key_mask"], ["key_padding"]),
+        n("Mul", ["key_padding", "big_negative"], ["key_bias"]),
+    ]
+    state = "h0"
+    for layer in range(layers):
+        p = f"l{layer}_"
+        initializers += [
+            weight(p + "wq", width, width),
+            weight(p + "wk", width, width),
+            weight(p + "wv", width, width),
+            weight(p + "wo", width, width),
+            weight(p + "w1", width, 2 * width),
+            weight(p + "w2", 2 * width, width),
+        ]
+        nodes += [
+            n("MatMul", [state, p + "wq"], [p + "q"]),
+            n("MatMul", [state, p + "wk"], [p + "k"]),
+            n("MatMul", [state, p + "wv"], [p + "v"]),
+            n("Transpose", [p + "k"], [p + "kt"], perm=[0, 2, 1]),
+            n("MatMul", [p + "q", p + "kt"], [p + "raw_scores"]),
+            n("Mul", [p + "raw_scores", "scale"], [p + "scaled"]),
+            n("Add", [p + "scaled", "key_bias"], [p + "scores"]),
+            n("Softmax", [p + "scores"], [p + "attention"], axis=-1),
+            n("MatMul", [p + "attention", p + "v"], [p + "context"]),
+            n("MatMul", [p + "context", p + "wo"], [p + "projected"]),
+            n("Add", [state, p + "projected"], [p + "mixed"]),
+            n("MatMul", [p + "mixed", p + "w1"], [p + "hidden"]),
+            n("Tanh", [p + "hidden"], [p + "activated"]),
+            n("MatMul", [p + "activated", p + "w2"], [p + "ffn"]),
+            n("Add", [p + "mixed", p + "ffn"], [p + "out"]),
+        ]
+        state = p + "out"
+    nodes += [
+        n("Identity", [state], ["token_states"]),
+        n("Unsqueeze", ["mask", "axis_2"], ["token_mask"]),  # [batch, seq, 1]
+        n("Mul", ["token_states", "token_mask"], ["masked_states"]),
+        n("ReduceSum", ["masked_states", "axis_1"], ["state_sum"], keepdims=0),
+        n("ReduceSum", ["mask", "axis_1"], ["token_count"], keepdims=1),
+        n("Max", ["token_count", "tiny"], ["safe_count"]),
+        n("Div", ["state_sum", "safe_count"], ["pooled"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "masked_encoder",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [
+            helper.make_tensor_value_info(
+                "token_states", TensorProto.FLOAT, ["batch", "seq", width]
+            ),
+            helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["batch", width]),
+        ],
+        initializers,
+    )
+    return _save(graph, path)
