@@ -18,8 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .padding import PaddingSettings
 from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadded
@@ -58,8 +57,7 @@ class RunOnly:
         return self.runner.run(gather(parts), output_names), 0
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
+class BatchItem(NamedTuple):  # built per request or batch: a tuple is cheapest
     """One request's part of a batch."""
 
     inputs: Tensors
@@ -68,8 +66,7 @@ class BatchItem:
     length: int = 0  # along the padded axis, for a model that pads its inputs
 
 
-@dataclass(frozen=True, slots=True)
-class ExecutedBatch:
+class ExecutedBatch(NamedTuple):  # built per request or batch: a tuple is cheapest
     """Each request's own outputs, in the order of the batch, and what the run cost."""
 
     outputs: list[Tensors]

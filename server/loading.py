@@ -29,11 +29,18 @@ from .padding import (
 )
 from .providers import GpuFallback, create_instances, placements
 from .repository import ModelSource
-from .runtime import OnnxInstance, SessionSettings, available_providers, default_intra_op_threads
+from .rows import Array
+from .runtime import (
+    OnnxInstance,
+    SessionSettings,
+    available_providers,
+    calibrated_intra_op_threads,
+    default_intra_op_threads,
+)
 from .scheduler import BatchObserver, ModelScheduler
 from .signatures import read_signature
 from .stats import ModelStatistics
-from .warmup import warm_up
+from .warmup import bucket_samples, sample_arrays, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,8 @@ def build_sessions(
         config.warnings if config else [],
     )
     devices = settings.devices
-    threads = options.session_threads or default_intra_op_threads(len(placements(devices)))
+    where = placements(devices)
+    threads = options.session_threads or default_intra_op_threads(len(where))
     session_settings = SessionSettings(
         intra_op_threads=threads,
         graph_optimization_level=settings.graph_optimization_level,
@@ -77,6 +85,13 @@ def build_sessions(
         batch_buckets=settings.batch_buckets,
         cuda_graphs=settings.cuda_graphs,
     )
+    if not options.session_threads and all(p.gpu is None for p in where):
+        # Automatic threads on the CPU: as many as the cores allow, unless the model is so
+        # small that one thread runs it faster.
+        chosen = calibrated_intra_op_threads(
+            model_file, session_settings, _calibration_samples(settings), settings.output_names
+        )
+        session_settings = dataclasses.replace(session_settings, intra_op_threads=chosen)
     created = create_instances(
         model_file, devices, session_settings, options.gpu_fallback, available_providers()
     )
@@ -108,6 +123,14 @@ def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings
         ) from None
     log.info("model '%s': outputs cut back to each request's length: %s", settings.name, axes)
     return dataclasses.replace(settings, padding=dataclasses.replace(padding, outputs=axes))
+
+
+def _calibration_samples(settings: ModelSettings) -> list[dict[str, Array]]:
+    """Zero inputs of one row and of a full batch; none when a non-batch dimension is
+    only known at run time (no shape to try it with)."""
+    inputs = [(spec.name, spec.datatype, spec.dims) for spec in settings.inputs]
+    sizes = [1, settings.max_batch_size] if settings.batchable else [0]
+    return [sample_arrays(sample) for sample in bucket_samples(sorted(set(sizes)), inputs)]
 
 
 def policy_for(settings: ModelSettings) -> BatchPolicy:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from .errors import ErrorKind, FerryError
@@ -24,8 +24,7 @@ from .rows import Tensors
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True, slots=True)
-class BatchTimings:
+class BatchTimings(NamedTuple):  # one per batch: a tuple is the cheapest record to build
     """What one execution cost, in nanoseconds; queue times are per request."""
 
     rows: int
@@ -253,7 +252,7 @@ class ModelScheduler:
                     f"request timed out after waiting in the queue of model '{self.name}'",
                 ),
             )
-        while self._free:
+        while self._free and queue:
             batch = queue.take_batch(now)
             if batch is None:
                 break
@@ -307,8 +306,8 @@ class ModelScheduler:
         return items, [name for name in self._output_order if name in wanted]
 
     def _run_inline(self, lane: ExecutionLane, batch: Batch[Work]) -> None:
+        # Not in _inflight: it is over before anything else on the loop can look.
         running = _Running(lane, batch, time.perf_counter_ns())
-        self._inflight[id(running)] = running
         # The caller (_dispatch) goes on taking batches: no re-dispatch from in here, which
         # would nest one call deeper per batch.
         self._finish(running, lane.run_here(*self._items(batch)), redispatch=False)
@@ -326,7 +325,7 @@ class ModelScheduler:
 
     def _finish(self, running: _Running, outcome: Outcome, redispatch: bool = True) -> None:
         """Back on the loop: answer every request of the batch, whatever happened."""
-        del self._inflight[id(running)]
+        self._inflight.pop(id(running), None)
         requests = running.batch.requests
         failed = True
         timings = (0, 0, 0)

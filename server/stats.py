@@ -57,20 +57,21 @@ class ModelStatistics:
         if timings.failed:
             return
         n = timings.requests
+        input_ns, infer_ns, output_ns = timings.input_ns, timings.infer_ns, timings.output_ns
         self.inference_count += timings.rows
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
         self.queue.add(sum(timings.queue_ns), n)
         # Like Triton, each request is charged the compute time of the batch it ran in.
-        self.compute_input.add(timings.input_ns * n, n)
-        self.compute_infer.add(timings.infer_ns * n, n)
-        self.compute_output.add(timings.output_ns * n, n)
+        self.compute_input.add(input_ns * n, n)
+        self.compute_infer.add(infer_ns * n, n)
+        self.compute_output.add(output_ns * n, n)
         sizes = self.by_batch_size.get(timings.rows)
         if sizes is None:
             sizes = self.by_batch_size[timings.rows] = BatchSizeStats()
-        sizes.compute_input.add(timings.input_ns)
-        sizes.compute_infer.add(timings.infer_ns)
-        sizes.compute_output.add(timings.output_ns)
+        sizes.compute_input.add(input_ns)
+        sizes.compute_infer.add(infer_ns)
+        sizes.compute_output.add(output_ns)
 
     def request_finished(self, outcome: RequestOutcome) -> None:
         (self.success if outcome.ok else self.fail).add(outcome.duration_ns)

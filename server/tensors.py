@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -42,8 +43,7 @@ class TensorLimits:
             raise ValueError(f"tensor limits must be >= 1, got {self}")
 
 
-@dataclass(frozen=True, slots=True)
-class DecodedRequest:
+class DecodedRequest(NamedTuple):  # one per request: a tuple is the cheapest record
     """A request in the server's terms, whatever protocol it came by."""
 
     inputs: dict[str, Array]
