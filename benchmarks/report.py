@@ -275,6 +275,23 @@ def _checks_for(results: Results, server: str) -> list[TargetCheck]:
             if p.req_per_s < old.req_per_s * (1 - BEFORE_TOLERANCE):
                 slower.append(f"{p.model} c={p.concurrency} r={p.rows}: "
                               f"{p.req_per_s / old.req_per_s:.2f}x")
+        for entry in results.data.get("streams") or []:
+            if entry["server"] != server:
+                continue
+            old_stream = next(
+                (
+                    e
+                    for e in results.data.get("streams") or []
+                    if e["server"] == before and e["model"] == entry["model"]
+                ),
+                None,
+            )
+            if old_stream is None or old_stream["messages_per_s"] <= 0:
+                continue
+            compared += 1
+            ratio = entry["messages_per_s"] / old_stream["messages_per_s"]
+            if ratio < 1 - BEFORE_TOLERANCE:
+                slower.append(f"{entry['model']} stream: {ratio:.2f}x")
         target = (
             f"no point slower than {before} (more than {BEFORE_TOLERANCE:.0%} below it)"
         )

@@ -29,6 +29,7 @@ from . import ceiling
 from .load import LoadSpec, Measurement, find_ghz, ghz_version, run_ghz, write_request
 from .make_models import MODELS, OVERHEAD_BOUND, BenchModel, write_repository
 from .perf_analyzer_load import find_perf_analyzer, run_perf_analyzer
+from .previous_build import previous_build
 from .report import write_report
 from .servers import NAIVE, NULL, RunningServer, ServerVariant
 from .stream import StreamMeasurement, run_stream, write_stream_data
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=[m.name for m in MODELS],
         help="measure only these models (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="COMMIT",
+        default=None,
+        help="also measure Ferry as of this commit, as the server ferry-before (every point "
+        "of ferry is compared with it)",
     )
     parser.add_argument(
         "--update-readme", action="store_true", help="copy the report into benchmarks/README.md"
@@ -212,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work: Path = args.work
     variants = [ServerVariant.parse(spec) for spec in args.server or ["ferry", "naive", "null"]]
+    if args.before:
+        variants.insert(1, previous_build(args.before, work))
     if len({v.name for v in variants}) != len(variants):
         raise SystemExit("two servers have the same name")
     ghz = find_ghz(args.ghz)

@@ -163,25 +163,32 @@ def _check_shape(
             f"input '{spec.name}': expected {_describe(spec.datatype, expected)}, got "
             f"{_describe(tensor.datatype or '(no datatype)', shape)}"
         )
-    if len(shape) != len(expected) or any(
-        e != -1 and s != e for s, e in zip(shape, expected, strict=True)
-    ):
+    if len(shape) != len(expected):
         raise invalid_input(
             f"input '{spec.name}': expected shape {list(expected)}, got {list(shape)}"
         )
-    if any(d < 0 for d in shape):
+    # One plain loop (every request passes here): the dimensions the model fixes must
+    # match, and none may be negative.
+    negative = False
+    for given, wanted in zip(shape, expected, strict=True):
+        if given != wanted and wanted != -1:
+            raise invalid_input(
+                f"input '{spec.name}': expected shape {list(expected)}, got {list(shape)}"
+            )
+        if given < 0:
+            negative = True
+    if negative:
         raise invalid_input(
             f"input '{spec.name}': expected dimensions >= 0, got shape {list(shape)} "
             "with a negative dimension"
         )
-    elements = 1
-    for dim in shape:
-        elements *= dim
-        if elements > limits.max_elements:
-            raise invalid_input(
-                f"input '{spec.name}': shape {list(shape)} has more than "
-                f"{limits.max_elements} elements, the limit per tensor (--max-tensor-elements)"
-            )
+    # Exact whatever the size (Python integers do not overflow); the limit is checked on
+    # the shape, before anything is allocated.
+    if math.prod(shape) > limits.max_elements:
+        raise invalid_input(
+            f"input '{spec.name}': shape {list(shape)} has more than "
+            f"{limits.max_elements} elements, the limit per tensor (--max-tensor-elements)"
+        )
     return shape
 
 
@@ -320,10 +327,13 @@ def _as_text(array: Array, spec: TensorSpec) -> Array:
 
 def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> tuple[str, ...]:
     names = model.output_names
-    if not request.outputs:
+    requested = request.outputs
+    if not requested:
         return names
+    if len(requested) == 1 and requested[0].name in names:  # the common case
+        return (requested[0].name,)
     wanted: list[str] = []
-    for output in request.outputs:
+    for output in requested:
         if output.name not in names:
             raise invalid_input(
                 f"unknown output '{output.name}': model '{model.name}' gives "
