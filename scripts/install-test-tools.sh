@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the external tools that integration tests drive (idempotent). What it writes:
-#   .tools/bin/   ghz, protoc-gen-go, protoc-gen-go-grpc (built with Go), the perf_analyzer wrapper
+#   .tools/bin/   ghz, grpcurl, protoc-gen-go, protoc-gen-go-grpc (built with Go), the
+#                 perf_analyzer wrapper
 #   .tools/perf-venv/                       perf_analyzer's own venv (tritonclient 2.41.0)
 #   examples/clients/node/node_modules/     the Node.js client's packages (npm ci)
 #   Go's and npm's download caches in your home folder (go env GOMODCACHE, ~/.npm)
@@ -37,6 +38,9 @@ if command -v go >/dev/null; then
     google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
   go_install_pinned protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc \
     google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
+  # grpcurl: what a person types at Ferry; the tests check its JSON requests and answers.
+  go_install_pinned grpcurl github.com/fullstorydev/grpcurl \
+    github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
   (cd examples/clients/go && go mod download)
 else
   echo "install-test-tools: Go not found, skipping the Go client's tools" >&2

@@ -351,12 +351,27 @@ def encode_response(
     version: str,
     outputs: Mapping[str, Array],
 ) -> pb.ModelInferResponse:
-    """Outputs travel as raw_output_contents, as Triton sends them."""
+    """Outputs travel as raw_output_contents, as Triton sends them; a request whose inputs
+    came as typed `contents` (grpcurl, ghz with JSON) is answered in typed contents too,
+    when every output has a typed field (FP16 and BF16 have none: then all go raw)."""
     response = pb.ModelInferResponse(model_name=model.name, model_version=version, id=request.id)
     datatypes = model.output_datatypes
     add_output = response.outputs.add
+    if not request.raw_input_contents and request.inputs and _all_typed(outputs, datatypes):
+        for name, array in outputs.items():
+            datatype = datatypes[name]
+            tensor = add_output(name=name, datatype=datatype, shape=array.shape)
+            values = array.reshape(-1).tolist()
+            if datatype == "BYTES":
+                values = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
+            getattr(tensor.contents, CONTENTS_FIELDS[datatype]).extend(values)
+        return response
     raw_contents = response.raw_output_contents
     for name, array in outputs.items():
         add_output(name=name, datatype=datatypes[name], shape=array.shape)
         raw_contents.append(to_raw(array))
     return response
+
+
+def _all_typed(outputs: Mapping[str, Array], datatypes: Mapping[str, str]) -> bool:
+    return all(datatypes[name] in CONTENTS_FIELDS for name in outputs)
