@@ -17,10 +17,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ferry.proto import grpc_service_pb2 as pb
-from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto._pool import POOL
 
 from .dataplane import DataPlane
+from .errors import Status
 from .grpc_status import shield_servicer
 from .loading import InstanceWrapper, LoadOptions
 from .logs import AccessLog, RejectionLog
@@ -31,8 +31,10 @@ from .poller import RepositoryPoller
 from .providers import GpuFallback
 from .reflection import ReflectionPool
 from .repository import ModelRepository
-from .security import SecurityOptions
+from .security import ApiGroup, SecurityOptions, api_group
 from .servicer import INFERENCE_SERVICE, InferenceServicer
+from .streams import StreamLimits
+from .wire import add_inference_service
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class ServerOptions:
     # A KIND_GPU model where CUDA cannot be used: load it on the CPU with a warning, or
     # fail its load.
     gpu_fallback: GpuFallback = GpuFallback.CPU
+    # Per ModelStreamInfer stream: unsent answers past which it stops reading requests.
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -139,6 +143,8 @@ class FerryServer:
             is_ready=self.is_ready,
             tensor_limits=options.security.tensor_limits(options.max_message_bytes),
             model_control=options.security.model_control,
+            max_response_bytes=options.max_message_bytes,
+            stream_limits=options.stream_limits,
         )
         self._server = self._grpc_server()
         self.grpc_port = 0
@@ -153,18 +159,17 @@ class FerryServer:
                 ("grpc.max_send_message_length", message_limit),
                 *security.grpc_options(),
             ],
-            interceptors=security.interceptors(),
-            maximum_concurrent_rpcs=security.max_concurrent_rpcs,
+            # The RPC limit is an interceptor of Ferry's (not gRPC's own option), so
+            # that its refusals are counted.
+            interceptors=security.interceptors(self._refused),
         )
         shield_servicer(
             self.servicer,
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
             INFERENCE_SERVICE,
+            self._refused,
         )
-        # The generated registration function is untyped.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            self.servicer, server
-        )
+        add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection(
@@ -173,6 +178,11 @@ class FerryServer:
             pool=ReflectionPool(POOL),
         )
         return server
+
+    def _refused(self, method: str, status: Status, message: str) -> None:
+        """Count a refused inference call (other RPCs are not inference requests)."""
+        if api_group(method) is ApiGroup.INFERENCE:
+            self.dataplane.refused(status, message)
 
     def is_ready(self) -> bool:
         return not self._draining and self.manager.all_ready()

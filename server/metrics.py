@@ -241,13 +241,12 @@ class ServerMetrics:
                 model=label, code=code
             )
         counter.inc()
-        if model:
-            duration = self._duration_children.get(model)
-            if duration is None:
-                duration = self._duration_children[model] = self.request_duration.labels(
-                    model=model
-                )
-            duration.observe(outcome.duration_ns / NS_PER_S)
+        duration = self._duration_children.get(label)
+        if duration is None:
+            duration = self._duration_children[label] = self.request_duration.labels(
+                model=label
+            )
+        duration.observe(outcome.duration_ns / NS_PER_S)
 
     def models_changed(self, views: Iterable[ModelView], ready: Mapping[str, bool]) -> None:
         """Called on the loop whenever models load or unload."""
