@@ -147,7 +147,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
         try:
-            return await self._infer(request, context.time_remaining(), self._max_response)
+            return await self._infer(request, context.time_remaining(), 0)
         except FerryError as error:
             await self._abort(context, error)
             raise  # unreachable: abort raises
@@ -163,11 +163,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers (`server.streams`)."""
         replies: ReplyQueue[pb.ModelStreamInferResponse] = ReplyQueue(self._stream_limits)
         pending: set[asyncio.Task[None]] = set()
-        max_response = self._max_response - STREAM_FRAMING_BYTES
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, context.time_remaining(), max_response)
+                response = await self._infer(
+                    request, context.time_remaining(), STREAM_FRAMING_BYTES
+                )
                 reply = pb.ModelStreamInferResponse(infer_response=response)
             except FerryError as error:
                 reply = _error_reply(error.message, request)
@@ -206,13 +207,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None, max_response: int
+        self, request: pb.ModelInferRequest, time_remaining: float | None, framing_bytes: int
     ) -> pb.ModelInferResponse:
         limits = self._tensor_limits
+        max_response = self._max_response
 
         def encode(model: LoadedModel, outputs: Tensors) -> pb.ModelInferResponse:
             response = encode_response(request, model.settings, model.version, outputs)
-            check_response_size(response, max_response)
+            check_response_size(response, max_response, framing_bytes)
             return response
 
         return await self._dataplane.infer(

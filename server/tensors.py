@@ -352,10 +352,13 @@ def encode_response(
     return response
 
 
-def check_response_size(response: pb.ModelInferResponse, max_bytes: int) -> None:
+def check_response_size(
+    response: pb.ModelInferResponse, max_bytes: int, framing_bytes: int = 0
+) -> None:
     """Refuse an answer larger than the server may send, as that request's own error: left
-    to gRPC, it would end the call (or a whole stream) with no word of which request."""
-    size = response.ByteSize()
+    to gRPC, it would end the call (or a whole stream) with no word of which request.
+    `framing_bytes`: what the message that carries the response adds to it."""
+    size = response.ByteSize() + framing_bytes
     if size > max_bytes:
         raise FerryError(
             ErrorKind.TOO_LARGE,

@@ -4,10 +4,11 @@ too large to send. Each test failed on the server before its fix."""
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -16,9 +17,12 @@ import pytest
 
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server.security import RestrictedApi, SecurityOptions
+from tests.conftest import GatedInstance, RunningServer
 from tests.models import identity_model
 from tests.processes import FerryProcess
 
+StartServer = Callable[..., RunningServer]
 MIB = 1024 * 1024
 EMPTY_ELEMENTS = 4_000_000
 
@@ -89,3 +93,160 @@ def test_millions_of_empty_bytes_elements_are_refused_before_decoding(
     assert "INPUT0" in error.details() and "--max-tensor-bytes" in error.details()
     # The request is held once as bytes and once parsed; nothing per element beyond that.
     assert (peak - rss_before) * 1024 < multiple * size, (peak - rss_before, size)
+
+
+# Counted refusals, malformed messages, answers too large ---------------------------
+
+
+def tile_model(path: Path, repeats: int) -> Path:
+    """y = x tiled `repeats` times along its second axis: small requests, large answers."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "repeats"], ["y"])],
+        "tile",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "m"])],
+        [numpy_helper.from_array(np.array([1, repeats], np.int64), "repeats")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tile_request(values: int, request_id: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="tile", id=request_id)
+    request.inputs.add(name="x", datatype="FP32", shape=[1, values])
+    request.raw_input_contents.append(np.arange(values, dtype=np.float32).tobytes())
+    return request
+
+
+@pytest.fixture
+def tile_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "tiles"
+    tile_model(repo / "tile" / "1" / "model.onnx", repeats=65536)  # 4 bytes in, 256 KiB out
+    return repo
+
+
+def samples_of(server: RunningServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name, frozenset(sample.labels.items())] = sample.value
+    return samples
+
+
+def count(server: RunningServer, model: str, code: str) -> float:
+    key = ("ferry_requests_total", frozenset({("model", model), ("code", code)}))
+    return samples_of(server).get(key, 0.0)
+
+
+def test_an_answer_too_large_fails_only_its_own_stream_request(
+    tile_repo: Path, start_server: StartServer
+) -> None:
+    server = start_server(tile_repo, max_message_bytes=MIB)
+    requests = [tile_request(1, "a"), tile_request(2, "b"), tile_request(7, "big"),
+                tile_request(1, "c"), tile_request(3, "d")]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter(requests), timeout=60))
+    by_id = {reply.infer_response.id: reply for reply in replies}
+    assert sorted(by_id) == ["a", "b", "big", "c", "d"]
+    big = by_id.pop("big")
+    assert "--max-message-size" in big.error_message and str(MIB) in big.error_message
+    for request_id, reply in by_id.items():
+        assert reply.error_message == "", request_id
+        values = int(reply.infer_response.outputs[0].shape[1]) // 65536
+        out = np.frombuffer(reply.infer_response.raw_output_contents[0], np.float32)
+        np.testing.assert_array_equal(out, np.tile(np.arange(values, dtype=np.float32), 65536))
+    assert count(server, "tile", "RESOURCE_EXHAUSTED") == 1
+    assert count(server, "tile", "OK") == 4
+
+
+def test_an_answer_too_large_is_a_counted_unary_error(
+    tile_repo: Path, start_server: StartServer
+) -> None:
+    server = start_server(tile_repo, max_message_bytes=MIB)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(tile_request(7), timeout=30)
+        assert len(stub.ModelInfer(tile_request(1), timeout=30).raw_output_contents[0]) == 4 * 65536
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"more than {MIB}" in caught.value.details()
+    assert "--max-message-size" in caught.value.details()
+    assert count(server, "tile", "RESOURCE_EXHAUSTED") == 1
+
+
+def test_malformed_protobuf_is_invalid_argument_counted_and_logged_once(
+    tile_repo: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = start_server(tile_repo)
+    caplog.clear()
+    with grpc.insecure_channel(server.address) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(200):
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(b"\xff" * 8, timeout=10)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert caught.value.details() == "request is not a valid ModelInferRequest"
+        # In a stream, the bad message gets its own error and the stream goes on.
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       response_deserializer=pb.ModelStreamInferResponse.FromString)
+        replies = list(stream(iter([b"\xff" * 8, tile_request(1, "ok").SerializeToString()]),
+                              timeout=30))
+    assert sorted(reply.error_message for reply in replies) == [
+        "", "request is not a valid ModelInferRequest"
+    ]
+    assert count(server, "_unknown", "INVALID_ARGUMENT") == 201
+    records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert "DecodeError" not in records[0].getMessage() and not records[0].exc_info
+
+
+def test_refusals_before_the_handler_are_counted(
+    tile_repo: Path, start_server: StartServer, gated: Callable[..., GatedInstance]
+) -> None:
+    key = RestrictedApi.parse("inference:infer-key=secret")
+    server = start_server(
+        tile_repo, wrap_instance=gated,
+        security=SecurityOptions(restricted_apis=(key,), max_concurrent_rpcs=1),
+    )
+    gate: GatedInstance = gated.instances[0]  # type: ignore[attr-defined]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(tile_request(1), timeout=10)
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ModelStreamInfer(iter([tile_request(1)]), timeout=10))
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        gate.hold()
+        metadata = (("infer-key", "secret"),)
+        held = stub.ModelInfer.future(tile_request(1), timeout=30, metadata=metadata)
+        assert gate.entered.acquire(timeout=30)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(tile_request(1), timeout=10, metadata=metadata)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-concurrent-rpcs" in caught.value.details()
+        gate.release()
+        assert held.result().id == ""
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="nope"), timeout=10, metadata=metadata)
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert count(server, "_unknown", "UNAUTHENTICATED") == 4
+    assert count(server, "_unknown", "RESOURCE_EXHAUSTED") == 1
+    assert count(server, "_unknown", "NOT_FOUND") == 1
+    assert count(server, "tile", "OK") == 1
+    durations = samples_of(server)
+    assert durations["ferry_request_duration_seconds_count",
+                     frozenset({("model", "_unknown")})] == 6
