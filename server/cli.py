@@ -22,6 +22,7 @@ from .security import (
     SecurityOptions,
     TlsFiles,
 )
+from .streams import DEFAULT_MAX_STREAM_PENDING, DEFAULT_MAX_STREAM_PENDING_BYTES, StreamLimits
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from .workers import supervise
 
@@ -181,7 +182,16 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="most elements in one input tensor "
                        "(default: %(default)s)")
     group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
-                       help="most bytes in one input tensor (default: --max-message-size)")
+                       help="most bytes in one input tensor, decoded; a BYTES element "
+                       "counts 112 bytes besides its content (default: --max-message-size)")
+    group.add_argument("--max-stream-pending", type=int, default=DEFAULT_MAX_STREAM_PENDING,
+                       metavar="N",
+                       help="a ModelStreamInfer stream stops reading requests while this "
+                       "many are running or answered but unsent (default: %(default)s)")
+    group.add_argument("--max-stream-pending-bytes", type=int,
+                       default=DEFAULT_MAX_STREAM_PENDING_BYTES, metavar="BYTES",
+                       help="... or while its unsent answers hold this many bytes "
+                       "(default: %(default)s, 16 MiB)")
 
 
 def security_options(args: argparse.Namespace) -> SecurityOptions:
@@ -271,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=args.access_log,
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),
+            stream_limits=StreamLimits(args.max_stream_pending, args.max_stream_pending_bytes),
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")
