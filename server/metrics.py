@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,10 +22,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from .metrics_http import MetricsHttpServer, start_metrics_server
 from .outcomes import RequestOutcome
 from .scheduler import BatchObserver, BatchTimings
 
@@ -276,12 +275,12 @@ class MetricsEndpoint:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
-        self._httpd: WSGIServer | None = None
+        self._httpd: MetricsHttpServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
-        self._httpd, self._thread = start_http_server(port, host, self._registry)
+        self._httpd, self._thread = start_metrics_server(host, port, self._registry)
         return int(self._httpd.server_port)
 
     def close(self) -> None:

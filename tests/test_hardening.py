@@ -21,6 +21,7 @@ from ferry.server.security import RestrictedApi, SecurityOptions
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import identity_model
 from tests.processes import FerryProcess
+from tests.waiting import wait_until
 
 StartServer = Callable[..., RunningServer]
 MIB = 1024 * 1024
@@ -250,3 +251,41 @@ def test_refusals_before_the_handler_are_counted(
     durations = samples_of(server)
     assert durations["ferry_request_duration_seconds_count",
                      frozenset({("model", "_unknown")})] == 6
+
+
+# The metrics endpoint ---------------------------------------------------------------
+
+
+def test_metrics_endpoint_serves_metrics_only_and_bounds_its_connections(
+    text_server: FerryProcess,
+) -> None:
+    import socket
+    import urllib.error
+
+    base = f"http://127.0.0.1:{text_server.metrics_port}"
+    assert b"ferry_requests_total" in urllib.request.urlopen(f"{base}/metrics", timeout=10).read()
+    for path in ("/", "/favicon.ico", "/metricsx", "/../metrics"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{base}{path}", timeout=10)
+        assert caught.value.code == 404, path
+        caught.value.close()
+    threads_before = text_server.status_kib_plain("Threads")
+    half_open = [
+        socket.create_connection(("127.0.0.1", text_server.metrics_port), timeout=10)
+        for _ in range(300)
+    ]
+    try:
+        for sock in half_open[-5:]:  # the server has accepted them all by now
+            sock.sendall(b"GET /metr")
+        assert text_server.status_kib_plain("Threads") <= threads_before + 16
+    finally:
+        for sock in half_open:
+            sock.close()
+    wait_until(lambda: _scrapes(base), 30, "a scrape once the idle connections left")
+
+
+def _scrapes(base: str) -> bool:
+    try:
+        return b"ferry_" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read()
+    except OSError:
+        return False
