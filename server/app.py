@@ -63,6 +63,9 @@ class ServerOptions:
     gpu_fallback: GpuFallback = GpuFallback.CPU
     # Per ModelStreamInfer stream: unsent answers past which it stops reading requests.
     stream_limits: StreamLimits = field(default_factory=StreamLimits)
+    # Share the gRPC port with other processes (SO_REUSEPORT), as --workers does; else
+    # bind it alone, so that a port already taken fails the start.
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -158,6 +161,7 @@ class FerryServer:
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 *security.grpc_options(),
+                ("grpc.so_reuseport", int(self.options.reuse_port)),
             ],
             # The RPC limit is an interceptor of Ferry's (not gRPC's own option), so
             # that its refusals are counted.
@@ -190,9 +194,18 @@ class FerryServer:
     async def start(self) -> int:
         """Load the repository, then open the port; returns the bound gRPC port."""
         address = f"{self.options.host}:{self.options.grpc_port}"
-        self.grpc_port = self.options.security.bind(self._server, address)
+        try:
+            self.grpc_port = self.options.security.bind(self._server, address)
+        except RuntimeError as exc:  # grpc's word for a port it cannot bind
+            self.grpc_port = 0
+            cause: BaseException | None = exc
+        else:
+            cause = None
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(
+                f"cannot listen on {address} for gRPC (--host, --grpc-port): the address "
+                "is in use or cannot be bound"
+            ) from cause
         if self.options.metrics_port is not None:
             # Up before the models load, so that a slow start can be watched.
             self.metrics_port = self._metrics_endpoint.start(

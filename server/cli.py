@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model whose config asks for a GPU (instance_group KIND_GPU) where CUDA "
         "cannot be used: load it on the CPU with a warning, or fail its load (default: cpu)",
     )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the gRPC port with other processes (SO_REUSEPORT), as the processes "
+        "of --workers do; without it a port already in use fails the start",
+    )
     _add_security_arguments(serve)
     serve.add_argument(
         "--log-level",
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=args.access_log,
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),
+            reuse_port=args.reuse_port,
             stream_limits=StreamLimits(args.max_stream_pending, args.max_stream_pending_bytes),
         )
         if not args.model_path.exists():

@@ -15,9 +15,10 @@ METRICS = re.compile(r"Prometheus metrics on http://[\d.]+:(\d+)/metrics")
 
 class FerryProcess:
     def __init__(self, model_path: Path, *extra: str, wait: bool = True) -> None:
+        port = () if "--grpc-port" in extra else ("--grpc-port", "0")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ferry.server.cli", "serve", str(model_path),
-             "--host", "127.0.0.1", "--grpc-port", "0", *extra],
+             "--host", "127.0.0.1", *port, *extra],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

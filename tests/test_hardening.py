@@ -289,3 +289,34 @@ def _scrapes(base: str) -> bool:
         return b"ferry_" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read()
     except OSError:
         return False
+
+
+# Ports that are taken ---------------------------------------------------------------
+
+
+def test_a_taken_grpc_port_fails_the_start_naming_it(
+    text_server: FerryProcess, text_model: Path
+) -> None:
+    second = FerryProcess(
+        text_model.parents[2], "--metrics-port", "-1", "--grpc-port", str(text_server.port),
+        wait=False,
+    )
+    try:
+        assert second.finish(60) != 0
+        assert f"127.0.0.1:{text_server.port}" in second.stderr
+        assert "--grpc-port" in second.stderr
+    finally:
+        second.close()
+
+
+def test_a_taken_metrics_port_fails_the_start_naming_it(
+    text_server: FerryProcess, text_model: Path
+) -> None:
+    second = FerryProcess(
+        text_model.parents[2], "--metrics-port", str(text_server.metrics_port), wait=False
+    )
+    try:
+        assert second.finish(60) != 0
+        assert f"127.0.0.1:{text_server.metrics_port} for metrics" in second.stderr
+    finally:
+        second.close()
