@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -27,6 +28,9 @@ from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from .workers import supervise
 
 log = logging.getLogger("ferry")
+
+# After the drain, how long to wait for batches still running on executor threads.
+BATCH_JOIN_TIMEOUT_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +271,16 @@ async def serve(options: ServerOptions) -> int:
         return 1
     await stop.wait()
     await server.stop()
+    # The interpreter must never finalise under a running session.run (onnxruntime then
+    # aborts the process): wait for running batches, and if one will not end, leave
+    # without finalising.
+    # After a second signal, at once.
+    join_s = BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0
+    if not server.manager.join_threads(join_s):
+        log.warning("a batch is still running %.0f s after the stop; exiting without it",
+                    join_s)
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")
     return 0
 

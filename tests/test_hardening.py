@@ -5,6 +5,7 @@ too large to send. Each test failed on the server before its fix."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 import urllib.request
@@ -320,3 +321,79 @@ def test_a_taken_metrics_port_fails_the_start_naming_it(
         assert f"127.0.0.1:{text_server.metrics_port} for metrics" in second.stderr
     finally:
         second.close()
+
+
+# Stopping in the middle of a batch -----------------------------------------------------
+
+
+def slow_model(path: Path, size: int = 512, layers: int = 96) -> Path:
+    """x [batch, size, size] multiplied by a matrix `layers` times: a batch that takes
+    a good fraction of a second."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.eye(size, dtype=np.float32)
+    nodes = []
+    previous = "x"
+    for index in range(layers):
+        out = "y" if index == layers - 1 else f"h{index}"
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [out]))
+        previous = out
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", size, size])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_grace_ending_mid_batch_never_aborts_the_process(tmp_path: Path) -> None:
+    import concurrent.futures
+    import signal
+
+    repo = tmp_path / "repo"
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    (repo / "slow" / "config.pbtxt").write_text("max_batch_size: 1\n")
+    x = np.ones((1, 512, 512), np.float32)
+    request = pb.ModelInferRequest(model_name="slow")
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    for attempt in range(10):
+        server = FerryProcess(repo, "--metrics-port", "-1", "--shutdown-grace", "0.3",
+                              "--session-threads", "1")
+        try:
+            with grpc.insecure_channel(server.address) as channel, \
+                    concurrent.futures.ThreadPoolExecutor(4) as pool:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                stub.ServerReady(pb.ServerReadyRequest(), timeout=30)
+                busy_from = cpu_seconds(server.pid)
+                calls = [pool.submit(stub.ModelInfer, request, timeout=60) for _ in range(4)]
+                wait_until(lambda: cpu_seconds(server.pid) > busy_from + 0.1, 30, "a batch")
+                server.process.send_signal(signal.SIGTERM)
+                assert server.finish(60) == 0, (attempt, server.stderr)
+                told = []
+                for call in calls:
+                    try:
+                        told.append("OK" if call.result().outputs else "empty")
+                    except grpc.RpcError as error:
+                        assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+                        told.append(error.details())
+            assert "terminate called" not in server.stderr
+            # The queued requests never ran; the running one is told what happened.
+            assert any("before the request ran" in t for t in told), told
+            assert all(
+                t == "OK" or "before the request ran" in t or "batch was running" in t
+                for t in told
+            ), told
+        finally:
+            server.close()
