@@ -30,7 +30,7 @@ from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
 from .providers import GpuFallback
 from .reflection import ReflectionPool
-from .repository import ModelRepository
+from .repository import ModelControlMode, ModelRepository
 from .security import ApiGroup, SecurityOptions, api_group
 from .servicer import INFERENCE_SERVICE, InferenceServicer
 from .streams import StreamLimits
@@ -42,6 +42,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # While draining, the port closes only after this long without a new request.
 QUIET_PERIOD_S = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(OSError):
+    """The server cannot serve what it was asked to: a model failed to load."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,9 @@ class ServerOptions:
     # Share the gRPC port with other processes (SO_REUSEPORT), as --workers does; else
     # bind it alone, so that a port already taken fails the start.
     reuse_port: bool = False
+    # A model of the start-up set that fails to load (or, outside explicit model control,
+    # nothing to serve at all) fails the start, as Triton's --exit-on-error.
+    exit_on_error: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -215,7 +222,18 @@ class FerryServer:
                      self.options.host, self.metrics_port)
         await self._models_changed()
         await self._server.start()
-        await self.manager.load_all(self.options.security.model_control.models_at_start())
+        model_control = self.options.security.model_control
+        failed = await self.manager.load_all(model_control.models_at_start())
+        await self._models_changed()  # an empty start-up set is ready now
+        if self.options.exit_on_error:
+            problem = "; ".join(failed.values())
+            if not problem and not self.manager.loaded() and model_control.mode is not (
+                ModelControlMode.EXPLICIT
+            ):
+                problem = f"{self.options.model_path} holds no model to serve"
+            if problem:
+                await self.stop(0.0)
+                raise StartupError(f"{problem} (--exit-on-error=false serves what did load)")
         if self.options.poll_repository_s is not None:
             self._poller = RepositoryPoller(self.manager, self.options.poll_repository_s)
             await self._poller.prime()

@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cannot be used: load it on the CPU with a warning, or fail its load (default: cpu)",
     )
     serve.add_argument(
+        "--exit-on-error",
+        choices=["true", "false"],
+        default="true",
+        help="exit non-zero when a model of the start-up set fails to load, or there is "
+        "no model to serve; false serves what did load (default: true)",
+    )
+    serve.add_argument(
         "--reuse-port",
         action="store_true",
         help="share the gRPC port with other processes (SO_REUSEPORT), as the processes "
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),
             reuse_port=args.reuse_port,
+            exit_on_error=args.exit_on_error == "true",
             stream_limits=StreamLimits(args.max_stream_pending, args.max_stream_pending_bytes),
         )
         if not args.model_path.exists():

@@ -397,3 +397,153 @@ def test_grace_ending_mid_batch_never_aborts_the_process(tmp_path: Path) -> None
             ), told
         finally:
             server.close()
+
+
+# Start-up: readiness, failed loads ---------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_not_ready_until_every_start_up_model_is_loaded(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"
+    tile_model(repo / "a" / "1" / "model.onnx", repeats=2)
+    slow_model(repo / "b" / "1" / "model.onnx")
+    (repo / "b" / "config.pbtxt").write_text(
+        'max_batch_size: 1\nmodel_warmup [ { name: "w" batch_size: 1 count: 4 inputs { '
+        'key: "x" value { data_type: TYPE_FP32 dims: [ 512, 512 ] zero_data: true } } } ]\n'
+    )
+    port = free_port()
+    server = FerryProcess(repo, "--metrics-port", "-1", "--grpc-port", str(port), wait=False)
+    seen_not_ready = 0
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            stub.ServerLive(pb.ServerLiveRequest(), timeout=60, wait_for_ready=True)
+            while True:
+                ready = stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+                serving = health.Check(health_pb2.HealthCheckRequest(service=""),
+                                       timeout=10).status
+                b_ready = stub.ModelReady(pb.ModelReadyRequest(name="b"), timeout=10).ready
+                # Asked in this order: whenever the server said ready, b was already.
+                assert not (ready and not b_ready), "ready while model 'b' was still loading"
+                assert not (serving == health_pb2.HealthCheckResponse.SERVING and not b_ready)
+                if b_ready:
+                    break
+                seen_not_ready += 1
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+        assert seen_not_ready > 0  # the port was open while 'b' loaded
+    finally:
+        server.close()
+
+
+def test_explicit_mode_with_nothing_to_load_is_ready(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tile_model(repo / "a" / "1" / "model.onnx", repeats=2)
+    server = FerryProcess(repo, "--metrics-port", "-1", "--model-control-mode", "explicit")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+            assert not stub.ModelReady(pb.ModelReadyRequest(name="a"), timeout=10).ready
+    finally:
+        server.close()
+
+
+def test_a_file_that_is_not_onnx_fails_the_start_naming_it(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\xff" * 50)
+    server = FerryProcess(corrupt, "--metrics-port", "-1", wait=False)
+    try:
+        assert server.finish(60) != 0
+        stderr = server.stderr
+        assert f"({corrupt})" in stderr and "not an ONNX model" in stderr, stderr
+        assert "corrupt.onnx/corrupt" not in stderr
+        assert "Open Inference Protocol on" not in stderr
+    finally:
+        server.close()
+    # Opting out serves what did load: here nothing, but the server runs.
+    server = FerryProcess(corrupt, "--metrics-port", "-1", "--exit-on-error=false")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live
+            assert not stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("layout", ["only_model_fails", "empty"])
+def test_a_repository_with_nothing_to_serve_fails_the_start(tmp_path: Path, layout: str) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    if layout == "only_model_fails":
+        (repo / "m" / "1").mkdir(parents=True)
+        (repo / "m" / "1" / "model.onnx").write_bytes(b"not a model")
+    server = FerryProcess(repo, "--metrics-port", "-1", wait=False)
+    try:
+        assert server.finish(60) != 0
+        assert "cannot start" in server.stderr
+        assert ("model.onnx" if layout == "only_model_fails" else "no model") in server.stderr
+    finally:
+        server.close()
+
+
+# Logs and files a client may point at ------------------------------------------------
+
+
+def test_client_strings_are_escaped_in_every_log_line(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    tile_model(repo / "a" / "1" / "model.onnx", repeats=2)
+    server = FerryProcess(repo, "--metrics-port", "-1", "--model-control-mode", "explicit")
+    forged = "mm\n2026-01-01 00:00:00,000 ERROR ferry: FORGED\x00"
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for call in (stub.RepositoryModelLoad, stub.RepositoryModelUnload):
+                request_type = (pb.RepositoryModelLoadRequest if call is stub.RepositoryModelLoad
+                                else pb.RepositoryModelUnloadRequest)
+                with pytest.raises(grpc.RpcError):
+                    call(request_type(model_name=forged), timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.ModelInfer(pb.ModelInferRequest(model_name=forged), timeout=10)
+        server.process.terminate()
+        server.finish(60)
+    finally:
+        server.close()
+    lines = server.stderr.splitlines()
+    assert "\x00" not in server.stderr
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert any("FORGED" in line for line in lines)
+
+
+def test_a_warmup_file_linked_out_of_the_model_folder_is_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"s" * 12345)
+    repo = tmp_path / "repo"
+    tile_model(repo / "m" / "1" / "model.onnx", repeats=2)
+    (repo / "m" / "warmup").mkdir()
+    (repo / "m" / "warmup" / "x.bin").symlink_to(secret)
+    (repo / "m" / "config.pbtxt").write_text(
+        'max_batch_size: 1\nmodel_warmup [ { name: "w" batch_size: 1 inputs { key: "x" value '
+        '{ data_type: TYPE_FP32 dims: [ 4096 ] input_data_file: "x.bin" } } } ]\n'
+    )
+    server = FerryProcess(repo, "--metrics-port", "-1", "--exit-on-error=false")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+    finally:
+        server.close()
+    (entry,) = index.models
+    assert entry.state == "UNAVAILABLE"
+    assert "warmup/x.bin resolves outside the model's folder" in entry.reason
+    assert "12345" not in entry.reason and "12345" not in server.stderr
