@@ -378,7 +378,10 @@ def test_grace_ending_mid_batch_never_aborts_the_process(tmp_path: Path) -> None
                 stub.ServerReady(pb.ServerReadyRequest(), timeout=30)
                 busy_from = cpu_seconds(server.pid)
                 calls = [pool.submit(stub.ModelInfer, request, timeout=60) for _ in range(4)]
-                wait_until(lambda: cpu_seconds(server.pid) > busy_from + 0.1, 30, "a batch")
+                wait_until(
+                    lambda pid=server.pid, since=busy_from: cpu_seconds(pid) > since + 0.1,
+                    30, "a batch",
+                )
                 server.process.send_signal(signal.SIGTERM)
                 assert server.finish(60) == 0, (attempt, server.stderr)
                 told = []
