@@ -583,7 +583,7 @@ def test_a_failing_warm_up_fails_the_load(
                                     input_data_file: "missing.bin" } } } ]
         """,
     )
-    server = start_server(tmp_path, exit_on_error=False)
+    server = start_server(tmp_path)
     (entry,) = server.server.manager.index()
     assert "warmup/missing.bin" in entry.reason
 

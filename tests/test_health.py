@@ -112,7 +112,7 @@ def test_a_model_that_fails_to_load_keeps_the_server_not_serving(
     start_server: Callable[..., RunningServer],
     channel_to: Callable[[RunningServer], grpc.Channel],
 ) -> None:
-    server = start_server(make_repo(tmp_path, broken=True), exit_on_error=False)
+    server = start_server(make_repo(tmp_path, broken=True))
     channel = channel_to(server)
     assert check(channel, "broken") == NOT_SERVING
     assert check(channel, "m") == SERVING

@@ -249,7 +249,7 @@ def test_failed_models_are_reported_and_the_others_serve(
     }
 
     caplog.set_level(logging.INFO)
-    server = start_server(tmp_path, security=EXPLICIT_MODEL_CONTROL, exit_on_error=False)
+    server = start_server(tmp_path, security=EXPLICIT_MODEL_CONTROL)
 
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     for name, reason in reasons.items():
