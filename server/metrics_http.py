@@ -18,7 +18,11 @@ IDLE_TIMEOUT_S = 10.0
 
 class _Handler(BaseHTTPRequestHandler):
     server: MetricsHttpServer
-    timeout = IDLE_TIMEOUT_S  # socket timeout: a client silent this long is dropped
+
+    def setup(self) -> None:
+        super().setup()
+        # A client silent this long is dropped (reads then raise TimeoutError).
+        self.connection.settimeout(self.server.idle_timeout_s)
 
     def do_GET(self) -> None:
         if urlsplit(self.path).path != "/metrics":
@@ -47,9 +51,11 @@ class MetricsHttpServer(HTTPServer):
         address: tuple[str, int],
         registry: CollectorRegistry,
         max_connections: int = MAX_CONNECTIONS,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
+        self.idle_timeout_s = idle_timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
 

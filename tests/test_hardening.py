@@ -550,3 +550,24 @@ def test_a_warmup_file_linked_out_of_the_model_folder_is_refused(tmp_path: Path)
     assert entry.state == "UNAVAILABLE"
     assert "warmup/x.bin resolves outside the model's folder" in entry.reason
     assert "12345" not in entry.reason and "12345" not in server.stderr
+
+
+def test_metrics_connections_that_stay_silent_are_dropped() -> None:
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from ferry.server.metrics_http import MetricsHttpServer
+
+    httpd = MetricsHttpServer(("127.0.0.1", 0), CollectorRegistry(), idle_timeout_s=0.2)
+    import threading
+
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", httpd.server_port), timeout=10) as sock:
+            sock.sendall(b"GET /metr")  # and then nothing more
+            assert sock.recv(1024) == b""  # closed by the server, long before 10 s
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
