@@ -17,10 +17,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ferry.proto import grpc_service_pb2 as pb
-from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto._pool import POOL
 
 from .dataplane import DataPlane
+from .errors import Status
 from .grpc_status import shield_servicer
 from .loading import InstanceWrapper, LoadOptions
 from .logs import AccessLog, RejectionLog
@@ -30,9 +30,11 @@ from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
 from .providers import GpuFallback
 from .reflection import ReflectionPool
-from .repository import ModelRepository
-from .security import SecurityOptions
+from .repository import ModelControlMode, ModelRepository
+from .security import ApiGroup, SecurityOptions, api_group
 from .servicer import INFERENCE_SERVICE, InferenceServicer
+from .streams import StreamLimits
+from .wire import add_inference_service
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # While draining, the port closes only after this long without a new request.
 QUIET_PERIOD_S = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(OSError):
+    """The server cannot serve what it was asked to: a model failed to load."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +65,14 @@ class ServerOptions:
     # A KIND_GPU model where CUDA cannot be used: load it on the CPU with a warning, or
     # fail its load.
     gpu_fallback: GpuFallback = GpuFallback.CPU
+    # Per ModelStreamInfer stream: unsent answers past which it stops reading requests.
+    stream_limits: StreamLimits = field(default_factory=StreamLimits)
+    # Share the gRPC port with other processes (SO_REUSEPORT), as --workers does; else
+    # bind it alone, so that a port already taken fails the start.
+    reuse_port: bool = False
+    # A model of the start-up set that fails to load (or, outside explicit model control,
+    # nothing to serve at all) fails the start, as Triton's --exit-on-error.
+    exit_on_error: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
@@ -143,6 +157,8 @@ class FerryServer:
             is_ready=self.is_ready,
             tensor_limits=options.security.tensor_limits(options.max_message_bytes),
             model_control=options.security.model_control,
+            max_response_bytes=options.max_message_bytes,
+            stream_limits=options.stream_limits,
         )
         self._server = self._grpc_server()
         self.grpc_port = 0
@@ -156,19 +172,19 @@ class FerryServer:
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 *security.grpc_options(),
+                ("grpc.so_reuseport", int(self.options.reuse_port)),
             ],
-            interceptors=security.interceptors(),
-            maximum_concurrent_rpcs=security.max_concurrent_rpcs,
+            # The RPC limit is an interceptor of Ferry's (not gRPC's own option), so
+            # that its refusals are counted.
+            interceptors=security.interceptors(self._refused),
         )
         shield_servicer(
             self.servicer,
             pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name,
             INFERENCE_SERVICE,
+            self._refused,
         )
-        # The generated registration function is untyped.
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            self.servicer, server
-        )
+        add_inference_service(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
         reflection.enable_server_reflection(
@@ -178,6 +194,11 @@ class FerryServer:
         )
         return server
 
+    def _refused(self, method: str, status: Status, message: str) -> None:
+        """Count a refused inference call (other RPCs are not inference requests)."""
+        if api_group(method) is ApiGroup.INFERENCE:
+            self.dataplane.refused(status, message)
+
     def is_ready(self) -> bool:
         return not self._draining and self.manager.all_ready()
 
@@ -186,10 +207,16 @@ class FerryServer:
         address = f"{self.options.host}:{self.options.grpc_port}"
         try:
             self.grpc_port = self.options.security.bind(self._server, address)
-        except RuntimeError as exc:  # grpc's "Failed to bind to address" (port in use)
-            raise OSError(f"cannot listen on {address}: {exc}") from exc
+        except RuntimeError as exc:  # grpc's word for a port it cannot bind
+            self.grpc_port = 0
+            cause: BaseException | None = exc
+        else:
+            cause = None
         if self.grpc_port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(
+                f"cannot listen on {address} for gRPC (--host, --grpc-port): the address "
+                "is in use or cannot be bound"
+            ) from cause
         if self.options.metrics_port is not None:
             # Up before the models load, so that a slow start can be watched.
             self.metrics_port = self._metrics_endpoint.start(
@@ -199,7 +226,18 @@ class FerryServer:
                      self.options.host, self.metrics_port)
         await self._models_changed()
         await self._server.start()
-        await self.manager.load_all(self.options.security.model_control.models_at_start())
+        model_control = self.options.security.model_control
+        failed = await self.manager.load_all(model_control.models_at_start())
+        await self._models_changed()  # an empty start-up set is ready now
+        if self.options.exit_on_error:
+            problem = "; ".join(failed.values())
+            if not problem and not self.manager.loaded() and model_control.mode is not (
+                ModelControlMode.EXPLICIT
+            ):
+                problem = f"{self.options.model_path} holds no model to serve"
+            if problem:
+                await self.stop(0.0)
+                raise StartupError(f"{problem} (--exit-on-error=false serves what did load)")
         if self.options.poll_repository_s is not None:
             self._poller = RepositoryPoller(self.manager, self.options.poll_repository_s)
             await self._poller.prime()

@@ -24,10 +24,14 @@ from .security import (
     SecurityOptions,
     TlsFiles,
 )
+from .streams import DEFAULT_MAX_STREAM_PENDING, DEFAULT_MAX_STREAM_PENDING_BYTES, StreamLimits
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from .workers import supervise
 
 log = logging.getLogger("ferry")
+
+# After the drain, how long to wait for batches still running on executor threads.
+BATCH_JOIN_TIMEOUT_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model whose config asks for a GPU (instance_group KIND_GPU) where CUDA "
         "cannot be used: load it on the CPU with a warning, or fail its load (default: cpu)",
     )
+    serve.add_argument(
+        "--exit-on-error",
+        choices=["true", "false"],
+        default="true",
+        help="exit non-zero when a model of the start-up set fails to load, or there is "
+        "no model to serve; false serves what did load (default: true)",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the gRPC port with other processes (SO_REUSEPORT), as the processes "
+        "of --workers do; without it a port already in use fails the start",
+    )
     _add_security_arguments(serve)
     serve.add_argument(
         "--log-level",
@@ -183,7 +200,16 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
                        metavar="N", help="most elements in one input tensor "
                        "(default: %(default)s)")
     group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
-                       help="most bytes in one input tensor (default: --max-message-size)")
+                       help="most bytes in one input tensor, decoded; a BYTES element "
+                       "counts 112 bytes besides its content (default: --max-message-size)")
+    group.add_argument("--max-stream-pending", type=int, default=DEFAULT_MAX_STREAM_PENDING,
+                       metavar="N",
+                       help="a ModelStreamInfer stream stops reading requests while this "
+                       "many are running or answered but unsent (default: %(default)s)")
+    group.add_argument("--max-stream-pending-bytes", type=int,
+                       default=DEFAULT_MAX_STREAM_PENDING_BYTES, metavar="BYTES",
+                       help="... or while its unsent answers hold this many bytes "
+                       "(default: %(default)s, 16 MiB)")
 
 
 def security_options(args: argparse.Namespace) -> SecurityOptions:
@@ -253,6 +279,16 @@ async def serve(options: ServerOptions) -> int:
         return 1
     await stop.wait()
     await server.stop()
+    # The interpreter must never finalise under a running session.run (onnxruntime then
+    # aborts the process): wait for running batches, and if one will not end, leave
+    # without finalising.
+    # After a second signal, at once.
+    join_s = BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0
+    if not server.manager.join_threads(join_s):
+        log.warning("a batch is still running %.0f s after the stop; exiting without it",
+                    join_s)
+        logging.shutdown()
+        os._exit(0)
     log.info("stopped")
     return 0
 
@@ -273,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             access_log=args.access_log,
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),
+            reuse_port=args.reuse_port,
+            exit_on_error=args.exit_on_error == "true",
+            stream_limits=StreamLimits(args.max_stream_pending, args.max_stream_pending_bytes),
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")

@@ -64,6 +64,12 @@ class DataPlane:
             return float("inf")
         return self._clock() - self._last_request_at
 
+    def refused(self, status: Status, message: str, protocol: str = "grpc") -> None:
+        """Count a request refused before it named a model (model label `_unknown`)."""
+        outcome = RequestOutcome("", "", status, 0, message, protocol)
+        for observer in self._observers:
+            observer.request_finished(outcome)
+
     async def infer(
         self,
         model_name: str,

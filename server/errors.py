@@ -32,6 +32,7 @@ class ErrorKind(enum.Enum):
     INVALID_INPUT = "invalid input"
     NOT_FOUND = "not found"
     QUEUE_FULL = "queue full"
+    TOO_LARGE = "too large"  # an answer over the message size limit
     UNAVAILABLE = "unavailable"
     DEADLINE_EXCEEDED = "deadline exceeded"
     PERMISSION_DENIED = "permission denied"
@@ -46,6 +47,7 @@ _STATUS_OF_KIND = {
     ErrorKind.INVALID_INPUT: Status.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: Status.NOT_FOUND,
     ErrorKind.QUEUE_FULL: Status.RESOURCE_EXHAUSTED,
+    ErrorKind.TOO_LARGE: Status.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: Status.UNAVAILABLE,
     ErrorKind.DEADLINE_EXCEEDED: Status.DEADLINE_EXCEEDED,
     ErrorKind.PERMISSION_DENIED: Status.PERMISSION_DENIED,

@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 
 from .errors import FerryError, Status
+from .outcomes import RefusalHook
+from .wire import MalformedMessage
 
 log = logging.getLogger(__name__)
 
@@ -24,16 +26,27 @@ def status_code(error: FerryError) -> grpc.StatusCode:
     return STATUS_CODES[error.kind.status]
 
 
-def shield_servicer(servicer: object, method_names: Iterable[str], service: str) -> None:
+def _no_hook(method: str, status: Status, message: str) -> None:
+    pass
+
+
+def shield_servicer(
+    servicer: object,
+    method_names: Iterable[str],
+    service: str,
+    on_refusal: RefusalHook = _no_hook,
+) -> None:
     """Wrap each RPC method of a servicer, once, so that an exception escaping it becomes
     INTERNAL with a short message; the detail (and its traceback) goes only to the log.
+    A unary request that was not valid protobuf (see `server.wire`) is refused with
+    INVALID_ARGUMENT and reported to `on_refusal`.
 
     Done at start-up rather than in a server interceptor, which would cost an extra
     coroutine and handler lookup on every call.
     """
     for name in method_names:
         behaviour = getattr(servicer, name)
-        setattr(servicer, name, shielded(behaviour, f"/{service}/{name}"))
+        setattr(servicer, name, shielded(behaviour, f"/{service}/{name}", on_refusal))
 
 
 async def _internal(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
@@ -41,10 +54,24 @@ async def _internal(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
     await context.abort(grpc.StatusCode.INTERNAL, "internal error (details are in the server log)")
 
 
-def shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+async def _malformed(
+    context: grpc.aio.ServicerContext[Any, Any],
+    method: str,
+    request: MalformedMessage,
+    on_refusal: RefusalHook,
+) -> None:
+    on_refusal(method, Status.INVALID_ARGUMENT, request.message)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
+def shielded(
+    behaviour: Callable[..., Any], method: str, on_refusal: RefusalHook = _no_hook
+) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behaviour):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if type(request) is MalformedMessage:  # unary request, streamed response
+                await _malformed(context, method, request, on_refusal)
             responses: AsyncIterator[Any] = behaviour(request, context)
             try:
                 async for response in responses:
@@ -60,6 +87,8 @@ def shielded(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(behaviour):
 
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if type(request) is MalformedMessage:
+                await _malformed(context, method, request, on_refusal)
             try:
                 return await behaviour(request, context)
             except grpc.aio.AbortError:

@@ -33,9 +33,26 @@ def printable(text: str) -> str:
     name, say), so control characters are escaped and the length is bounded."""
     if len(text) > MAX_MESSAGE_CHARS:
         text = text[:MAX_MESSAGE_CHARS] + "..."
+    return escaped(text)
+
+
+def escaped(text: str) -> str:
+    """Control characters (line breaks, NUL...) as escapes: one record, one line."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class _OneLine(logging.Filter):
+    """Every message the handler writes is escaped as `escaped` does: a model name, a
+    path or any other string a client sent cannot start a line of its own. (A traceback,
+    formatted apart from the message, keeps its lines.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.isprintable():
+            record.msg, record.args = escaped(message), None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,6 +80,7 @@ def configure(level: str, log_format: str = "text") -> None:
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     handler = _FerryHandler(sys.stderr)
+    handler.addFilter(_OneLine())
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -45,6 +45,8 @@ class ModelManager:
         self._retiring: set[LoadedModel] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False
+        # The models the start-up asked for; None until it has said (not ready before).
+        self._startup: frozenset[str] | None = None
 
     def loaded(self) -> list[LoadedModel]:
         """Every version being served, model by model."""
@@ -60,18 +62,25 @@ class ModelManager:
         """The models of the repository and those loaded, each once, sorted."""
         return sorted(set(self.repository.model_names()) | set(self._models))
 
-    async def load_all(self, names: Sequence[str] | None = None) -> None:
-        """Load these models (None: every model of the repository)."""
-        for name in self.repository.model_names() if names is None else names:
+    async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Load the start-up set: these models (None: every model of the repository).
+        Returns the models that failed, with the reason of each."""
+        names = self.repository.model_names() if names is None else list(names)
+        self._startup = frozenset(names)
+        failed: dict[str, str] = {}
+        for name in names:
             try:
                 await self.load(name)
-            except FerryError:
-                pass  # logged and recorded in the index; the other models still serve
+            except FerryError as error:
+                # logged and recorded in the index; the other models still serve
+                failed[name] = error.message
+        return failed
 
     def all_ready(self) -> bool:
-        """Every model asked for at start is loaded, and at least one is: a server with no
-        model to serve is not ready, even in explicit mode before its first load."""
-        return bool(self._models) and not self._failures
+        """Every model of the start-up set is loaded (an empty set, as in explicit mode
+        without --load-model, is ready at once). Not before the start-up has said."""
+        startup = self._startup
+        return startup is not None and all(name in self._models for name in startup)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         if not version:  # the common case: one dictionary look-up per request
@@ -126,7 +135,7 @@ class ModelManager:
                 loaded = await load_versions(source, self._load_options)
             except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
                 detail = exc.message if isinstance(exc, FerryError) else str(exc)
-                where = self.repository.path / name
+                where = self.repository.location_of(name)
                 log.error("model '%s' (%s) failed to load: %s", name, where, detail)
                 # callers see paths relative to the repository, and no others
                 reason = public_message(detail, self.repository.path)

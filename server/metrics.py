@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,7 +26,6 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -36,6 +34,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from .metrics_http import MetricsHttpServer, start_metrics_server
 from .outcomes import RequestOutcome
 from .scheduler import BatchObserver, BatchTimings
 
@@ -251,11 +250,11 @@ class ServerMetrics:
         key = (label, outcome.status.name)
         counts = self._request_counts
         counts[key] = counts.get(key, 0) + 1
-        if outcome.model:
-            duration = self._request_durations.get(label)
-            if duration is None:
-                duration = self._request_durations[label] = LoopHistogram()
-            duration.observe(outcome.duration_ns / NS_PER_S)
+        # Every outcome, requests that named no loaded model included (under _unknown).
+        duration = self._request_durations.get(label)
+        if duration is None:
+            duration = self._request_durations[label] = LoopHistogram()
+        duration.observe(outcome.duration_ns / NS_PER_S)
 
     def models_changed(self, views: Iterable[ModelView], ready: Mapping[str, bool]) -> None:
         """Called on the loop whenever models load or unload."""
@@ -349,12 +348,12 @@ class MetricsEndpoint:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
-        self._httpd: WSGIServer | None = None
+        self._httpd: MetricsHttpServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, host: str, port: int) -> int:
         """Listen on host:port (0 picks a free port); returns the bound port."""
-        self._httpd, self._thread = start_http_server(port, host, self._registry)
+        self._httpd, self._thread = start_metrics_server(host, port, self._registry)
         return int(self._httpd.server_port)
 
     def close(self) -> None:

@@ -27,3 +27,11 @@ class RequestOutcome(NamedTuple):  # one per request: a tuple is the cheapest re
 
 class OutcomeObserver(Protocol):
     def request_finished(self, outcome: RequestOutcome) -> None: ...
+
+
+class RefusalHook(Protocol):
+    """Told of a call refused before it reached the data plane: a missing API key, a
+    message that is not valid protobuf, the server's RPC limit. `method` is gRPC's full
+    method name; the hook decides which calls count as inference requests."""
+
+    def __call__(self, method: str, status: Status, message: str) -> None: ...

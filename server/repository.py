@@ -80,6 +80,10 @@ class ModelRepository:
             p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
 
+    def location_of(self, name: str) -> Path:
+        """Where a model's files are, for a log line: its folder, or the single file."""
+        return self.path if self.single_file else self.path / name
+
     def locate(self, name: str) -> ModelSource:
         if self.single_file:
             if name != self.path.stem:

@@ -191,7 +191,11 @@ class ModelScheduler:
         try:
             await asyncio.wait_for(self._idle(), grace_s)
         except TimeoutError:
-            self.abort("model stopped before the request ran")
+            self.abort(
+                "model stopped before the request ran",
+                running_reason="the server stopped while the request's batch was running "
+                "(its shutdown grace period ended); the result was not kept",
+            )
         if self._timer is not None:
             self._timer.cancel()
         for lane in self._lanes:
@@ -206,13 +210,16 @@ class ModelScheduler:
                 return False
         return True
 
-    def abort(self, reason: str) -> None:
-        """Answer everything queued or running with UNAVAILABLE, at once."""
+    def abort(self, reason: str, running_reason: str | None = None) -> None:
+        """Answer everything queued or running with UNAVAILABLE, at once; the callers of
+        running batches are told `running_reason` when given."""
         self._accepting = False
         self._aborted = True
         error = FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}': {reason}")
         for pending in self._queue.drain():
             _resolve(pending.payload.future, error)
+        if running_reason is not None:
+            error = FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}': {running_reason}")
         for running in self._inflight.values():
             for pending in running.batch.requests:
                 _resolve(pending.payload.future, error)

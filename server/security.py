@@ -19,6 +19,8 @@ from typing import Any
 
 import grpc
 
+from .errors import Status
+from .outcomes import RefusalHook
 from .repository import ModelControl
 from .servicer import INFERENCE_SERVICE
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS, TensorLimits
@@ -178,7 +180,10 @@ def _redact_assignment(text: str) -> str:
 class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Answers UNAUTHENTICATED to a call of a restricted group without its key."""
 
-    def __init__(self, restrictions: Sequence[RestrictedApi]) -> None:
+    def __init__(
+        self, restrictions: Sequence[RestrictedApi], on_refusal: RefusalHook | None = None
+    ) -> None:
+        self._on_refusal = on_refusal
         self._keys: dict[ApiGroup, tuple[str, bytes]] = {}
         for restriction in restrictions:
             for group in restriction.groups:
@@ -212,20 +217,31 @@ class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         assert group is not None
         return _refusing(
             handler,
-            grpc.StatusCode.UNAUTHENTICATED,
+            Status.UNAUTHENTICATED,
             f"the '{group.value}' API is restricted: send its key in the '{header}' header",
+            handler_call_details.method,
+            self._on_refusal,
         )
 
 
 def _refusing(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler[Any, Any],
+    status: Status,
+    message: str,
+    method: str,
+    on_refusal: RefusalHook | None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape that refuses the call without reading the request."""
+    code = grpc.StatusCode[status.name]
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if on_refusal is not None:
+            on_refusal(method, status, message)
         await context.abort(code, message)
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if on_refusal is not None:
+            on_refusal(method, status, message)
         await context.abort(code, message)
         yield  # pragma: no cover - abort raises; this makes it an async generator
 
@@ -236,6 +252,74 @@ def _refusing(
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(streaming)
     return grpc.unary_unary_rpc_method_handler(unary)
+
+
+class ConcurrentRpcLimit(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """At most `limit` RPCs running in the whole server; more get RESOURCE_EXHAUSTED.
+    gRPC's own `maximum_concurrent_rpcs` refuses inside gRPC, where Ferry cannot count
+    the refusal. A call holds its place while its behaviour runs (a call that ends before
+    that, say cancelled while its request was on the way, never takes one)."""
+
+    def __init__(self, limit: int, on_refusal: RefusalHook | None = None) -> None:
+        self._limit = limit
+        self._active = 0
+        self._on_refusal = on_refusal
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self._limited(handler, handler_call_details.method)
+
+    def _refuse(self, method: str) -> str:
+        message = (
+            f"the server is at its limit of {self._limit} concurrent RPCs "
+            "(--max-concurrent-rpcs); retry later"
+        )
+        if self._on_refusal is not None:
+            self._on_refusal(method, Status.RESOURCE_EXHAUSTED, message)
+        return message
+
+    def _limited(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        kind = ("stream_" if handler.request_streaming else "unary_") + (
+            "stream" if handler.response_streaming else "unary"
+        )
+        behaviour = getattr(handler, kind)
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        if handler.response_streaming:
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if self._active >= self._limit:
+                    await context.abort(exhausted, self._refuse(method))
+                self._active += 1
+                try:
+                    async for response in behaviour(request, context):
+                        yield response
+                finally:
+                    self._active -= 1
+
+            return handler._replace(**{kind: streaming})  # type: ignore[attr-defined, no-any-return]
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._active >= self._limit:
+                await context.abort(exhausted, self._refuse(method))
+            self._active += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._active -= 1
+
+        return handler._replace(**{kind: unary})  # type: ignore[attr-defined, no-any-return]
 
 
 # All the settings ------------------------------------------
@@ -281,10 +365,14 @@ class SecurityOptions:
             ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
         ]
 
-    def interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+    def interceptors(
+        self, on_refusal: RefusalHook | None = None
+    ) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        if self.max_concurrent_rpcs is not None:
+            interceptors.append(ConcurrentRpcLimit(self.max_concurrent_rpcs, on_refusal))
         if self.restricted_apis:
-            interceptors.append(RestrictedApiInterceptor(self.restricted_apis))
+            interceptors.append(RestrictedApiInterceptor(self.restricted_apis, on_refusal))
         return interceptors
 
     def tensor_limits(self, max_message_bytes: int) -> TensorLimits:

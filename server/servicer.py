@@ -17,15 +17,20 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .dataplane import DataPlane
-from .errors import FerryError
+from .errors import FerryError, Status
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
 from .repository import ModelControl
 from .rows import Tensors
-from .tensors import TensorLimits, decode_request, encode_response
+from .streams import ReplyQueue, StreamLimits
+from .tensors import TensorLimits, check_response_size, decode_request, encode_response
+from .wire import MalformedMessage
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "ferry"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A stream's reply wraps the ModelInferResponse: a field tag and a length of up to 5 bytes.
+STREAM_FRAMING_BYTES = 6
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
 
 
@@ -37,12 +42,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         tensor_limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen
         model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
+        max_response_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stream_limits: StreamLimits = StreamLimits(),  # noqa: B008 - frozen
     ) -> None:
         self._dataplane = dataplane
         self._models = dataplane.models
         self._tensor_limits = tensor_limits
         self._model_control = model_control
         self._is_ready = is_ready
+        self._max_response = max_response_bytes
+        self._stream_limits = stream_limits
 
     # Health -------------------------------------------------------------------------
 
@@ -138,49 +147,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: Any
     ) -> pb.ModelInferResponse:
         try:
-            return await self._infer(request, context.time_remaining())
+            return await self._infer(request, context.time_remaining(), 0)
         except FerryError as error:
             await self._abort(context, error)
             raise  # unreachable: abort raises
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | MalformedMessage],
+        context: Any,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream are batched like any others; each response is sent as
-        soon as it is ready, so they may arrive out of order (match them by id)."""
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        soon as it is ready, so they may arrive out of order (match them by id). A request
+        that fails, or whose answer would be too large to send, gets its own error_message
+        and the stream goes on. The stream stops reading while it holds too many unsent
+        answers (`server.streams`)."""
+        replies: ReplyQueue[pb.ModelStreamInferResponse] = ReplyQueue(self._stream_limits)
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, context.time_remaining())
-                replies.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except FerryError as error:
-                replies.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=error.message,
-                        infer_response=pb.ModelInferResponse(
-                            model_name=request.model_name,
-                            model_version=request.model_version,
-                            id=request.id,
-                        ),
-                    )
+                response = await self._infer(
+                    request, context.time_remaining(), STREAM_FRAMING_BYTES
                 )
+                reply = pb.ModelStreamInferResponse(infer_response=response)
+            except FerryError as error:
+                reply = _error_reply(error.message, request)
+            replies.put(reply, reply.ByteSize())
 
         async def read_all() -> None:
             loop = asyncio.get_running_loop()
-            async for request in request_iterator:
+            requests = aiter(request_iterator)
+            while True:
+                await replies.room()  # backpressure: leave requests unread
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                replies.started()
+                if isinstance(request, MalformedMessage):
+                    self._dataplane.refused(Status.INVALID_ARGUMENT, request.message)
+                    replies.put(_error_reply(request.message), 0)
+                    continue
                 task = loop.create_task(answer(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             if pending:
                 await asyncio.gather(*list(pending))
-            replies.put_nowait(None)
+            replies.finish()
 
         reader = asyncio.get_running_loop().create_task(read_all())
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+                replies.sent()
             await reader
         finally:
             reader.cancel()
@@ -188,12 +207,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
+        self, request: pb.ModelInferRequest, time_remaining: float | None, framing_bytes: int
     ) -> pb.ModelInferResponse:
         limits = self._tensor_limits
+        max_response = self._max_response
 
         def encode(model: LoadedModel, outputs: Tensors) -> pb.ModelInferResponse:
-            return encode_response(request, model.settings, model.version, outputs)
+            response = encode_response(request, model.settings, model.version, outputs)
+            check_response_size(response, max_response, framing_bytes)
+            return response
 
         return await self._dataplane.infer(
             request.model_name,
@@ -243,3 +265,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context, "logging")
+
+
+def _error_reply(
+    message: str, request: pb.ModelInferRequest | None = None
+) -> pb.ModelStreamInferResponse:
+    """A stream's answer to one request that failed; the stream goes on."""
+    if request is None:
+        return pb.ModelStreamInferResponse(error_message=message)
+    return pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        ),
+    )

@@ -19,7 +19,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto.codec import CONTENTS_FIELDS, NUMPY_DTYPES, BytesFormatError, from_raw, to_raw
 
 from .config import ModelSettings, TensorSpec
-from .errors import invalid_input
+from .errors import ErrorKind, FerryError, invalid_input
 
 Array = npt.NDArray[np.generic]
 
@@ -27,13 +27,18 @@ Array = npt.NDArray[np.generic]
 # a guard against shapes whose product overflows or asks for absurd allocations.
 DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 31
 DEFAULT_MAX_TENSOR_BYTES = 64 * 1024 * 1024
+# What one BYTES element costs once decoded, besides its content: the bytes object protobuf
+# hands out (33 bytes), the str it becomes (49), and a slot in the object arrays and list
+# between (8 each). An empty element costs two bytes on the wire, so without counting this
+# a small message could make the server build millions of objects.
+BYTES_ELEMENT_OVERHEAD = 112
 
 
 @dataclass(frozen=True, slots=True)
 class TensorLimits:
     """The largest input tensor a request may carry, checked before anything is allocated.
     Bytes count the decoded size: elements times the element size, or for BYTES the
-    length of its content."""
+    length of its content plus BYTES_ELEMENT_OVERHEAD per element."""
 
     max_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS
     max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
@@ -199,11 +204,13 @@ def _check_bytes(
     raw: bytes | None,
     limits: TensorLimits,
 ) -> None:
+    """The decoded size of the tensor, bounded before any per-element work."""
     if spec.datatype == "BYTES":
-        if raw is not None:
-            size = len(raw)
-        else:
-            size = sum(len(value) for value in tensor.contents.bytes_contents)
+        size = BYTES_ELEMENT_OVERHEAD * math.prod(shape)
+        if size <= limits.max_bytes:  # the content is summed only once the count is bounded
+            size += len(raw) if raw is not None else sum(
+                len(value) for value in tensor.contents.bytes_contents
+            )
     else:
         dtype = NUMPY_DTYPES.get(spec.datatype)
         size = dtype.itemsize if dtype is not None else 1
@@ -212,9 +219,15 @@ def _check_bytes(
         if raw is not None:
             size = max(size, len(raw))
     if size > limits.max_bytes:
+        what = (
+            f" ({BYTES_ELEMENT_OVERHEAD} bytes per element plus the content)"
+            if spec.datatype == "BYTES"
+            else ""
+        )
         raise invalid_input(
-            f"input '{spec.name}' {_describe(spec.datatype, shape)} is {size} bytes, more than "
-            f"{limits.max_bytes}, the limit per tensor (--max-tensor-bytes)"
+            f"input '{spec.name}' {_describe(spec.datatype, shape)} decodes to at least "
+            f"{size} bytes{what}, more than {limits.max_bytes}, the limit per tensor "
+            "(--max-tensor-bytes)"
         )
 
 
@@ -375,3 +388,18 @@ def encode_response(
 
 def _all_typed(outputs: Mapping[str, Array], datatypes: Mapping[str, str]) -> bool:
     return all(datatypes[name] in CONTENTS_FIELDS for name in outputs)
+
+
+def check_response_size(
+    response: pb.ModelInferResponse, max_bytes: int, framing_bytes: int = 0
+) -> None:
+    """Refuse an answer larger than the server may send, as that request's own error: left
+    to gRPC, it would end the call (or a whole stream) with no word of which request.
+    `framing_bytes`: what the message that carries the response adds to it."""
+    size = response.ByteSize() + framing_bytes
+    if size > max_bytes:
+        raise FerryError(
+            ErrorKind.TOO_LARGE,
+            f"the response of model '{response.model_name}' is {size} bytes, more than "
+            f"{max_bytes}, the largest message the server sends (--max-message-size)",
+        )

@@ -86,6 +86,14 @@ def _fill(
     if folder is None:
         raise FerryError(ErrorKind.INVALID_INPUT, f"warm-up input '{name}' needs its data file")
     path = folder / WARMUP_FOLDER / spec.data_file
+    if not path.resolve().is_relative_to(folder.resolve()):
+        # As for model.onnx: a link out of the model's folder is not followed, and
+        # nothing about its target (not even its size) is told.
+        raise FerryError(
+            ErrorKind.INVALID_INPUT,
+            f"warm-up input '{name}': {WARMUP_FOLDER}/{spec.data_file} resolves outside "
+            "the model's folder",
+        )
     try:
         raw = path.read_bytes()
     except OSError as exc:

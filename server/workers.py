@@ -41,7 +41,7 @@ def worker_command(
     if not any(a == "--session-threads" or a.startswith("--session-threads=") for a in args):
         # Each worker's sessions get their share of the cores, not the whole machine.
         args += ["--session-threads", str(default_intra_op_threads(1, workers))]
-    args += ["--workers", "1", "--grpc-port", str(grpc_port)]
+    args += ["--workers", "1", "--grpc-port", str(grpc_port), "--reuse-port"]
     args += ["--metrics-port", str(-1 if metrics_port is None else metrics_port + index)]
     return [sys.executable, "-m", "ferry.server.cli", *args]
 

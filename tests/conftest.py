@@ -72,6 +72,8 @@ class RunningServer:
         options.setdefault("grpc_port", 0)
         options.setdefault("metrics_port", 0)
         options.setdefault("shutdown_grace_s", 5.0)
+        # Tests look at servers whose models fail to load; `ferry serve` exits instead.
+        options.setdefault("exit_on_error", False)
 
         async def create() -> FerryServer:
             return FerryServer(ServerOptions(model_path=model_path, **options),

@@ -26,7 +26,15 @@ from tests.models import mlp_model, write_config
 
 FEATURES = 32
 CLIENTS = 32
-KINDS = ("valid", "invalid", "cancelled", "short_deadline")
+# Hostile kinds too: bytes that are not protobuf, and a shape past the element limit.
+KINDS = ("valid", "invalid", "cancelled", "short_deadline", "malformed", "huge_shape")
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def rss_mib() -> float:
+    text = Path("/proc/self/status").read_text()
+    line = next(line for line in text.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 def request_for(x: np.ndarray, features: int = FEATURES) -> pb.ModelInferRequest:
@@ -64,8 +72,11 @@ async def test_mixed_traffic_soak(tmp_path: Path, request: pytest.FixtureRequest
     wrong: list[str] = []
     end = time.monotonic() + seconds
 
-    async def client(seed: int, stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    async def client(
+        seed: int, stub: pb_grpc.GRPCInferenceServiceStub, channel: grpc.aio.Channel
+    ) -> None:
         rng = random.Random(seed)
+        malformed = channel.unary_unary(INFER)
         while time.monotonic() < end:
             kind = rng.choice(KINDS)
             x = np.asarray(
@@ -75,6 +86,12 @@ async def test_mixed_traffic_soak(tmp_path: Path, request: pytest.FixtureRequest
             sent[kind] += 1
             if kind == "invalid":
                 call = stub.ModelInfer(request_for(x[:, :-1], FEATURES - 1))
+            elif kind == "malformed":
+                call = malformed(b"\xff" * rng.randint(1, 64), timeout=30)
+            elif kind == "huge_shape":
+                huge = pb.ModelInferRequest(model_name="m")
+                huge.inputs.add(name="x", datatype="FP32", shape=[1, 1 << 40])
+                call = stub.ModelInfer(huge, timeout=30)
             elif kind == "short_deadline":
                 call = stub.ModelInfer(request_for(x), timeout=rng.uniform(0.0005, 0.05))
             else:
@@ -97,12 +114,47 @@ async def test_mixed_traffic_soak(tmp_path: Path, request: pytest.FixtureRequest
                 wrong.append(f"{kind}: wrong result")
             outcomes[(kind, "OK")] += 1
 
+    unread_written = 0
+
+    async def unread_stream(channel: grpc.aio.Channel) -> None:
+        """Writes requests and never reads an answer, for the whole soak."""
+        nonlocal unread_written
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        x = np.zeros((4, FEATURES), np.float32)
+        try:
+            while time.monotonic() < end:
+                left = max(0.01, end - time.monotonic())
+                await asyncio.wait_for(call.write(request_for(x)), left)
+                unread_written += 1
+        except (TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        finally:
+            call.cancel()
+
+    rss_at_start = rss_mib()
+    rss_samples: list[float] = []
+
+    async def watch_memory() -> None:
+        while time.monotonic() < end:
+            rss_samples.append(rss_mib())
+            await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+
     try:
-        async with grpc.aio.insecure_channel(server.address) as channel:
+        async with grpc.aio.insecure_channel(server.address) as channel, \
+                grpc.aio.insecure_channel(server.address) as hostile_channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            await asyncio.gather(*(client(seed, stub) for seed in range(CLIENTS)))
+            await asyncio.gather(
+                *(client(seed, stub, channel) for seed in range(CLIENTS)),
+                unread_stream(hostile_channel),
+                watch_memory(),
+            )
     finally:
         server.close()
+
+    # The unread stream was held back (not all it wrote was read), and memory stayed flat.
+    assert unread_written > 0
+    late = rss_samples[len(rss_samples) // 4:]
+    assert max(late, default=rss_at_start) - rss_at_start < 150, (rss_at_start, rss_samples)
 
     assert not wrong, wrong[:10]
     allowed = {
@@ -110,6 +162,8 @@ async def test_mixed_traffic_soak(tmp_path: Path, request: pytest.FixtureRequest
         "invalid": {"INVALID_ARGUMENT"},
         "cancelled": {"OK", "CANCELLED"},
         "short_deadline": {"OK", "DEADLINE_EXCEEDED"},
+        "malformed": {"INVALID_ARGUMENT"},
+        "huge_shape": {"INVALID_ARGUMENT"},
     }
     for (kind, code), count in outcomes.items():
         assert code in allowed[kind], f"{count} {kind} requests ended {code}"
