@@ -30,8 +30,10 @@ from .workers import supervise
 
 log = logging.getLogger("ferry")
 
-# After the drain, how long to wait for batches still running on executor threads.
-BATCH_JOIN_TIMEOUT_S = 10.0
+# After the stop, how long the executor threads may take to come back: an idle one returns
+# at once. A batch still running then has had the whole grace period and its callers are
+# answered already, so the process leaves without it rather than outlive --shutdown-grace.
+BATCH_JOIN_TIMEOUT_S = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,13 +282,11 @@ async def serve(options: ServerOptions) -> int:
     await stop.wait()
     await server.stop()
     # The interpreter must never finalise under a running session.run (onnxruntime then
-    # aborts the process): wait for running batches, and if one will not end, leave
-    # without finalising.
-    # After a second signal, at once.
+    # aborts the process): give the threads a moment to come back, and if a batch is still
+    # running, leave without finalising. After a second signal, at once.
     join_s = BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0
     if not server.manager.join_threads(join_s):
-        log.warning("a batch is still running %.0f s after the stop; exiting without it",
-                    join_s)
+        log.warning("a batch is still running after the stop; exiting without it")
         logging.shutdown()
         os._exit(0)
     log.info("stopped")

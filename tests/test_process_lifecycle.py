@@ -70,16 +70,18 @@ def test_not_ready_until_every_model_has_warmed_up(
     assert server.stop() == 0
 
 
-def test_a_server_with_nothing_to_serve_is_live_but_not_ready(
+def test_an_explicit_server_with_an_empty_start_up_set_is_ready_and_loads_on_request(
     tmp_path: Path, ferry_process: StartProcess
 ) -> None:
+    """As Triton's: behind a readiness probe, a load call must be able to reach it."""
     repo = tmp_path / "repo"
     mlp_model(repo / "m" / "1" / "model.onnx")
     server = ferry_process(repo, "--model-control-mode", "explicit")
     with triton.InferenceServerClient(server.address) as client:
         assert client.is_server_live()
-        assert not client.is_server_ready()
-        assert health(server.address) == NOT_SERVING
+        assert client.is_server_ready()
+        assert not client.is_model_ready("m")
+        assert health(server.address) == SERVING
         client.load_model("m")
         assert client.is_server_ready() and client.is_model_ready("m")
         assert health(server.address) == SERVING
@@ -93,7 +95,8 @@ def test_a_model_that_fails_to_load_keeps_the_server_unready_and_the_others_serv
     mlp_model(repo / "good" / "1" / "model.onnx")
     (repo / "bad" / "1").mkdir(parents=True)
     (repo / "bad" / "1" / "model.onnx").write_bytes(b"not an onnx model")
-    server = ferry_process(repo)
+    # The default is to exit (tests/test_hardening.py); this is the opt-out.
+    server = ferry_process(repo, "--exit-on-error=false")
     assert "model 'bad'" in server.log and "failed to load" in server.log
     assert health(server.address) == NOT_SERVING
     assert health(server.address, "good") == SERVING
