@@ -1,0 +1,269 @@
+"""The hand-off between a frontend process and the executor process: tensors in shared
+memory, small descriptors on a Unix socket.
+
+Each frontend creates two anonymous shared-memory regions (memfd, so no name ever
+appears in /dev/shm and the kernel frees them when the last process holding them exits,
+`kill -9` included) and passes their file descriptors to the executor over the socket
+(SCM_RIGHTS). The frontend writes requests' inputs into the request region; the executor
+writes each request's output rows into the response region. Each region has one writer,
+which allocates from it (`RingAllocator`), and one reader, which reads the tensors in
+place and tells the writer to release a block when its last view of it dies.
+
+So a request costs one copy into shared memory each way (inputs after decoding, outputs
+after the batch ran); the batch gather and the protobuf encode copy exactly as in one
+process. A tensor that does not fit (or holds Python objects: BYTES) travels inside the
+descriptor message instead.
+
+Messages are plain tuples, pickled a list at a time: everything queued during one turn of
+the event loop goes out as one frame (a 4-byte length, then the pickle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import pickle
+import struct
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .rows import Array, Tensors
+
+ALIGN = 64  # bytes: every block and tensor starts on a cache line
+DEFAULT_REGION_BYTES = 32 * 1024 * 1024
+
+# Frontend -> executor
+SUBMIT = 1  # (SUBMIT, id, model, version, inputs, outputs, rows, shape_key, deadline, prio)
+CANCEL = 2  # (CANCEL, id)
+RELEASE = 3  # (RELEASE, block offsets of the response region the frontend is done with)
+OUTCOMES = 4  # (OUTCOMES, [(model, version, status, duration_ns, message, protocol)])
+STATISTICS = 5  # (STATISTICS, query id)
+# Executor -> frontend
+CATALOG = 10  # (CATALOG, [(name, version, settings)], known names, index entries)
+RESULT = 11  # (RESULT, id, outputs, response block or -1)
+ERROR = 12  # (ERROR, id, ErrorKind value, message)
+RELEASED = 13  # (RELEASED, block offsets of the request region the executor is done with)
+STATISTICS_REPLY = 14  # (STATISTICS_REPLY, query id, [serialized ModelStatistics])
+
+# A tensor as it travels: (name, dtype, shape, offset within the block) in shared
+# memory, or (name, None, None, array) inline.
+Descriptor = tuple[str, str | None, tuple[int, ...] | None, Any]
+
+_LENGTH = struct.Struct("<I")
+
+
+def _aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+class Region:
+    """A shared-memory region mapped into this process."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+        self.map = mmap.mmap(fd, size)
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Region:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return cls(fd, size)
+
+    def close(self) -> None:
+        """Close the descriptor; the mapping goes when its last view does."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class RingAllocator:
+    """Blocks of one region handed out in a ring; a block may be freed in any order, and
+    space is reclaimed from the oldest block on. Not thread-safe: the event loop's."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._head = 0
+        self._live: deque[int] = deque()  # block offsets, oldest first
+        self._freed: set[int] = set()
+
+    @property
+    def live_blocks(self) -> int:
+        return len(self._live)
+
+    def allocate(self, nbytes: int) -> int | None:
+        """The offset of a free block of `nbytes`, or None when there is no room now."""
+        n = _aligned(max(nbytes, 1))
+        live = self._live
+        if not live:
+            offset = 0 if n <= self.size else None
+        else:
+            tail, head = live[0], self._head
+            if head > tail:  # live blocks in [tail, head): room after head, or before tail
+                if head + n <= self.size:
+                    offset = head
+                elif n <= tail:
+                    offset = 0
+                else:
+                    offset = None
+            else:  # wrapped: live blocks in [tail, size) and [0, head)
+                offset = head if head + n <= tail else None
+        if offset is None:
+            return None
+        live.append(offset)
+        self._head = offset + n
+        return offset
+
+    def free(self, offset: int) -> None:
+        self._freed.add(offset)
+        live, freed = self._live, self._freed
+        while live and live[0] in freed:
+            freed.discard(live.popleft())
+        if not live:
+            self._head = 0
+
+
+def write_tensors(
+    region: Region, allocator: RingAllocator, tensors: Mapping[str, Array]
+) -> tuple[tuple[Descriptor, ...], int]:
+    """Copy tensors into one block of the region; returns their descriptors and the
+    block (-1 when nothing went to shared memory: no room, or Python objects)."""
+    total = 0
+    for array in tensors.values():
+        if array.dtype.hasobject:
+            return tuple((name, None, None, array) for name, array in tensors.items()), -1
+        total += _aligned(array.nbytes)
+    block = allocator.allocate(total) if total else None
+    if block is None:
+        return tuple((name, None, None, array) for name, array in tensors.items()), -1
+    descriptors: list[Descriptor] = []
+    position = 0
+    memory = region.map
+    for name, array in tensors.items():
+        target: Array = np.ndarray(array.shape, array.dtype, buffer=memory, offset=block + position)
+        target[...] = array
+        descriptors.append((name, array.dtype.str, array.shape, position))
+        position += _aligned(array.nbytes)
+    return tuple(descriptors), block
+
+
+def read_tensors(
+    region: Region,
+    descriptors: tuple[Descriptor, ...],
+    block: int,
+    release: Callable[[int], None],
+) -> Tensors:
+    """Views of tensors in a block, read in place; `release(block)` is called once the
+    last of them is gone (from whichever thread drops it)."""
+    if block < 0:
+        return {name: value for name, _, _, value in descriptors}
+    end = 0
+    for _, dtype, shape, position in descriptors:
+        assert dtype is not None and shape is not None
+        end = max(end, position + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    whole: Array = np.frombuffer(region.map, np.uint8, count=end, offset=block)
+    weakref.finalize(whole, release, block)
+    tensors: Tensors = {}
+    for name, dtype, shape, position in descriptors:
+        assert dtype is not None and shape is not None
+        kind = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        tensors[name] = whole[position : position + count * kind.itemsize].view(kind).reshape(
+            shape
+        )
+    return tensors
+
+
+class Channel(asyncio.Protocol):
+    """Framed messages over a stream socket. Sends are queued and flushed once per turn
+    of the loop; `release_later` may be called from any thread (a view dying on an
+    executor thread) and rides along with the next flush."""
+
+    def __init__(
+        self,
+        on_messages: Callable[[list[Any]], None],
+        on_lost: Callable[[], None],
+        release_tag: int,
+    ) -> None:
+        self._on_messages = on_messages
+        self._on_lost = on_lost
+        self._release_tag = release_tag
+        self._buffer = bytearray()
+        self._outgoing: list[Any] = []
+        self._releases: deque[int] = deque()
+        self._flush_scheduled = False
+        self._lock = threading.Lock()
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        self.flushes = 0  # how many times the outgoing queue was sent
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._transport = None
+        self._on_lost()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        frames: list[Any] = []
+        while len(buffer) - start >= 4:
+            (length,) = _LENGTH.unpack_from(buffer, start)
+            if len(buffer) - start - 4 < length:
+                break
+            frames.extend(pickle.loads(memoryview(buffer)[start + 4 : start + 4 + length]))
+            start += 4 + length
+        if start:
+            del buffer[:start]
+        if frames:
+            self._on_messages(frames)
+
+    def send(self, message: Any) -> None:
+        self._outgoing.append(message)
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def release_later(self, block: int) -> None:
+        """Thread-safe: tell the peer a block of its region may be reused."""
+        self._releases.append(block)
+        with self._lock:
+            if self._flush_scheduled or self._loop is None or self.closed:
+                return
+            self._flush_scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_scheduled = False
+        self.flushes += 1
+        messages, self._outgoing = self._outgoing, []
+        if self._releases:
+            blocks = []
+            while self._releases:
+                blocks.append(self._releases.popleft())
+            messages.append((self._release_tag, tuple(blocks)))
+        if not messages or self._transport is None:
+            return
+        payload = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
+        self._transport.write(_LENGTH.pack(len(payload)) + payload)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._flush()
+            self._transport.close()
