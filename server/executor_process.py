@@ -161,7 +161,9 @@ class ExecutorService:
     async def start(self) -> None:
         """Metrics first (a slow load can be watched), then the models, then the socket."""
         if self.options.metrics_port is not None:
-            self._metrics_endpoint.start(self.options.host, self.options.metrics_port)
+            port = self._metrics_endpoint.start(self.options.host, self.options.metrics_port)
+            log.info("serving Prometheus metrics on http://%s:%d/metrics",
+                     self.options.host, port)
         await self.manager.load_all(self.options.security.model_control.models_at_start())
         manager = self.manager
         self.metrics.models_changed(
