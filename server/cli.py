@@ -107,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         "requests together, and serves the one --metrics-port (default: 1: one process "
         "does everything)",
     )
-    # Set by the supervisor of --workers N on the processes it starts; not for users.
-    serve.add_argument("--process-role", choices=[EXECUTOR, FRONTEND], default=None,
-                       help=argparse.SUPPRESS)
-    serve.add_argument("--executor-socket", default=None, help=argparse.SUPPRESS)
-    serve.add_argument("--frontend-index", type=int, default=0, help=argparse.SUPPRESS)
-    serve.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    internal = serve.add_argument_group(
+        "internal", "set by --workers on the processes it starts; not for direct use"
+    )
+    internal.add_argument("--process-role", choices=[EXECUTOR, FRONTEND], default=None,
+                          help="run as the executor process or as one frontend process")
+    internal.add_argument("--executor-socket", default=None, metavar="NAME",
+                          help="the executor's Unix socket (abstract namespace)")
+    internal.add_argument("--frontend-index", type=int, default=0, metavar="N",
+                          help="which frontend this process is")
+    internal.add_argument("--ready-fd", type=int, default=None, metavar="FD",
+                          help="the executor writes 'ready' here once its models are loaded")
     serve.add_argument(
         "--gpu-fallback",
         default="cpu",
