@@ -19,6 +19,7 @@ import pickle
 import socket
 from collections.abc import Callable
 from functools import partial
+from itertools import count
 from typing import Any
 
 from .app import ServerOptions
@@ -27,6 +28,8 @@ from .handoff import (
     CANCEL,
     CATALOG,
     ERROR,
+    FLUSH,
+    FLUSHED,
     OUTCOMES,
     RELEASE,
     RELEASED,
@@ -50,6 +53,8 @@ from .rows import Tensors
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 5.0
+# A statistics query waits this long at most for the other frontends' outcomes.
+FLUSH_TIMEOUT_S = 1.0
 
 
 class FrontendSession:
@@ -88,7 +93,9 @@ class FrontendSession:
             elif tag == OUTCOMES:
                 self.service.record_outcomes(message[1])
             elif tag == STATISTICS:
-                self.channel.send((STATISTICS_REPLY, message[1], self.service.statistics()))
+                self.service.statistics_for(self, message[1])
+            elif tag == FLUSHED:
+                self.service.flushed(self, message[1])
 
     def _submit(self, message: Any) -> None:
         _, request_id, name, version, descriptors, block, outputs, rows, shape_key, deadline_s, \
@@ -133,6 +140,7 @@ class FrontendSession:
         self.request_region.close()
         self.response_region.close()
         self.service.sessions.discard(self)
+        self.service.flushed(self, None)
 
 
 class ExecutorService:
@@ -157,6 +165,10 @@ class ExecutorService:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._tokens = count()
+        # Statistics queries waiting for frontends to flush: token -> (frontends still to
+        # answer, the asking one, its query id).
+        self._waiting: dict[int, tuple[set[FrontendSession], FrontendSession, int]] = {}
 
     async def start(self) -> None:
         """Metrics first (a slow load can be watched), then the models, then the socket."""
@@ -235,7 +247,34 @@ class ExecutorService:
         except FerryError:
             return (self.metrics,)
 
-    def statistics(self) -> list[bytes]:
+    def statistics_for(self, asking: FrontendSession, query: int) -> None:
+        """Answer a statistics query once every other frontend has sent the outcomes it
+        holds back (the asking one sent its own before the query)."""
+        others = self.sessions - {asking}
+        if not others:
+            asking.channel.send((STATISTICS_REPLY, query, self._statistics()))
+            return
+        token = next(self._tokens)
+        self._waiting[token] = (set(others), asking, query)
+        for session in others:
+            session.channel.send((FLUSH, token))
+        asyncio.get_running_loop().call_later(FLUSH_TIMEOUT_S, self._answer_statistics, token)
+
+    def flushed(self, session: FrontendSession, token: int | None) -> None:
+        """A frontend has flushed (or, token None, gone away)."""
+        for key in [token] if token is not None else list(self._waiting):
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting[0].discard(session)
+                if not waiting[0]:
+                    self._answer_statistics(key)
+
+    def _answer_statistics(self, token: int) -> None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None and not waiting[1].channel.closed:
+            waiting[1].channel.send((STATISTICS_REPLY, waiting[2], self._statistics()))
+
+    def _statistics(self) -> list[bytes]:
         return [m.stats.to_proto().SerializeToString() for m in self.manager.loaded()]
 
     async def stop(self, grace_s: float) -> None:

@@ -15,7 +15,8 @@ process. A tensor that does not fit (or holds Python objects: BYTES) travels ins
 descriptor message instead.
 
 Messages are plain tuples, pickled a list at a time: everything queued during one turn of
-the event loop goes out as one frame (a 4-byte length, then the pickle).
+the event loop goes out as one frame (a 4-byte length, then the pickle). Releases and
+outcome reports wait for the next frame (at most LAZY_FLUSH_S).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -44,12 +46,18 @@ CANCEL = 2  # (CANCEL, id)
 RELEASE = 3  # (RELEASE, block offsets of the response region the frontend is done with)
 OUTCOMES = 4  # (OUTCOMES, [(model, version, status, duration_ns, message, protocol)])
 STATISTICS = 5  # (STATISTICS, query id)
+FLUSHED = 6  # (FLUSHED, token): everything before this was sent
 # Executor -> frontend
 CATALOG = 10  # (CATALOG, [(name, version, settings)], known names, index entries)
 RESULT = 11  # (RESULT, id, outputs, response block or -1)
 ERROR = 12  # (ERROR, id, ErrorKind value, message)
 RELEASED = 13  # (RELEASED, block offsets of the request region the executor is done with)
 STATISTICS_REPLY = 14  # (STATISTICS_REPLY, query id, [serialized ModelStatistics])
+FLUSH = 15  # (FLUSH, token): send what waits now, then FLUSHED
+
+# Releases and outcomes are not urgent: they ride along with the next message, or go
+# after this long when there is none, so an idle request costs no extra wake-ups.
+LAZY_FLUSH_S = 0.005
 
 # A tensor as it travels: (name, dtype, shape, offset within the block) in shared
 # memory, or (name, None, None, array) inline.
@@ -163,27 +171,26 @@ def read_tensors(
     last of them is gone (from whichever thread drops it)."""
     if block < 0:
         return {name: value for name, _, _, value in descriptors}
+    layout = []
     end = 0
-    for _, dtype, shape, position in descriptors:
-        assert dtype is not None and shape is not None
-        end = max(end, position + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    for name, dtype, shape, position in descriptors:
+        kind = np.dtype(dtype)
+        nbytes = prod(shape) * kind.itemsize  # type: ignore[arg-type]
+        layout.append((name, kind, shape, position, nbytes))
+        end = max(end, position + nbytes)
+    # Every view below keeps this array (their base) alive, and nothing else does.
     whole: Array = np.frombuffer(region.map, np.uint8, count=end, offset=block)
     weakref.finalize(whole, release, block)
-    tensors: Tensors = {}
-    for name, dtype, shape, position in descriptors:
-        assert dtype is not None and shape is not None
-        kind = np.dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64))
-        tensors[name] = whole[position : position + count * kind.itemsize].view(kind).reshape(
-            shape
-        )
-    return tensors
+    return {
+        name: whole[position : position + nbytes].view(kind).reshape(shape)
+        for name, kind, shape, position, nbytes in layout
+    }
 
 
 class Channel(asyncio.Protocol):
-    """Framed messages over a stream socket. Sends are queued and flushed once per turn
-    of the loop; `release_later` may be called from any thread (a view dying on an
-    executor thread) and rides along with the next flush."""
+    """Framed messages over a stream socket. `send` goes out at the end of this turn of
+    the loop; `send_lazy` and `release_later` (which any thread may call: a view may die
+    on an executor thread) ride along with the next frame, or go after LAZY_FLUSH_S."""
 
     def __init__(
         self,
@@ -196,22 +203,30 @@ class Channel(asyncio.Protocol):
         self._release_tag = release_tag
         self._buffer = bytearray()
         self._outgoing: list[Any] = []
+        self._lazy: list[Any] = []
         self._releases: deque[int] = deque()
         self._flush_scheduled = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        self._arm_requested = False  # a thread asked the loop to arm the lazy timer
         self._lock = threading.Lock()
         self._transport: asyncio.Transport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self.closed = False
-        self.flushes = 0  # how many times the outgoing queue was sent
+        self.flushes = 0  # frames sent so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._transport = None
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         self._on_lost()
 
     def data_received(self, data: bytes) -> None:
@@ -236,23 +251,43 @@ class Channel(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_lazy(self, message: Any) -> None:
+        self._lazy.append(message)
+        self._arm()
+
     def release_later(self, block: int) -> None:
         """Thread-safe: tell the peer a block of its region may be reused."""
         self._releases.append(block)
+        if threading.get_ident() == self._loop_thread:
+            self._arm()
+            return
         with self._lock:
-            if self._flush_scheduled or self._loop is None or self.closed:
+            if self._arm_requested or self._loop is None or self.closed:
                 return
-            self._flush_scheduled = True
+            self._arm_requested = True
         try:
-            self._loop.call_soon_threadsafe(self._flush)
+            self._loop.call_soon_threadsafe(self._arm)
         except RuntimeError:  # the loop is closed: nobody is left to tell
             pass
 
-    def _flush(self) -> None:
+    def _arm(self) -> None:
         with self._lock:
-            self._flush_scheduled = False
+            self._arm_requested = False
+        if self._flush_scheduled or self._lazy_timer is not None or self._loop is None:
+            return
+        self._lazy_timer = self._loop.call_later(LAZY_FLUSH_S, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
         self.flushes += 1
-        messages, self._outgoing = self._outgoing, []
+        # What waited goes first: an outcome reported before a statistics query is
+        # counted by it.
+        messages, self._lazy = self._lazy, []
+        messages += self._outgoing
+        self._outgoing = []
         if self._releases:
             blocks = []
             while self._releases:

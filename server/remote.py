@@ -30,6 +30,8 @@ from .handoff import (
     CATALOG,
     DEFAULT_REGION_BYTES,
     ERROR,
+    FLUSH,
+    FLUSHED,
     OUTCOMES,
     RELEASE,
     RELEASED,
@@ -175,6 +177,9 @@ class ExecutorLink:
                     free(block)
             elif tag == CATALOG:
                 self.on_catalog(message[1], message[2], message[3])
+            elif tag == FLUSH:
+                assert self._channel is not None
+                self._channel.send((FLUSHED, message[1]))
             elif tag == STATISTICS_REPLY:
                 query = self._statistics.pop(message[1], None)
                 if query is not None and not query.done():
@@ -218,7 +223,7 @@ class ExecutorLink:
         if self._outbox_flush != channel.flushes:
             self._outbox = []
             self._outbox_flush = channel.flushes
-            channel.send((OUTCOMES, self._outbox))
+            channel.send_lazy((OUTCOMES, self._outbox))
         self._outbox.append((outcome.model, outcome.version, outcome.status.value,
                                outcome.duration_ns, outcome.message, outcome.protocol))
 

@@ -144,7 +144,8 @@ def repository(tmp_path: Path) -> Path:
 
 def _queued_config(repository: Path, delay_s: float = 30, max_queue_size: int = 0) -> None:
     """Batches of 4 that wait up to `delay_s`: requests stay queued until four have come."""
-    text = f"max_batch_size: 4\ndynamic_batching {{ max_queue_delay_microseconds: {delay_s * 1e6:.0f}"
+    delay_us = round(delay_s * 1e6)
+    text = f"max_batch_size: 4\ndynamic_batching {{ max_queue_delay_microseconds: {delay_us}"
     if max_queue_size:
         text += f" default_queue_policy {{ max_queue_size: {max_queue_size} }}"
     write_config(repository / "mlp", text + " }\n")
