@@ -299,7 +299,11 @@ async def run_executor(options: ServerOptions, address: str, ready_fd: int | Non
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:
+        log.error("the executor cannot start: %s", exc)
+        return 1
     if ready_fd is not None:
         os.write(ready_fd, b"ready\n")
         os.close(ready_fd)

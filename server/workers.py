@@ -135,7 +135,8 @@ class Supervisor:
         self.argv = list(argv)
         self.workers = workers
         self.grpc_port = grpc_port or free_port(host)
-        self.metrics_port = metrics_port
+        # Chosen once, so that a restarted executor serves metrics where the first did.
+        self.metrics_port = metrics_port or (None if metrics_port is None else free_port(host))
         self.socket_name = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
         self._children: dict[int, _Child] = {}
         self._restarts: deque[float] = deque()

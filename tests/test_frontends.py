@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -399,3 +400,28 @@ def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
     assert "executor stopped" in "".join(server.lines)
     for channel in channels:
         channel.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_an_executor_that_cannot_come_back_stops_the_server_with_exit_code_1(
+    repository: Path, workers: list[Workers]
+) -> None:
+    server = Workers(repository, 2)
+    workers.append(server)
+    roles = server.children()
+    os.kill(roles["executor"][0], signal.SIGKILL)
+    wait_until(lambda: _gone(roles["executor"][0]), what="the executor gone")
+    # Its replacement needs the metrics port, which is now taken: it cannot start.
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", server.metrics_port))
+        blocker.listen()
+        assert server.process.wait(60) == 1
+    assert all(_gone(pid) for pid in roles["frontend"])
+    server.wait_for("the executor cannot start")
