@@ -33,7 +33,8 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
@@ -103,6 +104,7 @@ def role_command(
 
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def _child_setup() -> None:
@@ -110,8 +112,20 @@ def _child_setup() -> None:
     reaches it once, through the supervisor (which drains in order); and SIGKILL when the
     supervisor dies, so that no process outlives it."""
     os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM/SIGINT wait while a child starts and is registered, so that a stop never
+    misses a child that has just been started."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 @dataclass(slots=True)
@@ -171,7 +185,10 @@ class Supervisor:
 
     def _exited(self, child: _Child, code: int) -> None:
         if self._stopping:
-            self._worst = max(self._worst, abs(code))
+            # Ended by the signal it was sent (before it could handle it: a process
+            # still starting) counts as a clean stop.
+            if code not in (-signal.SIGTERM, -signal.SIGINT):
+                self._worst = max(self._worst, abs(code))
             if child.role == FRONTEND and not self._frontends():
                 self._signal_executor(signal.SIGTERM)
             return
@@ -205,14 +222,17 @@ class Supervisor:
             self.argv, EXECUTOR, socket_name=self.socket_name, grpc_port=self.grpc_port,
             metrics_port=self.metrics_port, ready_fd=write_end,
         )
-        process = subprocess.Popen(command, pass_fds=(write_end,), preexec_fn=_child_setup)
+        with _signals_held():
+            process = subprocess.Popen(command, pass_fds=(write_end,), preexec_fn=_child_setup)
+            self._children[process.pid] = _Child(EXECUTOR, 0, process)
         os.close(write_end)
-        self._children[process.pid] = _Child(EXECUTOR, 0, process)
         try:
             # "ready" once the models are loaded; end of file if it died first.
             ready = os.read(read_end, 16)
         finally:
             os.close(read_end)
+        if self._stopping and not self._frontends():
+            self._signal_executor(signal.SIGTERM)
         return bool(ready)
 
     def _start_frontend(self, index: int) -> None:
@@ -220,8 +240,11 @@ class Supervisor:
             self.argv, FRONTEND, socket_name=self.socket_name, grpc_port=self.grpc_port,
             metrics_port=self.metrics_port, index=index,
         )
-        process = subprocess.Popen(command, preexec_fn=_child_setup)
-        self._children[process.pid] = _Child(FRONTEND, index, process)
+        with _signals_held():
+            process = subprocess.Popen(command, preexec_fn=_child_setup)
+            self._children[process.pid] = _Child(FRONTEND, index, process)
+            if self._stopping:  # the stop came while it was being started
+                process.send_signal(signal.SIGTERM)
 
     def _frontends(self) -> list[_Child]:
         return [c for c in self._children.values() if c.role == FRONTEND]

@@ -103,6 +103,7 @@ class Workers:
             self._reader.join(5)
             if self.process.stderr is not None:
                 self.process.stderr.close()
+            print("".join(self.lines))  # shown by pytest when the test fails
 
 
 def _children_of(pid: int) -> list[int]:
@@ -359,46 +360,32 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
 def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
     repository: Path, workers: list[Workers]
 ) -> None:
-    _queued_config(repository)
+    # Queued requests run after 5 s: while the drain is under way.
+    _queued_config(repository, delay_s=5)
     server = Workers(repository, 2)
     workers.append(server)
-    frontends = server.children()["frontend"]
     x = np.ones((1, 16), np.float32)
-    # Callers on many connections, so both frontends hold some; all wait in the queue.
-    channels = [grpc.insecure_channel(server.address) for _ in range(3)]
+    # One caller through the frontend about to die, two through the other; all queued.
+    (victim, doomed), (_, kept) = _channels_by_frontend(server, 1).items()
     calls = [_stub(c).ModelInfer.future(_request(x * i))  # type: ignore[attr-defined]
-             for i, c in enumerate(channels)]
+             for i, c in enumerate([doomed[0], kept[0], kept[0]])]
     wait_until(lambda: server.metric("ferry_queue_depth") == 3, what="3 queued")
-    victim = frontends[0]
-    victim_calls = _established(victim, server.port)
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: sum(c.done() for c in calls) == victim_calls,
-               what="the dead frontend's callers answered")
-    # The executor withdraws the dead frontend's requests; the others stay queued.
-    wait_until(lambda: server.metric("ferry_queue_depth") == 3 - victim_calls,
-               what="the dead frontend's requests withdrawn")
-    server.wait_for_frontends(1, after=2)  # the supervisor restarted it
-    # SIGTERM: each frontend drains; what was accepted still runs. One more caller
-    # completes the batch of four while the drain waits.
-    survivors = [c for c in calls if not c.done()]
-    fillers = 4 - len(survivors)
-    with ThreadPoolExecutor(4) as pool:
-        more = [pool.submit(_infer, server.address, x) for _ in range(fillers)]
-        wait_until(lambda: server.metric("ferry_queue_depth") == 3 - victim_calls + fillers
-                   or all(f.done() for f in more), what="fillers queued")
-        server.process.send_signal(signal.SIGTERM)
-        for future in more:
-            assert future.result(30).shape == (1, 4)
-    for call in survivors:
+    with pytest.raises(grpc.RpcError):
+        calls[0].result(10)
+    assert not calls[1].done() and not calls[2].done()
+    # The executor withdraws the dead frontend's request; the others stay queued.
+    wait_until(lambda: server.metric("ferry_queue_depth") == 2,
+               what="the dead frontend's request withdrawn")
+    # SIGTERM: every frontend drains, then the executor; what was accepted still runs.
+    server.process.send_signal(signal.SIGTERM)
+    for call in calls[1:]:
         assert call.result(30).outputs[0].name == "logits"
-    lost = [c for c in calls if c not in survivors]
-    assert len(lost) == victim_calls
-    for call in lost:
-        with pytest.raises(grpc.RpcError):
-            call.result(1)
     assert server.process.wait(30) == 0
-    assert "executor stopped" in "".join(server.lines)
-    for channel in channels:
+    log = "".join(server.lines)
+    assert f"frontend process {victim} exited with -9; restarting it" in log
+    assert "executor stopped" in log
+    for channel in [*doomed, *kept]:
         channel.close()
 
 
@@ -416,7 +403,8 @@ def test_an_executor_that_cannot_come_back_stops_the_server_with_exit_code_1(
     workers.append(server)
     roles = server.children()
     os.kill(roles["executor"][0], signal.SIGKILL)
-    wait_until(lambda: _gone(roles["executor"][0]), what="the executor gone")
+    # Reaped by the supervisor: every thread of it is gone, its sockets closed.
+    server.wait_for(f"executor process {roles['executor'][0]} exited with -9")
     # Its replacement needs the metrics port, which is now taken: it cannot start.
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
