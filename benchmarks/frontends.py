@@ -38,7 +38,7 @@ class Point:
     p99_ms: float
     errors: int
     mean_batch: float
-    pss_mib: float
+    pss_mib: dict[str, float]  # by role
     cpu_us_per_request: dict[str, float]  # by role: frontends, executor loop, executor model
 
 
@@ -83,13 +83,16 @@ def _cpu_by_role(root: int) -> dict[str, float]:
     return totals
 
 
-def _pss_mib(root: int) -> float:
-    total_kib = 0
+def _pss_mib(root: int) -> dict[str, float]:
+    """Proportional set size by role: shared pages (libraries, the shared-memory regions)
+    are split between the processes that map them, so the roles add up."""
+    by_role: dict[str, float] = {}
     for pid in [root, *_children(root)]:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
-                total_kib += int(line.split()[1])
-    return total_kib / 1024
+                role = _role(pid)
+                by_role[role] = by_role.get(role, 0.0) + int(line.split()[1]) / 1024
+    return by_role
 
 
 def _metric(port: int, name: str, model: str) -> float:
@@ -150,16 +153,19 @@ def measure(args: argparse.Namespace) -> list[Point]:
 
 def table(points: list[Point]) -> str:
     lines = [
-        "| model | processes | req/s | p50 ms | p99 ms | errors | mean batch | PSS MiB "
+        "| model | processes | req/s | p50 ms | p99 ms | errors | mean batch | PSS MiB (by role) "
         "| CPU us/request by role |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for p in points:
         layout = "one" if p.workers == 1 else f"{p.workers} frontends + executor"
         cpu = ", ".join(f"{role} {us:.0f}" for role, us in sorted(p.cpu_us_per_request.items()))
+        pss = f"{sum(p.pss_mib.values()):.0f}"
+        if len(p.pss_mib) > 1:
+            pss += " (" + ", ".join(f"{r} {m:.0f}" for r, m in sorted(p.pss_mib.items())) + ")"
         lines.append(
             f"| {p.model} | {layout} | {p.req_per_s:,.0f} | {p.p50_ms:.2f} | {p.p99_ms:.2f} "
-            f"| {p.errors} | {p.mean_batch:.1f} | {p.pss_mib:.0f} | {cpu} |"
+            f"| {p.errors} | {p.mean_batch:.1f} | {pss} | {cpu} |"
         )
     return "\n".join(lines)
 
