@@ -389,6 +389,30 @@ def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
         channel.close()
 
 
+def test_priorities_hold_across_processes(repository: Path, workers: list[Workers]) -> None:
+    write_config(
+        repository / "mlp",
+        "max_batch_size: 2\ndynamic_batching { max_queue_delay_microseconds: 30000000 "
+        "priority_levels: 2 default_priority_level: 2 }\n",
+    )
+    server = Workers(repository, 2)
+    workers.append(server)
+    (_, first), (_, second) = _channels_by_frontend(server, 1).items()
+    low = _request(np.ones((1, 16), np.float32))
+    high = _request(np.ones((2, 16), np.float32))
+    high.parameters["priority"].int64_param = 1  # type: ignore[attr-defined]
+    # A low-priority row waits for company; then two high-priority rows arrive through
+    # the other frontend: they fill a batch of their own and run first, ahead of it.
+    low_call = _stub(first[0]).ModelInfer.future(low)  # type: ignore[attr-defined]
+    wait_until(lambda: server.metric("ferry_queue_depth") == 1, what="low queued")
+    high_call = _stub(second[0]).ModelInfer.future(high)  # type: ignore[attr-defined]
+    assert len(high_call.result(30).outputs) == 2
+    assert not low_call.done()
+    low_call.cancel()
+    for channel in (*first, *second):
+        channel.close()
+
+
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
