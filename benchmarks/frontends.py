@@ -115,7 +115,8 @@ def measure(args: argparse.Namespace) -> list[Point]:
             metrics_port = free_port()
             command = (
                 "{python} -m ferry.server.cli serve {repo} --grpc-port {port} "
-                f"--metrics-port {metrics_port} --log-level WARNING --workers {workers}"
+                f"--metrics-port {metrics_port} --log-level WARNING --workers {workers} "
+                + args.server_args
             )
             variant = ServerVariant(f"ferry-w{workers}", command)
             log = work / "logs" / f"frontends-{model.name}-w{workers}.log"
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--work", type=Path, default=HERE / ".work")
     parser.add_argument("--ghz", default=None)
+    parser.add_argument("--server-args", default="", help="more flags for ferry serve")
     args = parser.parse_args(argv)
     print(f"load average before: {os.getloadavg()}", file=sys.stderr)
     points = measure(args)
