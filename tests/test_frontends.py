@@ -25,7 +25,7 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from .models import mlp_model, write_config
+from .models import identity_model, mlp_model, write_config
 from .waiting import wait_until
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -411,6 +411,50 @@ def test_priorities_hold_across_processes(repository: Path, workers: list[Worker
     low_call.cancel()
     for channel in (*first, *second):
         channel.close()
+
+
+def test_text_half_precision_large_tensors_and_streams_cross_intact(
+    repository: Path, workers: list[Workers]
+) -> None:
+    identity_model(repository / "text" / "1" / "model.onnx", "BYTES")
+    identity_model(repository / "half" / "1" / "model.onnx", "FP16")
+    identity_model(repository / "wide" / "1" / "model.onnx", "FP32", ("batch", 5_000_000))
+    server = Workers(repository, 2)
+    workers.append(server)
+    client = triton.InferenceServerClient(server.address)
+
+    def echo(model: str, datatype: str, array: np.ndarray) -> np.ndarray:
+        data = triton.InferInput("INPUT0", list(array.shape), datatype)
+        data.set_data_from_numpy(array)
+        result = client.infer(model, [data]).as_numpy("OUTPUT0")
+        assert result is not None
+        return result
+
+    # BYTES are Python objects: they travel inside the message, not in shared memory.
+    text = np.array([["a", "", "ünï", "x" * 1000]], dtype=object)
+    assert [v.decode() for v in echo("text", "BYTES", text).ravel()] == list(text.ravel())
+    half = np.arange(8, dtype=np.float16).reshape(2, 4)
+    np.testing.assert_array_equal(echo("half", "FP16", half), half)
+    # 2 x 20 MB: more than a 32 MiB region holds; the tensor goes inline, intact.
+    wide = np.random.default_rng(0).standard_normal((2, 5_000_000)).astype(np.float32)
+    np.testing.assert_array_equal(echo("wide", "FP32", wide), wide)
+    # A stream's requests go through the same hand-off; each answer matches its request.
+    from ferry.proto import grpc_service_pb2 as pb
+
+    requests = []
+    for i in range(8):
+        request = pb.ModelInferRequest(model_name="half", id=f"r{i}")
+        request.inputs.add(name="INPUT0", datatype="FP16", shape=[1, 4])
+        request.raw_input_contents.append(np.full((1, 4), i, np.float16).tobytes())
+        requests.append(request)
+    with _connect(server.address) as channel:
+        replies = list(_stub(channel).ModelStreamInfer(iter(requests), timeout=30))  # type: ignore[attr-defined]
+    for reply in replies:
+        index = int(reply.infer_response.id[1:])
+        values = np.frombuffer(reply.infer_response.raw_output_contents[0], np.float16)
+        assert reply.error_message == "" and (values == index).all()
+    assert sorted(r.infer_response.id for r in replies) == sorted(r.id for r in requests)
+    client.close()
 
 
 def _gone(pid: int) -> bool:
