@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 import socket
-from collections.abc import Callable
 from functools import partial
 from itertools import count
 from typing import Any
@@ -40,13 +39,14 @@ from .handoff import (
     Channel,
     Region,
     RingAllocator,
+    peer_is_related,
     read_tensors,
     write_tensors,
 )
 from .loading import LoadOptions
 from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
-from .outcomes import RequestOutcome
+from .outcomes import OutcomeObserver, RequestOutcome
 from .repository import ModelRepository
 from .rows import Tensors
 
@@ -202,6 +202,8 @@ class ExecutorService:
     async def _open_session(self, connection: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
+            if not peer_is_related(connection):
+                raise ValueError("the peer is not a process of this server")
             connection.settimeout(HANDSHAKE_TIMEOUT_S)
             data, fds, _, _ = await loop.run_in_executor(
                 None, socket.recv_fds, connection, 4096, 2
@@ -234,14 +236,13 @@ class ExecutorService:
     def record_outcomes(self, outcomes: list[tuple[str, str, str, int, str, str]]) -> None:
         """Requests the frontends finished: counted by the models' statistics and the
         metrics, as if they had been served here."""
-        loaded: Callable[[str, str], Any] = self._observers_of
         for model, version, status, duration_ns, message, protocol in outcomes:
             outcome = RequestOutcome(model, version, Status(status), duration_ns, message,
                                      protocol)
-            for observer in loaded(model, version):
+            for observer in self._observers_of(model, version):
                 observer.request_finished(outcome)
 
-    def _observers_of(self, model: str, version: str) -> tuple[Any, ...]:
+    def _observers_of(self, model: str, version: str) -> tuple[OutcomeObserver, ...]:
         try:
             return self.manager.get(model, version).observers if model else (self.metrics,)
         except FerryError:

@@ -25,6 +25,7 @@ import asyncio
 import mmap
 import os
 import pickle
+import socket
 import struct
 import threading
 import weakref
@@ -68,6 +69,29 @@ _LENGTH = struct.Struct("<I")
 
 def _aligned(nbytes: int) -> int:
     return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def peer_is_related(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a Unix socket is one of ours: same user,
+    and our parent, our child or a sibling. The socket's name is no secret (it is on the
+    command line), and the messages are pickles: nobody else may talk on it."""
+    pid, uid, _ = _PEER_CREDENTIALS.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    )
+    if uid != os.getuid():
+        return False
+    return pid == os.getppid() or _parent_of(pid) in (os.getppid(), os.getpid())
 
 
 class Region:

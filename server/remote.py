@@ -42,6 +42,7 @@ from .handoff import (
     Channel,
     Region,
     RingAllocator,
+    peer_is_related,
     read_tensors,
     write_tensors,
 )
@@ -115,6 +116,8 @@ class ExecutorLink:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(self.address)
+            if not peer_is_related(sock):
+                raise OSError(f"{self.address!r} is not this server's executor")
             size = self._region_bytes
             requests = Region.create(f"ferry-frontend{self.index}-requests", size)
             responses = Region.create(f"ferry-frontend{self.index}-responses", size)

@@ -456,6 +456,17 @@ def test_text_half_precision_large_tensors_and_streams_cross_intact(
     assert sorted(r.infer_response.id for r in replies) == sorted(r.id for r in requests)
     client.close()
 
+    # The executor's socket name is on every command line; a process that is not one of
+    # the server's own is turned away before anything is read from it.
+    executor = server.children()["executor"][0]
+    command = Path(f"/proc/{executor}/cmdline").read_bytes().split(b"\0")
+    name = command[command.index(b"--executor-socket") + 1].decode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+        stranger.connect("\0" + name)
+        stranger.settimeout(10)
+        assert stranger.recv(1) == b""  # closed, with no catalog sent
+    server.wait_for("handshake failed: the peer is not a process of this server")
+
 
 def _gone(pid: int) -> bool:
     try:
