@@ -112,6 +112,11 @@ class FrontendSession:
         except FerryError as error:
             self.channel.send((ERROR, request_id, error.kind.value, error.message))
             return
+        except Exception as exc:  # a malformed descriptor: this request fails, not the link
+            log.error("request from frontend %d could not be read: %r", self.index, exc)
+            self.channel.send((ERROR, request_id, ErrorKind.INTERNAL.value,
+                               "internal error in the executor process"))
+            return
         self.pending[request_id] = future
         future.add_done_callback(partial(self._answer, request_id))
 
@@ -121,11 +126,15 @@ class FrontendSession:
             return  # the frontend has forgotten this request
         error = future.exception()
         if error is None:
-            descriptors, block = write_tensors(
-                self.response_region, self.response_blocks, future.result()
-            )
-            self.channel.send((RESULT, request_id, descriptors, block))
-            return
+            try:
+                descriptors, block = write_tensors(
+                    self.response_region, self.response_blocks, future.result()
+                )
+            except Exception as exc:  # never leave the caller waiting
+                error = exc
+            else:
+                self.channel.send((RESULT, request_id, descriptors, block))
+                return
         if not isinstance(error, FerryError):
             log.error("request from frontend %d failed: %r", self.index, error)
             error = FerryError(ErrorKind.INTERNAL, "internal error in the executor process")
