@@ -37,7 +37,8 @@ FERRY = (
 # told otherwise with --server.
 DEFAULT_SERVERS: dict[str, str] = {
     "ferry": FERRY,
-    # Two server processes sharing the port (SO_REUSEPORT); ghz's connections spread over them.
+    # Two frontend processes sharing the port (SO_REUSEPORT), ghz's connections spread over
+    # them, and one executor process that batches for both.
     "ferry-w2": FERRY + " --workers 2",
     NAIVE: "{python} -m benchmarks.naive_server {repo} --port {port}",
     NULL: "{python} -m benchmarks.null_server {repo} --port {port}",

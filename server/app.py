@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto._pool import POOL
 
-from .dataplane import DataPlane
+from .dataplane import DataPlane, ModelLookup
 from .errors import Status
 from .grpc_status import shield_servicer
 from .loading import InstanceWrapper, LoadOptions
@@ -98,6 +99,32 @@ class ServerOptions:
             )
 
 
+class ServedModels(ModelLookup, Protocol):
+    """The models a server serves and their lifecycle, as the app drives it: the
+    `ModelManager` of one process, or a frontend's view of the executor process."""
+
+    def known_names(self) -> list[str]: ...
+
+    def is_loaded(self, name: str) -> bool: ...
+
+    def all_ready(self) -> bool: ...
+
+    async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]: ...
+
+    async def close(self, grace_s: float | None) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def join_threads(self, timeout_s: float) -> bool: ...
+
+
+# Builds a frontend's models from the observers of its requests and the app's
+# on-change hook (see server.remote).
+ModelsFactory = Callable[
+    [tuple[OutcomeObserver, ...], Callable[[], Awaitable[None]]], ServedModels
+]
+
+
 def _register_in_pool(*files: object) -> None:
     """Let reflection describe the health and reflection services too."""
     for file in files:
@@ -122,6 +149,7 @@ class FerryServer:
         wrap_instance: InstanceWrapper | None = None,
         request_observers: Sequence[OutcomeObserver] = (),
         clock: Callable[[], float] = time.monotonic,
+        models: ModelsFactory | None = None,
     ) -> None:
         self.options = options
         self._clock = clock
@@ -129,24 +157,29 @@ class FerryServer:
         self._metrics_endpoint = MetricsEndpoint(self.metrics.registry)
         self.metrics_port = 0  # the bound metrics port, once started (0: none)
         observers = (
-            self.metrics,
+            # A frontend's requests are counted by the executor process's metrics.
+            *((self.metrics,) if models is None else ()),
             RejectionLog(),
             *((AccessLog(),) if options.access_log else ()),
             *request_observers,
         )
-        self.manager = ModelManager(
-            ModelRepository(options.model_path),
-            LoadOptions(
-                gpu_fallback=options.gpu_fallback,
-                session_threads=options.session_threads,
-                clock=clock,
-                batch_observers_for=self.metrics.observers_for,
-                request_observers=observers,
-                wrap_instance=wrap_instance,
-            ),
-            drain_grace_s=options.shutdown_grace_s,
-            on_change=self._models_changed,
-        )
+        self.manager: ServedModels
+        if models is not None:
+            self.manager = models(observers, self._models_changed)
+        else:
+            self.manager = ModelManager(
+                ModelRepository(options.model_path),
+                LoadOptions(
+                    gpu_fallback=options.gpu_fallback,
+                    session_threads=options.session_threads,
+                    clock=clock,
+                    batch_observers_for=self.metrics.observers_for,
+                    request_observers=observers,
+                    wrap_instance=wrap_instance,
+                ),
+                drain_grace_s=options.shutdown_grace_s,
+                on_change=self._models_changed,
+            )
         self.dataplane = DataPlane(self.manager, observers, clock)
         self._draining = False
         self._aborted = False
@@ -239,6 +272,7 @@ class FerryServer:
                 await self.stop(0.0)
                 raise StartupError(f"{problem} (--exit-on-error=false serves what did load)")
         if self.options.poll_repository_s is not None:
+            assert isinstance(self.manager, ModelManager), "a frontend does not poll"
             self._poller = RepositoryPoller(self.manager, self.options.poll_repository_s)
             await self._poller.prime()
             self._poller.start()

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__, logs
 from .app import FerryServer, ServerOptions
 from .providers import GpuFallback
+from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
 from .repository import ModelControl, ModelControlMode
 from .security import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -26,7 +27,7 @@ from .security import (
 )
 from .streams import DEFAULT_MAX_STREAM_PENDING, DEFAULT_MAX_STREAM_PENDING_BYTES, StreamLimits
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
-from .workers import supervise
+from .workers import EXECUTOR, FRONTEND, socket_address, supervise
 
 log = logging.getLogger("ferry")
 
@@ -109,10 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="server processes sharing the gRPC port (SO_REUSEPORT); each has its own "
-        "batcher and statistics, and serves metrics on --metrics-port + its index "
-        "(default: 1)",
+        help="frontend processes sharing the gRPC port (SO_REUSEPORT); above 1, one more "
+        "process (the executor) loads each model once and batches every frontend's "
+        "requests together, and serves the one --metrics-port (default: 1: one process "
+        "does everything)",
     )
+    internal = serve.add_argument_group(
+        "internal", "set by --workers on the processes it starts; not for direct use"
+    )
+    internal.add_argument("--process-role", choices=[EXECUTOR, FRONTEND], default=None,
+                          help="run as the executor process or as one frontend process")
+    internal.add_argument("--executor-socket", default=None, metavar="NAME",
+                          help="the executor's Unix socket (abstract namespace)")
+    internal.add_argument("--frontend-index", type=int, default=0, metavar="N",
+                          help="which frontend this process is")
+    internal.add_argument("--ready-fd", type=int, default=None, metavar="FD",
+                          help="the executor writes 'ready' here once its models are loaded")
     serve.add_argument(
         "--gpu-fallback",
         default="cpu",
@@ -255,8 +268,18 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
     )
 
 
-async def serve(options: ServerOptions) -> int:
-    server = FerryServer(options)
+async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. `frontend` (executor socket, index): a
+    frontend of --workers N, whose models are served by the executor process."""
+    if frontend is None:
+        server = FerryServer(options)
+    else:
+        link = ExecutorLink(socket_address(frontend[0]), frontend[1])
+        server = FerryServer(
+            options,
+            request_observers=(OutcomesToExecutor(link),),
+            models=lambda observers, on_change: RemoteModels(link, observers, on_change),
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -321,6 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         log.error("--workers must be at least 1, got %d", args.workers)
         return 2
+    if args.workers > 1 or args.process_role is not None:
+        mode = options.security.model_control.mode
+        if mode is not ModelControlMode.NONE:
+            log.error("--workers above 1 serves the repository as it is at start: "
+                      "--model-control-mode %s and --poll-repository are not available "
+                      "with it", mode.value)
+            return 2
+    if args.process_role == EXECUTOR:
+        from .executor_process import run_executor
+
+        return asyncio.run(
+            run_executor(options, socket_address(args.executor_socket), args.ready_fd)
+        )
+    if args.process_role == FRONTEND:
+        return asyncio.run(serve(options, (args.executor_socket, args.frontend_index)))
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
         return supervise(argv, args.workers, args.host, args.grpc_port, options.metrics_port)

@@ -43,6 +43,9 @@ class ModelLookup(Protocol):
 
     async def unload(self, name: str) -> None: ...
 
+    async def refresh_statistics(self) -> None:
+        """Bring `stats` up to date where they are kept elsewhere (another process)."""
+
 
 class DataPlane:
     def __init__(

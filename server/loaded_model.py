@@ -3,12 +3,40 @@ everyone told of its finished requests."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Protocol
 
 from .config import ModelSettings
 from .outcomes import OutcomeObserver
-from .scheduler import ModelScheduler
+from .rows import Tensors
 from .stats import ModelStatistics
+
+
+class RequestScheduler(Protocol):
+    """What serves a version's requests: the local `ModelScheduler`, or in a frontend
+    process the executor process behind `server.remote.RemoteScheduler`."""
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    def submit(
+        self,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        *,
+        rows: int,
+        shape_key: object,
+        deadline_s: float | None = None,
+        priority: int = 1,
+        length: int = 0,
+    ) -> asyncio.Future[Tensors]: ...
+
+    async def close(self, grace_s: float | None = None) -> None: ...
+
+    def abort(self, reason: str) -> None: ...
+
+    def join_threads(self, timeout_s: float | None = None) -> bool: ...
 
 
 @dataclass(slots=True, eq=False)  # one object per loaded version: compared by identity
@@ -16,7 +44,7 @@ class LoadedModel:
     name: str
     version: str
     settings: ModelSettings
-    scheduler: ModelScheduler
+    scheduler: RequestScheduler
     stats: ModelStatistics
     # Told of every finished request to this version: its statistics first, then the
     # server's observers (metrics, logs).

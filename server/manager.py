@@ -174,6 +174,9 @@ class ModelManager:
             log.info("model '%s' unloaded", name)
         await self._changed()
 
+    async def refresh_statistics(self) -> None:
+        """Statistics are kept here, always up to date."""
+
     async def _changed(self) -> None:
         if self._on_change is not None:
             await self._on_change()

@@ -99,6 +99,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
+        try:
+            await self._models.refresh_statistics()
+        except FerryError as error:
+            await self._abort(context, error)
         if request.name:
             models = [await self._model(request.name, request.version, context)]
         else:

@@ -1,49 +1,62 @@
-"""`ferry serve --workers N`: several server processes sharing one gRPC port.
+"""`ferry serve --workers N`: one executor process and N frontend processes on one port.
 
-One Python process is bound by its event loop and the GIL, so it cannot use every core for
-gRPC; gRPC turns on SO_REUSEPORT by default on Linux, so N processes can listen on the
-same port and the kernel spreads connections between them. Each worker is a full Ferry
-(its own models, batcher, statistics) and serves metrics on `metrics_port + index`. The
-supervisor only starts the workers, forwards SIGTERM/SIGINT to them, and exits with the
-worst exit code. """
+One Python process is bound by its event loop and the GIL, so it cannot use every core
+for gRPC. With `--workers N` the supervisor (this module, the process the user started)
+runs:
+- one **executor** process (`server.executor_process`): it loads each model once, owns
+  the batch queues and instances, and serves the one `/metrics` of the server;
+- N **frontend** processes (`server.remote`): ordinary grpc.aio servers sharing the gRPC
+  port (gRPC turns SO_REUSEPORT on by default on Linux, so the kernel spreads
+  connections between them) that decode and validate requests and hand the tensors to
+  the executor through shared memory (`server.handoff`).
+
+Faults: when the executor exits unexpectedly, the frontends answer their waiting callers
+UNAVAILABLE and report NOT_SERVING, and the supervisor starts a new executor (the models
+load and warm up again); a frontend that dies is restarted and only its own calls are
+lost. More than MAX_RESTARTS restarts within RESTART_WINDOW_S: the supervisor stops
+everything and exits 1.
+
+Drain: SIGTERM/SIGINT goes to every frontend, which drains as a single server does; once
+they have all exited the executor is told to stop, and finishes what is still queued.
+The exit code is the worst of the processes' last exits (1 after giving up).
+"""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
-
-from .runtime import default_intra_op_threads
 
 log = logging.getLogger(__name__)
 
+EXECUTOR = "executor"
+FRONTEND = "frontend"
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
 
 def free_port(host: str) -> int:
-    """A port nobody listens on now, for workers that must all bind the same one."""
+    """A port nobody listens on now, for frontends that must all bind the same one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
 
 
-def worker_command(
-    argv: Sequence[str], index: int, grpc_port: int, metrics_port: int | None, workers: int
-) -> list[str]:
-    """The command line of one worker: the same arguments, one process, its own ports."""
-    args = list(argv)
-    args = _drop_option(args, "--workers")
-    args = _drop_option(args, "--grpc-port")
-    args = _drop_option(args, "--metrics-port")
-    if not any(a == "--session-threads" or a.startswith("--session-threads=") for a in args):
-        # Each worker's sessions get their share of the cores, not the whole machine.
-        args += ["--session-threads", str(default_intra_op_threads(1, workers))]
-    args += ["--workers", "1", "--grpc-port", str(grpc_port), "--reuse-port"]
-    args += ["--metrics-port", str(-1 if metrics_port is None else metrics_port + index)]
-    return [sys.executable, "-m", "ferry.server.cli", *args]
+def socket_address(name: str) -> str:
+    """The executor's Unix socket, in the abstract namespace: no file to leave behind."""
+    return "\0" + name
 
 
 def _drop_option(args: list[str], name: str) -> list[str]:
@@ -62,25 +75,202 @@ def _drop_option(args: list[str], name: str) -> list[str]:
     return result
 
 
+def role_command(
+    argv: Sequence[str],
+    role: str,
+    *,
+    socket_name: str,
+    grpc_port: int,
+    metrics_port: int | None,
+    index: int = 0,
+    ready_fd: int | None = None,
+) -> list[str]:
+    """The command line of one process: the user's arguments, one process, its role."""
+    args = list(argv)
+    for option in ("--workers", "--grpc-port", "--metrics-port", "--process-role",
+                   "--executor-socket", "--frontend-index", "--ready-fd"):
+        args = _drop_option(args, option)
+    args += ["--workers", "1", "--process-role", role, "--executor-socket", socket_name]
+    if role == EXECUTOR:
+        # The executor serves the server's one /metrics; the frontends serve none.
+        args += ["--grpc-port", str(grpc_port)]
+        args += ["--metrics-port", str(-1 if metrics_port is None else metrics_port)]
+        if ready_fd is not None:
+            args += ["--ready-fd", str(ready_fd)]
+    else:
+        # Frontends share the port on purpose (SO_REUSEPORT); a lone server binds it alone.
+        args += ["--grpc-port", str(grpc_port), "--reuse-port", "--metrics-port", "-1"]
+        args += ["--frontend-index", str(index)]
+    return [sys.executable, "-m", "ferry.server.cli", *args]
+
+
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _child_setup() -> None:
+    """In each child, before it runs: its own process group, so that a terminal's Ctrl-C
+    reaches it once, through the supervisor (which drains in order); and SIGKILL when the
+    supervisor dies, so that no process outlives it."""
+    os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM/SIGINT wait while a child starts and is registered, so that a stop never
+    misses a child that has just been started."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+@dataclass(slots=True)
+class _Child:
+    role: str
+    index: int
+    process: subprocess.Popen[bytes]
+
+
+class Supervisor:
+    """Starts the executor, then the frontends; restarts what dies; drains in order."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        workers: int,
+        host: str,
+        grpc_port: int,
+        metrics_port: int | None,
+    ) -> None:
+        self.argv = list(argv)
+        self.workers = workers
+        self.grpc_port = grpc_port or free_port(host)
+        # Chosen once, so that a restarted executor serves metrics where the first did.
+        self.metrics_port = metrics_port or (None if metrics_port is None else free_port(host))
+        self.socket_name = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
+        self._children: dict[int, _Child] = {}
+        self._restarts: deque[float] = deque()
+        self._stopping = False
+        self._signals = 0
+        self._gave_up = False
+        self._worst = 0
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        if not self._start_executor():
+            log.error("the executor process failed to start")
+            return 1
+        for index in range(self.workers):
+            if not self._stopping:
+                self._start_frontend(index)
+        log.info("serving on gRPC port %d: %d frontends and one executor",
+                 self.grpc_port, self.workers)
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            child = self._children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            child.process.returncode = code
+            self._exited(child, code)
+        return 1 if self._gave_up else self._worst
+
+    def _exited(self, child: _Child, code: int) -> None:
+        if self._stopping:
+            # Ended by the signal it was sent (before it could handle it: a process
+            # still starting) counts as a clean stop.
+            if code not in (-signal.SIGTERM, -signal.SIGINT):
+                self._worst = max(self._worst, abs(code))
+            if child.role == FRONTEND and not self._frontends():
+                self._signal_executor(signal.SIGTERM)
+            return
+        log.error("%s process %s exited with %d; restarting it",
+                  child.role, child.process.pid, code)
+        if self._too_many_restarts():
+            log.error("more than %d restarts within %.0f s: stopping", MAX_RESTARTS,
+                      RESTART_WINDOW_S)
+            self._gave_up = True
+            self._stop(signal.SIGTERM)
+            return
+        if child.role == EXECUTOR:
+            if not self._start_executor() and not self._stopping:
+                self._gave_up = True
+                self._stop(signal.SIGTERM)
+        else:
+            self._start_frontend(child.index)
+
+    def _too_many_restarts(self) -> bool:
+        now = time.monotonic()
+        restarts = self._restarts
+        while restarts and now - restarts[0] > RESTART_WINDOW_S:
+            restarts.popleft()
+        restarts.append(now)
+        return len(restarts) > MAX_RESTARTS
+
+    def _start_executor(self) -> bool:
+        """Start the executor and wait until its models are loaded; False if it died."""
+        read_end, write_end = os.pipe()
+        command = role_command(
+            self.argv, EXECUTOR, socket_name=self.socket_name, grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port, ready_fd=write_end,
+        )
+        with _signals_held():
+            process = subprocess.Popen(command, pass_fds=(write_end,), preexec_fn=_child_setup)
+            self._children[process.pid] = _Child(EXECUTOR, 0, process)
+        os.close(write_end)
+        try:
+            # "ready" once the models are loaded; end of file if it died first.
+            ready = os.read(read_end, 16)
+        finally:
+            os.close(read_end)
+        if self._stopping and not self._frontends():
+            self._signal_executor(signal.SIGTERM)
+        return bool(ready)
+
+    def _start_frontend(self, index: int) -> None:
+        command = role_command(
+            self.argv, FRONTEND, socket_name=self.socket_name, grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port, index=index,
+        )
+        with _signals_held():
+            process = subprocess.Popen(command, preexec_fn=_child_setup)
+            self._children[process.pid] = _Child(FRONTEND, index, process)
+            if self._stopping:  # the stop came while it was being started
+                process.send_signal(signal.SIGTERM)
+
+    def _frontends(self) -> list[_Child]:
+        return [c for c in self._children.values() if c.role == FRONTEND]
+
+    def _signal_executor(self, signum: int) -> None:
+        for child in self._children.values():
+            if child.role == EXECUTOR:
+                child.process.send_signal(signum)
+
+    def _stop(self, signum: int) -> None:
+        """Frontends first; the executor once they are gone (see _exited)."""
+        self._stopping = True
+        frontends = self._frontends()
+        for child in frontends:
+            child.process.send_signal(signum)
+        if not frontends or self._signals > 1:
+            self._signal_executor(signum)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        self._stop(signum)
+
+
 def supervise(
     argv: Sequence[str], workers: int, host: str, grpc_port: int, metrics_port: int | None
 ) -> int:
-    """Run `workers` server processes on one port until they exit; returns the exit code."""
-    port = grpc_port or free_port(host)
-    if metrics_port == 0:
-        log.warning("--metrics-port 0 with --workers: each worker picks its own metrics port")
-    processes = [
-        subprocess.Popen(worker_command(argv, index, port, metrics_port, workers))
-        for index in range(workers)
-    ]
-    log.info("started %d workers sharing gRPC port %d", workers, port)
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    codes = [process.wait() for process in processes]
-    return max((abs(code) for code in codes), default=0)
+    """Run one executor and `workers` frontends on one port; returns the exit code."""
+    return Supervisor(argv, workers, host, grpc_port, metrics_port).run()

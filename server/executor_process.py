@@ -1,0 +1,325 @@
+"""The executor process of `ferry serve --workers N`: the one owner of the models.
+
+It loads every model once, runs the ordinary `ModelScheduler` and `InstanceExecutor`s,
+serves the one `/metrics` of the whole server, and takes requests from the frontend
+processes over a Unix socket (`server.handoff`): each frontend is a `FrontendSession`.
+Requests from every frontend land in the same batch queues; deadlines and priorities
+arrive as the frontend computed them (monotonic clocks are system-wide), a cancelled
+request is withdrawn from its queue, and queue bounds answer at once.
+Request outcomes (status and duration) come back from the frontends, so statistics and
+metrics count every frontend's requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import socket
+from functools import partial
+from itertools import count
+from typing import Any
+
+from .app import ServerOptions
+from .errors import ErrorKind, FerryError, Status
+from .handoff import (
+    CANCEL,
+    CATALOG,
+    ERROR,
+    FLUSH,
+    FLUSHED,
+    OUTCOMES,
+    RELEASE,
+    RELEASED,
+    RESULT,
+    STATISTICS,
+    STATISTICS_REPLY,
+    SUBMIT,
+    Channel,
+    Region,
+    RingAllocator,
+    peer_is_related,
+    read_tensors,
+    write_tensors,
+)
+from .loading import LoadOptions
+from .manager import ModelManager
+from .metrics import MetricsEndpoint, ModelView, ServerMetrics
+from .outcomes import OutcomeObserver, RequestOutcome
+from .repository import ModelRepository
+from .rows import Tensors
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_S = 5.0
+# A statistics query waits this long at most for the other frontends' outcomes.
+FLUSH_TIMEOUT_S = 1.0
+
+
+class FrontendSession:
+    """One frontend's connection: its requests in flight and its two regions."""
+
+    def __init__(
+        self,
+        service: ExecutorService,
+        index: int,
+        request_region: Region,
+        response_region: Region,
+    ) -> None:
+        self.service = service
+        self.index = index
+        self.request_region = request_region
+        self.response_region = response_region
+        self.response_blocks = RingAllocator(response_region.size)
+        self.channel = Channel(self._on_messages, self._on_lost, RELEASED)
+        self.pending: dict[int, asyncio.Future[Tensors]] = {}
+
+    def _on_messages(self, messages: list[Any]) -> None:
+        for message in messages:
+            tag = message[0]
+            if tag == SUBMIT:
+                self._submit(message)
+            elif tag == CANCEL:
+                future = self.pending.get(message[1])
+                if future is not None:
+                    # Out of the queue if it is still there; a running batch still owns
+                    # the inputs, and the block is released when its views die.
+                    future.cancel()
+            elif tag == RELEASE:
+                free = self.response_blocks.free
+                for block in message[1]:
+                    free(block)
+            elif tag == OUTCOMES:
+                self.service.record_outcomes(message[1])
+            elif tag == STATISTICS:
+                self.service.statistics_for(self, message[1])
+            elif tag == FLUSHED:
+                self.service.flushed(self, message[1])
+
+    def _submit(self, message: Any) -> None:
+        _, request_id, name, version, descriptors, block, outputs, rows, shape_key, deadline_s, \
+            priority, length = message
+        try:
+            model = self.service.manager.get(name, version)
+            inputs = read_tensors(
+                self.request_region, descriptors, block, self.channel.release_later
+            )
+            future = model.scheduler.submit(
+                inputs, outputs, rows=rows, shape_key=shape_key, deadline_s=deadline_s,
+                priority=priority,
+                length=length,
+            )
+        except FerryError as error:
+            self.channel.send((ERROR, request_id, error.kind.value, error.message))
+            return
+        except Exception as exc:  # a malformed descriptor: this request fails, not the link
+            log.error("request from frontend %d could not be read: %r", self.index, exc)
+            self.channel.send((ERROR, request_id, ErrorKind.INTERNAL.value,
+                               "internal error in the executor process"))
+            return
+        self.pending[request_id] = future
+        future.add_done_callback(partial(self._answer, request_id))
+
+    def _answer(self, request_id: int, future: asyncio.Future[Tensors]) -> None:
+        del self.pending[request_id]
+        if future.cancelled() or self.channel.closed:
+            return  # the frontend has forgotten this request
+        error = future.exception()
+        if error is None:
+            try:
+                descriptors, block = write_tensors(
+                    self.response_region, self.response_blocks, future.result()
+                )
+            except Exception as exc:  # never leave the caller waiting
+                error = exc
+            else:
+                self.channel.send((RESULT, request_id, descriptors, block))
+                return
+        if not isinstance(error, FerryError):
+            log.error("request from frontend %d failed: %r", self.index, error)
+            error = FerryError(ErrorKind.INTERNAL, "internal error in the executor process")
+        self.channel.send((ERROR, request_id, error.kind.value, error.message))
+
+    def _on_lost(self) -> None:
+        """The frontend went away: its queued requests leave the queues; the regions go
+        once nothing here maps them any more."""
+        log.info("frontend %d disconnected", self.index)
+        for future in list(self.pending.values()):
+            future.cancel()
+        self.request_region.close()
+        self.response_region.close()
+        self.service.sessions.discard(self)
+        self.service.flushed(self, None)
+
+
+class ExecutorService:
+    """The models, their metrics, and the socket the frontends connect to."""
+
+    def __init__(self, options: ServerOptions, address: str) -> None:
+        self.options = options
+        self.address = address
+        self.metrics = ServerMetrics()
+        self._metrics_endpoint = MetricsEndpoint(self.metrics.registry)
+        self.manager = ModelManager(
+            ModelRepository(options.model_path),
+            LoadOptions(
+                gpu_fallback=options.gpu_fallback,
+                session_threads=options.session_threads,
+                batch_observers_for=self.metrics.observers_for,
+                request_observers=(self.metrics,),
+            ),
+            drain_grace_s=options.shutdown_grace_s,
+        )
+        self.sessions: set[FrontendSession] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._tokens = count()
+        # Statistics queries waiting for frontends to flush: token -> (frontends still to
+        # answer, the asking one, its query id).
+        self._waiting: dict[int, tuple[set[FrontendSession], FrontendSession, int]] = {}
+
+    async def start(self) -> None:
+        """Metrics first (a slow load can be watched), then the models, then the socket."""
+        if self.options.metrics_port is not None:
+            port = self._metrics_endpoint.start(self.options.host, self.options.metrics_port)
+            log.info("serving Prometheus metrics on http://%s:%d/metrics",
+                     self.options.host, port)
+        await self.manager.load_all(self.options.security.model_control.models_at_start())
+        manager = self.manager
+        self.metrics.models_changed(
+            [ModelView(m.name, m, m.settings.max_batch_size) for m in manager.loaded()],
+            {name: manager.is_loaded(name) for name in manager.known_names()},
+        )
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.address)
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+        log.info("executor ready: %d models", len(manager.loaded()))
+
+    async def _accept(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(self._listener)
+            task = loop.create_task(self._open_session(connection))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _open_session(self, connection: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if not peer_is_related(connection):
+                raise ValueError("the peer is not a process of this server")
+            connection.settimeout(HANDSHAKE_TIMEOUT_S)
+            data, fds, _, _ = await loop.run_in_executor(
+                None, socket.recv_fds, connection, 4096, 2
+            )
+            index, request_bytes, response_bytes = pickle.loads(data)
+            if len(fds) != 2:
+                raise ValueError(f"expected 2 region descriptors, got {len(fds)}")
+            session = FrontendSession(
+                self, index, Region(fds[0], request_bytes), Region(fds[1], response_bytes)
+            )
+            connection.setblocking(False)
+            await loop.connect_accepted_socket(lambda: session.channel, connection)
+        except (OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+            log.warning("a frontend's handshake failed: %s", exc)
+            connection.close()
+            return
+        self.sessions.add(session)
+        session.channel.send(self.catalog())
+        log.info("frontend %d connected", index)
+
+    def catalog(self) -> tuple[Any, ...]:
+        manager = self.manager
+        return (
+            CATALOG,
+            [(m.name, m.version, m.settings) for m in manager.loaded()],
+            manager.known_names(),
+            manager.index(),
+        )
+
+    def record_outcomes(self, outcomes: list[tuple[str, str, str, int, str, str]]) -> None:
+        """Requests the frontends finished: counted by the models' statistics and the
+        metrics, as if they had been served here."""
+        for model, version, status, duration_ns, message, protocol in outcomes:
+            outcome = RequestOutcome(model, version, Status(status), duration_ns, message,
+                                     protocol)
+            for observer in self._observers_of(model, version):
+                observer.request_finished(outcome)
+
+    def _observers_of(self, model: str, version: str) -> tuple[OutcomeObserver, ...]:
+        try:
+            return self.manager.get(model, version).observers if model else (self.metrics,)
+        except FerryError:
+            return (self.metrics,)
+
+    def statistics_for(self, asking: FrontendSession, query: int) -> None:
+        """Answer a statistics query once every other frontend has sent the outcomes it
+        holds back (the asking one sent its own before the query)."""
+        others = self.sessions - {asking}
+        if not others:
+            asking.channel.send((STATISTICS_REPLY, query, self._statistics()))
+            return
+        token = next(self._tokens)
+        self._waiting[token] = (set(others), asking, query)
+        for session in others:
+            session.channel.send((FLUSH, token))
+        asyncio.get_running_loop().call_later(FLUSH_TIMEOUT_S, self._answer_statistics, token)
+
+    def flushed(self, session: FrontendSession, token: int | None) -> None:
+        """A frontend has flushed (or, token None, gone away)."""
+        for key in [token] if token is not None else list(self._waiting):
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting[0].discard(session)
+                if not waiting[0]:
+                    self._answer_statistics(key)
+
+    def _answer_statistics(self, token: int) -> None:
+        waiting = self._waiting.pop(token, None)
+        if waiting is not None and not waiting[1].channel.closed:
+            waiting[1].channel.send((STATISTICS_REPLY, waiting[2], self._statistics()))
+
+    def _statistics(self) -> list[bytes]:
+        return [m.stats.to_proto().SerializeToString() for m in self.manager.loaded()]
+
+    async def stop(self, grace_s: float) -> None:
+        """After the frontends have drained: finish what is queued, then close."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
+        await self.manager.close(grace_s)
+        self.manager.join_threads(grace_s)
+        for session in list(self.sessions):
+            session.channel.close()
+        self._metrics_endpoint.close()
+
+
+async def run_executor(options: ServerOptions, address: str, ready_fd: int | None) -> int:
+    """The executor process's main: serve until SIGTERM/SIGINT, then drain."""
+    import signal
+
+    service = ExecutorService(options, address)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await service.start()
+    except OSError as exc:
+        log.error("the executor cannot start: %s", exc)
+        return 1
+    if ready_fd is not None:
+        os.write(ready_fd, b"ready\n")
+        os.close(ready_fd)
+    await stop.wait()
+    log.info("executor draining")
+    await service.stop(options.shutdown_grace_s)
+    log.info("executor stopped")
+    return 0

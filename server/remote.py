@@ -1,0 +1,448 @@
+"""The frontend side of `ferry serve --workers N`: models served by the executor process.
+
+A frontend decodes and validates requests exactly as a single process does (its data
+plane and servicer are the ordinary ones); only the model lookup differs. `RemoteModels`
+serves the models the executor announced, each with a `RemoteScheduler` whose `submit`
+has the contract of `ModelScheduler.submit` (a future of the request's own output rows)
+but hands the request to the executor over `ExecutorLink` (`server.handoff`).
+
+If the executor goes away, every waiting caller is answered UNAVAILABLE at once, the
+models stop being ready (health turns NOT_SERVING), and the link reconnects when the
+supervisor has restarted the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import count
+from typing import Any
+
+from ferry.proto import grpc_service_pb2 as pb
+
+from .config import ModelSettings
+from .errors import ErrorKind, FerryError, not_found
+from .handoff import (
+    CANCEL,
+    CATALOG,
+    DEFAULT_REGION_BYTES,
+    ERROR,
+    FLUSH,
+    FLUSHED,
+    OUTCOMES,
+    RELEASE,
+    RELEASED,
+    RESULT,
+    STATISTICS,
+    STATISTICS_REPLY,
+    SUBMIT,
+    Channel,
+    Region,
+    RingAllocator,
+    peer_is_related,
+    read_tensors,
+    write_tensors,
+)
+from .loaded_model import LoadedModel
+from .outcomes import OutcomeObserver, RequestOutcome
+from .repository import IndexEntry
+from .rows import Tensors
+from .stats import ModelStatistics
+
+log = logging.getLogger(__name__)
+
+RECONNECT_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.5)
+EXECUTOR_GONE = "the executor process stopped; retry shortly"
+
+
+class ExecutorLink:
+    """This frontend's connection to the executor, and its requests in flight."""
+
+    def __init__(self, address: str, index: int, region_bytes: int = DEFAULT_REGION_BYTES) -> None:
+        self.address = address
+        self.index = index
+        # Set by RemoteModels: what the executor announced, and its loss.
+        self.on_catalog: Callable[[list[Any], list[str], list[IndexEntry]], None] = (
+            lambda models, known, index: None
+        )
+        self.on_lost: Callable[[], None] = lambda: None
+        self._region_bytes = region_bytes
+        self._ids = count()
+        self._pending: dict[int, asyncio.Future[Tensors]] = {}
+        self._statistics: dict[int, asyncio.Future[list[bytes]]] = {}
+        # Outcomes gathered for the next flush of the channel, sent as one message.
+        self._outbox: list[tuple[str, str, str, int, str, str]] = []
+        self._outbox_flush = -1
+        self._channel: Channel | None = None
+        self._request_region: Region | None = None
+        self._response_region: Region | None = None
+        self._request_blocks = RingAllocator(region_bytes)
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None and not self._channel.closed
+
+    def waiting(self) -> list[asyncio.Future[Tensors]]:
+        """The futures of the requests in flight."""
+        return list(self._pending.values())
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._keep_connected())
+
+    async def _keep_connected(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                await self._connect()
+            except OSError as exc:
+                delay = RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
+                if attempt == 0:
+                    log.info("frontend %d: executor not reachable (%s); retrying",
+                             self.index, exc)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            attempt = 0
+            await self._lost.wait()
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.address)
+            if not peer_is_related(sock):
+                raise OSError(f"{self.address!r} is not this server's executor")
+            size = self._region_bytes
+            requests = Region.create(f"ferry-frontend{self.index}-requests", size)
+            responses = Region.create(f"ferry-frontend{self.index}-responses", size)
+            try:
+                socket.send_fds(
+                    sock, [pickle.dumps((self.index, size, size))], [requests.fd, responses.fd]
+                )
+            finally:
+                # The executor holds its own descriptors now; the mappings stay.
+                requests.close()
+                responses.close()
+            sock.setblocking(False)
+            channel = Channel(self._on_messages, self._connection_lost, RELEASE)
+            await loop.create_unix_connection(lambda: channel, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self._request_region, self._response_region = requests, responses
+        self._request_blocks = RingAllocator(size)
+        self._lost = asyncio.Event()
+        self._channel = channel
+
+    def _connection_lost(self) -> None:
+        """The executor went away: answer everyone waiting, and let the link reconnect."""
+        self._channel = None
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE))
+        queries, self._statistics = self._statistics, {}
+        for query in queries.values():
+            if not query.done():
+                query.set_exception(FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE))
+        self._lost.set()
+        if not self._closing:
+            log.warning("frontend %d: lost the executor; its callers were answered "
+                        "UNAVAILABLE", self.index)
+        self.on_lost()
+
+    def _on_messages(self, messages: list[Any]) -> None:
+        for message in messages:
+            tag = message[0]
+            if tag == RESULT:
+                future = self._pending.pop(message[1], None)
+                assert self._response_region is not None
+                channel = self._channel
+                assert channel is not None
+                outputs = read_tensors(
+                    self._response_region, message[2], message[3], channel.release_later
+                )
+                if future is not None and not future.done():
+                    future.set_result(outputs)
+            elif tag == ERROR:
+                future = self._pending.pop(message[1], None)
+                if future is not None and not future.done():
+                    future.set_exception(FerryError(ErrorKind(message[2]), message[3]))
+            elif tag == RELEASED:
+                free = self._request_blocks.free
+                for block in message[1]:
+                    free(block)
+            elif tag == CATALOG:
+                self.on_catalog(message[1], message[2], message[3])
+            elif tag == FLUSH:
+                assert self._channel is not None
+                self._channel.send((FLUSHED, message[1]))
+            elif tag == STATISTICS_REPLY:
+                query = self._statistics.pop(message[1], None)
+                if query is not None and not query.done():
+                    query.set_result(message[2])
+
+    def submit(
+        self,
+        model: str,
+        version: str,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        rows: int,
+        shape_key: object,
+        deadline_s: float | None,
+        priority: int,
+        length: int = 0,
+    ) -> asyncio.Future[Tensors]:
+        channel = self._channel
+        if channel is None or channel.closed:
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        assert self._request_region is not None
+        descriptors, block = write_tensors(self._request_region, self._request_blocks, inputs)
+        request_id = next(self._ids)
+        future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        channel.send((SUBMIT, request_id, model, version, descriptors, block, outputs, rows,
+                      shape_key, deadline_s, priority, length))
+        future.add_done_callback(lambda f: self._settled(request_id, f))
+        return future
+
+    def _settled(self, request_id: int, future: asyncio.Future[Tensors]) -> None:
+        if future.cancelled() and self._pending.pop(request_id, None) is not None:
+            channel = self._channel
+            if channel is not None:
+                channel.send((CANCEL, request_id))
+
+    def report(self, outcome: RequestOutcome) -> None:
+        """Send a finished request's outcome to the executor, which counts it."""
+        channel = self._channel
+        if channel is None:
+            return
+        if self._outbox_flush != channel.flushes:
+            self._outbox = []
+            self._outbox_flush = channel.flushes
+            channel.send_lazy((OUTCOMES, self._outbox))
+        self._outbox.append((outcome.model, outcome.version, outcome.status.value,
+                               outcome.duration_ns, outcome.message, outcome.protocol))
+
+    async def statistics(self) -> list[bytes]:
+        channel = self._channel
+        if channel is None:
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        query = next(self._ids)
+        future: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        self._statistics[query] = future
+        channel.send((STATISTICS, query))
+        return await future
+
+    def abort(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(FerryError(ErrorKind.UNAVAILABLE, reason))
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+        if self._channel is not None:
+            self._channel.close()
+
+
+class OutcomesToExecutor:
+    """Counts a frontend's requests where the statistics and metrics live."""
+
+    def __init__(self, link: ExecutorLink) -> None:
+        self._link = link
+
+    def request_finished(self, outcome: RequestOutcome) -> None:
+        self._link.report(outcome)
+
+
+class RemoteStatistics(ModelStatistics):
+    """The executor's statistics of a version, as last fetched (`refresh_statistics`)."""
+
+    latest: pb.ModelStatistics | None = None
+
+    def to_proto(self) -> pb.ModelStatistics:
+        return self.latest if self.latest is not None else super().to_proto()
+
+
+class RemoteScheduler:
+    """`ModelScheduler.submit`'s contract, served by the executor process."""
+
+    def __init__(self, link: ExecutorLink, name: str, version: str) -> None:
+        self._link = link
+        self.name = name
+        self.version = version
+
+    @property
+    def queue_depth(self) -> int:
+        return 0  # the executor reports its queues in the one /metrics
+
+    def submit(
+        self,
+        inputs: Tensors,
+        outputs: tuple[str, ...],
+        *,
+        rows: int,
+        shape_key: object,
+        deadline_s: float | None = None,
+        priority: int = 1,
+        length: int = 0,
+    ) -> asyncio.Future[Tensors]:
+        return self._link.submit(self.name, self.version, inputs, outputs, rows, shape_key,
+                                 deadline_s, priority, length)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        return None
+
+    def abort(self, reason: str) -> None:
+        return None
+
+    def join_threads(self, timeout_s: float | None = None) -> bool:
+        return True
+
+
+class RemoteModels:
+    """The models of the executor process, as a frontend's data plane looks them up."""
+
+    def __init__(
+        self,
+        link: ExecutorLink,
+        request_observers: Sequence[OutcomeObserver],
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.link = link
+        link.on_catalog = self._catalog
+        link.on_lost = self._lost
+        self._observers = tuple(request_observers)
+        self._on_change = on_change
+        self._models: dict[str, dict[str, LoadedModel]] = {}
+        self._known: list[str] = []
+        self._index: list[IndexEntry] = []
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._changes: set[asyncio.Task[None]] = set()
+
+    def _catalog(self, models: list[Any], known: list[str], index: list[IndexEntry]) -> None:
+        served: dict[str, dict[str, LoadedModel]] = {}
+        link = self.link
+        for name, version, settings in models:
+            assert isinstance(settings, ModelSettings)
+            served.setdefault(name, {})[version] = LoadedModel(
+                name, version, settings, RemoteScheduler(link, name, version),
+                RemoteStatistics(name, version), observers=self._observers,
+            )
+        self._models, self._known, self._index = served, known, index
+        self._ready.set()
+        self._changed()
+
+    def _lost(self) -> None:
+        self._ready.clear()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is None or self._closing:
+            return
+        on_change = self._on_change
+
+        async def notify() -> None:
+            await on_change()
+
+        task = asyncio.get_running_loop().create_task(notify())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+
+    # ModelLookup --------------------------------------------------------------------
+
+    def get(self, name: str, version: str = "") -> LoadedModel:
+        if self._closing:
+            raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
+        if not self._ready.is_set():
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        versions = self._models.get(name)
+        if not versions:
+            raise not_found(f"unknown model '{name}'")
+        if not version:
+            return versions[max(versions, key=int)]
+        model = versions.get(version)
+        if model is None:
+            raise not_found(
+                f"model '{name}' has no version '{version}'; available: "
+                f"{', '.join(sorted(versions, key=int))}"
+            )
+        return model
+
+    def loaded(self) -> list[LoadedModel]:
+        if not self._ready.is_set():
+            return []
+        return [model for versions in self._models.values() for model in versions.values()]
+
+    def versions_of(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=int)
+
+    def index(self) -> list[IndexEntry]:
+        return list(self._index)
+
+    async def load(self, name: str, config_override: str | None = None) -> None:
+        raise FerryError(ErrorKind.UNAVAILABLE,
+                         "loading models is not available with --workers above 1")
+
+    async def unload(self, name: str) -> None:
+        raise FerryError(ErrorKind.UNAVAILABLE,
+                         "unloading models is not available with --workers above 1")
+
+    async def refresh_statistics(self) -> None:
+        """Fetch the executor's statistics, which count every frontend's requests."""
+        for data in await self.link.statistics():
+            message = pb.ModelStatistics.FromString(data)
+            model = self._models.get(message.name, {}).get(message.version)
+            if model is not None and isinstance(model.stats, RemoteStatistics):
+                model.stats.latest = message
+
+    # Lifecycle, as FerryServer drives it ---------------------------------------------
+
+    def known_names(self) -> list[str]:
+        return list(self._known)
+
+    def is_loaded(self, name: str) -> bool:
+        return self._ready.is_set() and name in self._models
+
+    def all_ready(self) -> bool:
+        return self._ready.is_set() and bool(self._models)
+
+    async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Wait until the executor has announced its models. Failures are the executor's
+        to report (it exits on them, unless --exit-on-error=false): none here."""
+        self.link.start()
+        await self._ready.wait()
+        return {}
+
+    async def close(self, grace_s: float | None) -> None:
+        """Refuse new requests, wait (up to grace_s) for those in flight, then hang up."""
+        self._closing = True
+        link = self.link
+        loop = asyncio.get_running_loop()
+        deadline = None if grace_s is None else loop.time() + grace_s
+        while waiting := link.waiting():
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                link.abort("server stopped before the request ran")
+                break
+            await asyncio.wait(waiting, timeout=left)
+        # Let the callers just answered report their outcomes before hanging up.
+        await asyncio.sleep(0)
+        await link.close()
+
+    def abort(self, reason: str) -> None:
+        self.link.abort(reason)
+
+    def join_threads(self, timeout_s: float) -> bool:
+        return True
