@@ -282,6 +282,9 @@ class Channel(asyncio.Protocol):
     def release_later(self, block: int) -> None:
         """Thread-safe: tell the peer a block of its region may be reused."""
         self._releases.append(block)
+        loop = self._loop
+        if self.closed or loop is None or loop.is_closed():
+            return  # a view dying at exit: the peer is gone or going, nobody to tell
         if threading.get_ident() == self._loop_thread:
             self._arm()
             return
