@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from google.protobuf import json_format, text_format
 
 from ferry.proto import model_config_pb2 as mc
-from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME
+from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME, NUMPY_DTYPES
 
 from .devices import DeviceSettings, InstanceGroup, TensorRtSettings
 from .padding import PaddingConfigError, PaddingSettings, parse_padding, to_parameters
@@ -103,6 +103,11 @@ class ModelSettings:
     input_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     output_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
     output_datatypes: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    # name -> (datatype, client shape, element size) of each fixed-size input: what the
+    # decoder's fast path for raw requests checks.
+    raw_inputs: Mapping[str, tuple[str, tuple[int, ...], int]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         derived = {
@@ -113,6 +118,15 @@ class ModelSettings:
             "input_names": tuple(spec.name for spec in self.inputs),
             "output_names": tuple(spec.name for spec in self.outputs),
             "output_datatypes": {spec.name: spec.datatype for spec in self.outputs},
+            "raw_inputs": {
+                spec.name: (
+                    spec.datatype,
+                    tuple(self.client_shape(spec)),
+                    NUMPY_DTYPES[spec.datatype].itemsize,
+                )
+                for spec in self.inputs
+                if spec.datatype != "BYTES"
+            },
         }
         for name, value in derived.items():
             object.__setattr__(self, name, value)

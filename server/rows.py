@@ -34,6 +34,8 @@ def scatter(
                 f"output '{name}' has shape {list(array.shape)}, which does not carry the "
                 f"{total} rows of the batch along its first dimension",
             )
+    if len(rows) == 1:  # a lone request: its outputs are the batch's, no views needed
+        return [{name: outputs[name] for name in wanted[0]}]
     results: list[Tensors] = []
     start = 0
     for count, names in zip(rows, wanted, strict=True):

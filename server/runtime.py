@@ -254,7 +254,10 @@ class OnnxInstance:
             rows = len(next(iter(inputs.values())))
             return self.run_batch([inputs], rows, output_names)[0]
         try:
-            values = self.session.run(list(output_names), dict(inputs))
+            values = self.session.run(
+                output_names if isinstance(output_names, list) else list(output_names),
+                inputs if isinstance(inputs, dict) else dict(inputs),
+            )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise FerryError(ErrorKind.INTERNAL, f"onnxruntime: {_first_line(exc)}") from exc
         return dict(zip(output_names, values, strict=True))

@@ -69,6 +69,77 @@ def decode_request(
     model: ModelSettings,
     limits: TensorLimits = TensorLimits(),
 ) -> DecodedRequest:
+    """The request in the server's terms, or FerryError saying what is wrong with it."""
+    arrays = _decode_plain_raw(request, model, limits)
+    if arrays is None:  # anything else, errors included, takes the general path
+        arrays = _decode_inputs(request, model, limits)
+    outputs = _requested_outputs(request, model)
+    length, shape_key = batch_key(arrays, model)
+    rows = next(iter(arrays.values())).shape[0] if model.batchable else 1
+    if not request.parameters:
+        return DecodedRequest(arrays, outputs, rows, shape_key, length=length)
+    return DecodedRequest(
+        arrays,
+        outputs,
+        rows,
+        shape_key,
+        timeout_us=_integer_parameter(request, "timeout"),
+        priority=_integer_parameter(request, "priority"),
+        length=length,
+    )
+
+
+def _decode_plain_raw(
+    request: pb.ModelInferRequest, model: ModelSettings, limits: TensorLimits
+) -> dict[str, Array] | None:
+    """The common request in one pass: every input of the model once, fixed-size, in
+    raw_input_contents, every check passing. None for anything else: the general path
+    then decodes it, or says precisely what is wrong."""
+    raw_contents = request.raw_input_contents
+    inputs = request.inputs
+    plans = model.raw_inputs
+    count = len(inputs)
+    if not raw_contents or len(raw_contents) != count or count != len(model.inputs):
+        return None
+    batchable = model.batchable
+    arrays: dict[str, Array] = {}
+    rows = -1
+    for tensor, raw in zip(inputs, raw_contents, strict=True):
+        name = tensor.name
+        plan = plans.get(name)
+        if plan is None or name in arrays:
+            return None
+        datatype, expected, itemsize = plan
+        shape = tuple(tensor.shape)
+        if tensor.datatype != datatype or len(shape) != len(expected):
+            return None
+        elements = 1
+        for given, wanted in zip(shape, expected, strict=True):
+            if given < 0 or (given != wanted and wanted != -1):
+                return None
+            elements *= given
+        size = elements * itemsize
+        if (
+            elements > limits.max_elements
+            or size > limits.max_bytes
+            or len(raw) != size
+            or tensor.HasField("contents")
+        ):
+            return None
+        if batchable:
+            if rows < 0:
+                rows = shape[0]
+            elif shape[0] != rows:
+                return None
+        arrays[name] = np.frombuffer(raw, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+    if batchable and not 1 <= rows <= model.max_batch_size:
+        return None
+    return arrays
+
+
+def _decode_inputs(
+    request: pb.ModelInferRequest, model: ModelSettings, limits: TensorLimits
+) -> dict[str, Array]:
     specs = model.inputs_by_name
     raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
@@ -115,19 +186,7 @@ def decode_request(
                 f"batch size {rows} (first dimension of input '{next(iter(arrays))}') is "
                 f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
             )
-    outputs = _requested_outputs(request, model)
-    length, shape_key = batch_key(arrays, model)
-    if not request.parameters:
-        return DecodedRequest(arrays, outputs, rows, shape_key, length=length)
-    return DecodedRequest(
-        arrays,
-        outputs,
-        rows,
-        shape_key,
-        timeout_us=_integer_parameter(request, "timeout"),
-        priority=_integer_parameter(request, "priority"),
-        length=length,
-    )
+    return arrays
 
 
 def batch_key(
