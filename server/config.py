@@ -153,6 +153,15 @@ class ModelSettings:
             max_batch_size=self.max_batch_size,
             default_model_filename=DEFAULT_MODEL_FILENAME,
         )
+        self._tensors_to_proto(config)
+        if self.batchable:
+            self._batching_to_proto(config)
+        self._devices_to_proto(config)
+        self._parameters_to_proto(config)
+        self._warmup_to_proto(config)
+        return config
+
+    def _tensors_to_proto(self, config: mc.ModelConfig) -> None:
         for spec in self.inputs:
             config.input.add(
                 name=spec.name,
@@ -166,23 +175,25 @@ class ModelSettings:
                 data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
                 dims=spec.dims,
             )
-        if self.batchable:
-            batching = config.dynamic_batching
-            batching.max_queue_delay_microseconds = round(self.max_queue_delay_s * 1e6)
-            batching.preferred_batch_size.extend(self.preferred_batch_sizes)
-            batching.priority_levels = self.priority_levels if self.priority_levels > 1 else 0
-            batching.default_priority_level = (
-                self.default_priority_level if self.priority_levels > 1 else 0
+
+    def _batching_to_proto(self, config: mc.ModelConfig) -> None:
+        batching = config.dynamic_batching
+        batching.max_queue_delay_microseconds = round(self.max_queue_delay_s * 1e6)
+        batching.preferred_batch_size.extend(self.preferred_batch_sizes)
+        levels = self.priority_levels
+        batching.priority_levels = levels if levels > 1 else 0
+        batching.default_priority_level = self.default_priority_level if levels > 1 else 0
+        policy = batching.default_queue_policy
+        policy.max_queue_size = self.max_queue_size
+        policy.allow_timeout_override = self.allow_timeout_override
+        if self.default_timeout_s is not None:
+            policy.default_timeout_microseconds = round(self.default_timeout_s * 1e6)
+        if levels > 1 or self.priority_aging_s != DEFAULT_PRIORITY_AGING_S:
+            config.parameters[_PRIORITY_AGING_PARAMETER].string_value = str(
+                round(self.priority_aging_s * 1e6)
             )
-            policy = batching.default_queue_policy
-            policy.max_queue_size = self.max_queue_size
-            policy.allow_timeout_override = self.allow_timeout_override
-            if self.default_timeout_s is not None:
-                policy.default_timeout_microseconds = round(self.default_timeout_s * 1e6)
-            if self.priority_levels > 1 or self.priority_aging_s != DEFAULT_PRIORITY_AGING_S:
-                config.parameters[_PRIORITY_AGING_PARAMETER].string_value = str(
-                    round(self.priority_aging_s * 1e6)
-                )
+
+    def _devices_to_proto(self, config: mc.ModelConfig) -> None:
         for index, group in enumerate(self.instance_groups):
             config.instance_group.add(
                 name=f"{self.name}_{index}",
@@ -205,6 +216,9 @@ class ModelSettings:
                 )
             if self.tensorrt.engine_cache_path:
                 trt.parameters["trt_engine_cache_path"] = self.tensorrt.engine_cache_path
+
+    def _parameters_to_proto(self, config: mc.ModelConfig) -> None:
+        """Ferry's own settings, as `parameters` (the priority aging goes with batching)."""
         if self.batch_buckets:
             config.parameters[_BATCH_BUCKETS_PARAMETER].string_value = ",".join(
                 str(size) for size in self.batch_buckets
@@ -214,6 +228,8 @@ class ModelSettings:
         if self.padding is not None:
             for key, value in to_parameters(self.padding).items():
                 config.parameters[key].string_value = value
+
+    def _warmup_to_proto(self, config: mc.ModelConfig) -> None:
         for sample in self.warmup:
             entry = config.model_warmup.add(
                 name=sample.name, batch_size=sample.batch_size, count=sample.count
@@ -228,7 +244,6 @@ class ModelSettings:
                     tensor.random_data = True
                 else:
                     tensor.zero_data = True
-        return config
 
 
 class ParsedConfig(NamedTuple):
@@ -365,55 +380,19 @@ def settings_from(
     config = config or mc.ModelConfig()
     if config.name and config.name != name:
         raise ConfigError(f"config names the model '{config.name}' but its folder is '{name}'")
-    graph_batchable = all(t.shape[:1] == (-1,) for t in (*graph.inputs, *graph.outputs))
-    if "max_batch_size" in set_fields:
-        max_batch_size = config.max_batch_size
-        if max_batch_size < 0:
-            raise ConfigError(f"max_batch_size must be >= 0, got {max_batch_size}")
-        if max_batch_size > 0 and not graph_batchable:
-            fixed = [
-                f"'{t.name}' {list(t.shape)}"
-                for t in (*graph.inputs, *graph.outputs)
-                if t.shape[:1] != (-1,)
-            ]
-            raise ConfigError(
-                f"max_batch_size {max_batch_size} needs a variable first dimension on every "
-                f"input and output, but the graph has {', '.join(fixed)}"
-            )
-    else:
-        max_batch_size = DEFAULT_MAX_BATCH_SIZE if graph_batchable else 0
+    max_batch_size = _max_batch_size(graph, config, set_fields)
     batching = max_batch_size > 0
-
     inputs = _merge_tensors("input", graph.inputs, config.input, batching)
     outputs = _merge_tensors("output", graph.outputs, config.output, batching)
-
-    db = config.dynamic_batching
-    policy = db.default_queue_policy
-    preferred = tuple(sorted(set(db.preferred_batch_size)))
-    for size in preferred:
-        if not 1 <= size <= max(1, max_batch_size):
-            raise ConfigError(
-                f"preferred_batch_size {size} is outside 1..{max_batch_size} (max_batch_size)"
-            )
-    priority_levels = max(1, db.priority_levels)
-    default_priority = db.default_priority_level or (priority_levels + 1) // 2
-    if db.priority_levels and not 1 <= default_priority <= priority_levels:
-        raise ConfigError(
-            f"default_priority_level {default_priority} is outside 1..{priority_levels}"
-        )
     warnings = list(warnings or ())  # the caller's list is left as it was
-    if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
-        warnings.append("default_queue_policy.timeout_action DELAY is treated as REJECT")
-
-    groups = list(config.instance_group) or [mc.ModelInstanceGroup()]
-    count = sum(max(1, g.count) for g in groups)
-    kind = mc.ModelInstanceGroup.Kind.Name(groups[0].kind)
-    gpus = tuple(gpu for g in groups for gpu in g.gpus)
-    instance_groups = tuple(_instance_group(g) for g in groups)
-    tensorrt = _tensorrt(config, warnings)
-    cuda_graphs = config.optimization.cuda.graphs
-    buckets = _batch_buckets(config, max_batch_size, preferred, cuda_graphs or bool(tensorrt))
-    io_binding = _bool_parameter(config, _IO_BINDING_PARAMETER)
+    queue = _queue_settings(config, max_batch_size, warnings)
+    devices = _device_settings(config, warnings)
+    buckets = _batch_buckets(
+        config,
+        max_batch_size,
+        queue["preferred_batch_sizes"],  # type: ignore[arg-type]
+        bool(devices["cuda_graphs"]) or devices["tensorrt"] is not None,
+    )
     try:
         padding = parse_padding(
             {key: value.string_value for key, value in config.parameters.items()},
@@ -430,43 +409,91 @@ def settings_from(
         warmup = bucket_samples(
             buckets,
             [(t.name, t.datatype, t.dims) for t in inputs],
-            2 if cuda_graphs else 1,
+            2 if devices["cuda_graphs"] else 1,
             _padded_lengths(padding),
         )
-
     return ModelSettings(
         name=name,
         max_batch_size=max_batch_size,
         inputs=inputs,
         outputs=outputs,
-        max_queue_delay_s=db.max_queue_delay_microseconds / 1e6,
-        preferred_batch_sizes=preferred,
-        max_queue_size=policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE,
-        priority_levels=priority_levels,
-        default_priority_level=default_priority if db.priority_levels else 1,
-        default_timeout_s=(
-            policy.default_timeout_microseconds / 1e6
-            if policy.default_timeout_microseconds
-            else None
-        ),
-        allow_timeout_override=policy.allow_timeout_override
-        or not policy.default_timeout_microseconds,
-        instance_count=count,
-        instance_kind="KIND_CPU" if kind == "KIND_AUTO" else kind,
-        gpus=gpus,
-        graph_optimization_level=config.optimization.graph.level,
-        priority_aging_s=_microseconds_parameter(
-            config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
-        ),
-        instance_groups=instance_groups,
-        tensorrt=tensorrt,
-        cuda_graphs=cuda_graphs,
+        **queue,  # type: ignore[arg-type]
+        **devices,  # type: ignore[arg-type]
         batch_buckets=buckets,
-        io_binding=io_binding,
+        io_binding=_bool_parameter(config, _IO_BINDING_PARAMETER),
         warmup=warmup,
         padding=padding,
         warnings=tuple(warnings),
     )
+
+
+def _max_batch_size(graph: GraphSignature, config: mc.ModelConfig, set_fields: set[str]) -> int:
+    """The config's max_batch_size, checked against the graph; else 32 for a graph whose
+    every tensor has a variable first dimension, 0 (no batching) for others."""
+    tensors = (*graph.inputs, *graph.outputs)
+    graph_batchable = all(t.shape[:1] == (-1,) for t in tensors)
+    if "max_batch_size" not in set_fields:
+        return DEFAULT_MAX_BATCH_SIZE if graph_batchable else 0
+    max_batch_size = config.max_batch_size
+    if max_batch_size < 0:
+        raise ConfigError(f"max_batch_size must be >= 0, got {max_batch_size}")
+    if max_batch_size > 0 and not graph_batchable:
+        fixed = [f"'{t.name}' {list(t.shape)}" for t in tensors if t.shape[:1] != (-1,)]
+        raise ConfigError(
+            f"max_batch_size {max_batch_size} needs a variable first dimension on every "
+            f"input and output, but the graph has {', '.join(fixed)}"
+        )
+    return max_batch_size
+
+
+def _queue_settings(
+    config: mc.ModelConfig, max_batch_size: int, warnings: list[str]
+) -> dict[str, object]:
+    """dynamic_batching: the queue delay, preferred sizes, queue policy and priorities."""
+    db = config.dynamic_batching
+    policy = db.default_queue_policy
+    preferred = tuple(sorted(set(db.preferred_batch_size)))
+    for size in preferred:
+        if not 1 <= size <= max(1, max_batch_size):
+            raise ConfigError(
+                f"preferred_batch_size {size} is outside 1..{max_batch_size} (max_batch_size)"
+            )
+    priority_levels = max(1, db.priority_levels)
+    default_priority = db.default_priority_level or (priority_levels + 1) // 2
+    if db.priority_levels and not 1 <= default_priority <= priority_levels:
+        raise ConfigError(
+            f"default_priority_level {default_priority} is outside 1..{priority_levels}"
+        )
+    if policy.timeout_action == mc.ModelQueuePolicy.DELAY:
+        warnings.append("default_queue_policy.timeout_action DELAY is treated as REJECT")
+    timeout_us = policy.default_timeout_microseconds
+    return {
+        "max_queue_delay_s": db.max_queue_delay_microseconds / 1e6,
+        "preferred_batch_sizes": preferred,
+        "max_queue_size": policy.max_queue_size or DEFAULT_MAX_QUEUE_SIZE,
+        "priority_levels": priority_levels,
+        "default_priority_level": default_priority if db.priority_levels else 1,
+        "default_timeout_s": timeout_us / 1e6 if timeout_us else None,
+        "allow_timeout_override": policy.allow_timeout_override or not timeout_us,
+        "priority_aging_s": _microseconds_parameter(
+            config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
+        ),
+    }
+
+
+def _device_settings(config: mc.ModelConfig, warnings: list[str]) -> dict[str, object]:
+    """instance_group and optimization: where the sessions run, and how."""
+    groups = list(config.instance_group) or [mc.ModelInstanceGroup()]
+    kind = mc.ModelInstanceGroup.Kind.Name(groups[0].kind)
+    return {
+        "instance_count": sum(max(1, g.count) for g in groups),
+        "instance_kind": "KIND_CPU" if kind == "KIND_AUTO" else kind,
+        "gpus": tuple(gpu for g in groups for gpu in g.gpus),
+        "instance_groups": tuple(_instance_group(g) for g in groups),
+        "graph_optimization_level": config.optimization.graph.level,
+        "tensorrt": _tensorrt(config, warnings),
+        "cuda_graphs": config.optimization.cuda.graphs,
+    }
 
 
 def _padded_lengths(padding: PaddingSettings | None) -> tuple[tuple[int, dict[str, int]], ...]:
