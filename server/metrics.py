@@ -168,8 +168,8 @@ class ServerMetrics:
         registry = self.registry
         self.requests = Counter(
             "ferry_requests_total",
-            "Finished inference requests, by gRPC status code",
-            ["model", "code"],
+            "Finished inference requests, by gRPC status code and protocol (grpc, http)",
+            ["model", "code", "protocol"],
             registry=registry,
         )
         self.request_duration = Histogram(
@@ -217,7 +217,7 @@ class ServerMetrics:
         registry.register(_ScrapeTimeCollector(self))
         self._batch_sizes: dict[str, _BatchSizes] = {}
         self._batch_observers: dict[str, _ModelObserver] = {}
-        self._request_children: dict[tuple[str, str], Counter] = {}
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         # Replaced whole (never mutated) by models_changed, so a scrape reads a
         # consistent pair without a lock.
@@ -233,12 +233,12 @@ class ServerMetrics:
         return (observer,)
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        model, code = outcome.model, outcome.status.name
+        model, code, protocol = outcome.model, outcome.status.name, outcome.protocol
         label = model or UNKNOWN_MODEL
-        counter = self._request_children.get((label, code))
+        counter = self._request_children.get((label, code, protocol))
         if counter is None:
-            counter = self._request_children[label, code] = self.requests.labels(
-                model=label, code=code
+            counter = self._request_children[label, code, protocol] = self.requests.labels(
+                model=label, code=code, protocol=protocol
             )
         counter.inc()
         if model:
