@@ -207,7 +207,7 @@ class RestFrontDoor:
     async def statistics(self, request: web.Request) -> web.Response:
         one = "model" in request.match_info
         models = [self._model(request)] if one else self._models.loaded()
-        return json_response({"model_stats": [message_json(m.stats.to_proto()) for m in models]})
+        return json_response({"model_stats": [_statistics_json(m) for m in models]})
 
     # Repository ---------------------------------------------------------------------
 
@@ -284,6 +284,14 @@ class RestFrontDoor:
                 }).decode(),
                 content_type=JSON_TYPE,
             ) from None
+
+
+def _statistics_json(model: LoadedModel) -> dict[str, Any]:
+    stats = model.stats.to_proto()
+    # Written even when empty, as Triton writes them: perf_analyzer reads every one.
+    stats.inference_stats.cache_hit.SetInParent()
+    stats.inference_stats.cache_miss.SetInParent()
+    return message_json(stats)
 
 
 def _has_key(request: web.Request, header: str, expected: bytes) -> bool:
