@@ -213,6 +213,11 @@ def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> by
         )
     if not isinstance(data, list):
         data = [data]  # a scalar, as Triton accepts for a one-element tensor
+    if any(dim < 0 for dim in shape):
+        raise invalid_input(
+            f"input '{name}': expected dimensions >= 0, got shape {shape} "
+            "with a negative dimension"
+        )
     count = math.prod(shape)
     if datatype == "BYTES":
         elements = _flat_strings(name, data)

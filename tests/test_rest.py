@@ -64,6 +64,15 @@ def http_client(server: RunningServer, **kwargs: Any) -> tc_http.InferenceServer
     return tc_http.InferenceServerClient(server.http_address, **kwargs)
 
 
+def infer_alone(server: RunningServer, x: np.ndarray, **kwargs: Any) -> np.ndarray:
+    """One inference on a client of its own: tritonclient.http's sync client runs on gevent,
+    whose connections must not be shared between threads."""
+    with http_client(server) as client:
+        result = client.infer("m", [mlp_input(x)], **kwargs).as_numpy("probs")
+    assert result is not None
+    return result
+
+
 def mlp_input(x: np.ndarray, binary: bool = True) -> tc_http.InferInput:
     tensor = tc_http.InferInput("x", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x, binary_data=binary)
@@ -312,17 +321,19 @@ def test_a_full_queue_answers_503(
     server = start_server(tmp_path / "repo", wrap_instance=gated)
     gate = gated.instances[0]  # type: ignore[attr-defined]
     gate.hold()
-    with ThreadPoolExecutor(2) as pool, http_client(server, concurrency=4) as client:
-        running = pool.submit(client.infer, "m", [mlp_input(features(1))])
-        assert gate.entered.acquire(timeout=30)
-        queued = pool.submit(client.infer, "m", [mlp_input(features(1))])
-        wait_until(lambda: server.server.manager.get("m").scheduler.queue_depth == 1,
-                   what="a request waiting in the queue")
-        status, message = rest_error(lambda: client.infer("m", [mlp_input(features(1))]))
+    with ThreadPoolExecutor(2) as pool, http_client(server) as client:
+        running = pool.submit(infer_alone, server, features(1))
+        try:
+            assert gate.entered.acquire(timeout=30)
+            queued = pool.submit(infer_alone, server, features(1))
+            wait_until(lambda: server.server.manager.get("m").scheduler.queue_depth == 1,
+                       what="a request waiting in the queue")
+            status, message = rest_error(lambda: client.infer("m", [mlp_input(features(1))]))
+        finally:
+            gate.release()
         assert status == "503" and "queue" in message
-        gate.release()
-        assert running.result(30).as_numpy("probs").shape == (1, 4)
-        assert queued.result(30).as_numpy("probs").shape == (1, 4)
+        assert running.result(30).shape == (1, 4)
+        assert queued.result(30).shape == (1, 4)
 
 
 # Statistics, repository control --------------------------------------------------------
@@ -383,10 +394,9 @@ def test_rest_and_grpc_requests_share_batches(
     callers = 4
     with (
         ThreadPoolExecutor(2 * callers + 1) as pool,
-        http_client(server, concurrency=callers + 1) as rest,
         tc_grpc.InferenceServerClient(server.address) as grpc,
     ):
-        first = pool.submit(rest.infer, "m", [mlp_input(features(1, 99))])
+        first = pool.submit(infer_alone, server, features(1, 99))
         assert gate.entered.acquire(timeout=30)  # the model is busy: the others queue up
 
         def grpc_call(seed: int) -> np.ndarray:
@@ -395,7 +405,7 @@ def test_rest_and_grpc_requests_share_batches(
             return grpc.infer("m", [tensor]).as_numpy("probs")
 
         def rest_call(seed: int) -> np.ndarray:
-            return rest.infer("m", [mlp_input(features(1, seed))]).as_numpy("probs")
+            return infer_alone(server, features(1, seed))
 
         futures = [pool.submit(grpc_call, s) for s in range(callers)]
         futures += [pool.submit(rest_call, s) for s in range(callers)]
@@ -480,8 +490,8 @@ def test_drain_answers_503_then_closes_the_port(
     server = start_server(repo, wrap_instance=gated)
     gate = gated.instances[0]  # type: ignore[attr-defined]
     gate.hold()
-    with ThreadPoolExecutor(2) as pool, http_client(server, concurrency=2) as client:
-        accepted = pool.submit(client.infer, "m", [mlp_input(features(1))])
+    with ThreadPoolExecutor(2) as pool, http_client(server) as client:
+        accepted = pool.submit(infer_alone, server, features(1))
         assert gate.entered.acquire(timeout=30)
         stopping = threading.Thread(target=lambda: server.call(server.server.stop(grace_s=30)))
         stopping.start()
@@ -490,8 +500,37 @@ def test_drain_answers_503_then_closes_the_port(
         status, message = rest_error(lambda: client.infer("m", [mlp_input(features(1))]))
         assert status == "503" and "shutting down" in message
         gate.release()
-        assert accepted.result(30).as_numpy("probs").shape == (1, 4)
+        assert accepted.result(30).shape == (1, 4)
         stopping.join(30)
         assert not stopping.is_alive()
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://{server.http_address}/v2/health/live", timeout=10)
+
+
+def test_timeout_and_priority_parameters_apply_to_rest_requests(
+    tmp_path: Path, start_server: StartServer, gated: Callable[..., GatedInstance]
+) -> None:
+    folder = tmp_path / "repo" / "m"
+    mlp_model(folder / "1" / "model.onnx")
+    write_config(folder, "max_batch_size: 8\ndynamic_batching { priority_levels: 2 }\n")
+    server = start_server(tmp_path / "repo", wrap_instance=gated)
+    gate = gated.instances[0]  # type: ignore[attr-defined]
+    with http_client(server) as client:
+        status, message = rest_error(lambda: client.infer("m", [mlp_input(features(1))],
+                                                          priority=5))
+        assert status == "400" and "priority 5 is outside 1..2" in message
+        gate.hold()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(infer_alone, server, features(1))
+            try:
+                assert gate.entered.acquire(timeout=30)
+                # Waits behind the held batch longer than its 1 ms timeout.
+                status, message = rest_error(
+                    lambda: client.infer("m", [mlp_input(features(1))], timeout=1000)
+                )
+            finally:
+                gate.release()
+            assert running.result(30).shape == (1, 4)
+    assert status == "503" and "timed out" in message
+    stats = server.server.manager.get("m").stats
+    assert stats.fail.count == 2
