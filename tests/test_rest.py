@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 import urllib.error
@@ -306,9 +307,16 @@ def test_a_body_over_the_message_limit_is_refused(repo: Path, start_server: Star
     status, _, answer = http(server, "POST", "/v2/models/m/infer", body)
     assert status == 413
     assert "larger than 4096 bytes" in json.loads(answer)["error"]
+    # The limit holds for the decompressed body: a small gzip bomb is refused the same way.
+    bomb = gzip.compress(b'{"inputs": [' + b" " * 3_000_000 + b"]}")
+    assert len(bomb) < 4096
+    status, _, answer = http(server, "POST", "/v2/models/m/infer", bomb,
+                             {"Content-Encoding": "gzip"})
+    assert status == 413
     x = features(1)
-    with http_client(server) as client:  # the server still serves
-        assert client.infer("m", [mlp_input(x)]).as_numpy("probs").shape == (1, 4)
+    with http_client(server) as client:  # the server still serves, compressed requests too
+        result = client.infer("m", [mlp_input(x)], request_compression_algorithm="gzip")
+        assert result.as_numpy("probs").shape == (1, 4)
 
 
 def test_a_full_queue_answers_503(
