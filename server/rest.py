@@ -27,6 +27,7 @@ from aiohttp import web
 from ferry.proto import grpc_service_pb2 as pb
 
 from . import __version__
+from .config import ModelSettings
 from .dataplane import DataPlane
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
@@ -46,7 +47,7 @@ from .rest_codec import (
 from .rows import Tensors
 from .security import ApiGroup
 from .servicer import EXTENSIONS, SERVER_NAME
-from .tensors import TensorLimits
+from .tensors import DecodedRequest, TensorLimits
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ class RestFrontDoor:
         limits = self._limits
         parsed: RestRequest | None = None
 
-        def decode(settings: Any) -> Any:
+        def decode(settings: ModelSettings) -> DecodedRequest:
             nonlocal parsed
             parsed = parse_infer(body, header_length, name, version)
             return parsed.decode(settings, limits)

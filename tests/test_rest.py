@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import threading
 import urllib.error
 import urllib.request
@@ -436,8 +437,11 @@ def test_rest_and_grpc_requests_share_batches(
     assert [b["batch_size"] for b in stats["batch_stats"]] == [1, 2 * callers]
 
 
-def test_requests_are_counted_with_their_protocol(repo: Path, start_server: StartServer) -> None:
-    server = start_server(repo)
+def test_requests_are_counted_with_their_protocol(
+    repo: Path, start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ferry.access")
+    server = start_server(repo, access_log=True)
     with http_client(server) as client, tc_grpc.InferenceServerClient(server.address) as grpc:
         client.infer("m", [mlp_input(features(1))])
         rest_error(lambda: client.infer("m", [mlp_input(features(1)[:, :3])]))
@@ -448,6 +452,8 @@ def test_requests_are_counted_with_their_protocol(repo: Path, start_server: Star
     assert 'ferry_requests_total{code="OK",model="m",protocol="http"} 1.0' in text
     assert 'ferry_requests_total{code="OK",model="m",protocol="grpc"} 1.0' in text
     assert 'ferry_requests_total{code="INVALID_ARGUMENT",model="m",protocol="http"} 1.0' in text
+    lines = [r.getMessage() for r in caplog.records if r.name == "ferry.access"]
+    assert [line.split("protocol=")[1].split()[0] for line in lines] == ["http", "http", "grpc"]
 
 
 # Security and drain --------------------------------------------------------------------
