@@ -99,6 +99,7 @@ class RestFrontDoor:
         self._model_control = model_control
         self._api_keys = dict(api_keys or {})
         self._max_body_bytes = max_body_bytes
+        self._max_json_bytes = json_limit(max_body_bytes)
         self._max_concurrent = max_concurrent
         self._in_flight = 0
 
@@ -213,7 +214,9 @@ class RestFrontDoor:
     # Repository ---------------------------------------------------------------------
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        options = json_object(await self._body(request), "the repository index request")
+        body = await self._body(request)
+        self._check_json(len(body))
+        options = json_object(body, "the repository index request")
         ready_only = options.get("ready") is True
         return json_response([
             {"name": e.name, "version": e.version, "state": e.state.value, "reason": e.reason}
@@ -223,7 +226,9 @@ class RestFrontDoor:
 
     async def load(self, request: web.Request) -> web.Response:
         self._model_control.check_rpc("load")
-        options = json_object(await self._body(request), "the load request")
+        body = await self._body(request)
+        self._check_json(len(body))
+        options = json_object(body, "the load request")
         parameters = pb.RepositoryModelLoadRequest().parameters
         given = options.get("parameters") or {}
         if not isinstance(given, dict):
@@ -245,6 +250,10 @@ class RestFrontDoor:
         version = request.match_info.get("version", "")
         body = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
+        json_length = len(body)
+        if header_length is not None and header_length.isdigit():
+            json_length = min(json_length, int(header_length))
+        self._check_json(json_length)
         limits = self._limits
         parsed: RestRequest | None = None
 
@@ -257,13 +266,13 @@ class RestFrontDoor:
             assert parsed is not None  # decoded before any output exists
             return encode_infer(parsed, model.settings, model.version, outputs)
 
-        payload, json_length = await self._dataplane.infer(
+        payload, header_bytes = await self._dataplane.infer(
             name, version, decode, encode, None, protocol="http"
         )
-        if json_length is None:
+        if header_bytes is None:
             return web.Response(body=payload, content_type=JSON_TYPE)
         return web.Response(
-            body=payload, content_type=BINARY_TYPE, headers={HEADER_LENGTH: str(json_length)}
+            body=payload, content_type=BINARY_TYPE, headers={HEADER_LENGTH: str(header_bytes)}
         )
 
     # Helpers ------------------------------------------------------------------------
@@ -271,6 +280,21 @@ class RestFrontDoor:
     def _model(self, request: web.Request) -> LoadedModel:
         info = request.match_info
         return self._models.get(info["model"], info.get("version", ""))
+
+    def _check_json(self, json_length: int) -> None:
+        """Refuse JSON over the JSON limit before it is parsed."""
+        if json_length > self._max_json_bytes:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self._max_json_bytes,
+                actual_size=json_length,
+                text=dumps({
+                    "error": f"the JSON of the request is {json_length} bytes, more than "
+                    f"{self._max_json_bytes}, the limit for JSON (1/{JSON_SHARE} of "
+                    "--max-message-size); send large tensors as binary data "
+                    f"({HEADER_LENGTH} and binary_data_size)"
+                }).decode(),
+                content_type=JSON_TYPE,
+            )
 
     async def _body(self, request: web.Request) -> bytes:
         try:
@@ -285,6 +309,17 @@ class RestFrontDoor:
                 }).decode(),
                 content_type=JSON_TYPE,
             ) from None
+
+
+# Decoding JSON costs up to about 20 times its size (a Python object per number, then
+# arrays), so JSON may use only this share of --max-message-size; binary data, about its
+# own size to decode, may use all of it.
+JSON_SHARE = 16
+MIN_JSON_BYTES = 64 * 1024
+
+
+def json_limit(max_body_bytes: int) -> int:
+    return min(max_body_bytes, max(MIN_JSON_BYTES, max_body_bytes // JSON_SHARE))
 
 
 def _statistics_json(model: LoadedModel) -> dict[str, Any]:

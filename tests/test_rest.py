@@ -320,6 +320,27 @@ def test_a_body_over_the_message_limit_is_refused(repo: Path, start_server: Star
         assert result.as_numpy("probs").shape == (1, 4)
 
 
+def test_json_is_bounded_tighter_than_binary_data(repo: Path, start_server: StartServer) -> None:
+    """JSON costs many times its size to decode, so it gets 1/16 of the message limit
+    (here 64 KiB of 1 MiB); binary tensors get all of it."""
+    server = start_server(repo, max_message_bytes=1 << 20)
+    rows = 2048  # 128 KiB of FP32, over the JSON limit, well under the message limit
+    data = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 16],
+                                   "data": [0.25] * rows * 16}]}).encode()
+    status, _, answer = http(server, "POST", "/v2/models/m/infer", data)
+    assert status == 413
+    assert "send large tensors as binary data" in json.loads(answer)["error"]
+    x = features(rows)
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 16],
+                                     "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    status, _, answer = http(server, "POST", "/v2/models/m/infer", header + x.tobytes(),
+                             {"Inference-Header-Content-Length": str(len(header))})
+    # past the size limits: what stops it now is the model's max_batch_size
+    assert status == 400 and "batch size 2048" in json.loads(answer)["error"], answer
+    status, _, _ = http(server, "POST", "/v2/repository/index", b" " * (100 * 1024))
+    assert status == 413
+
+
 def test_a_full_queue_answers_503(
     tmp_path: Path, start_server: StartServer, gated: Callable[..., GatedInstance]
 ) -> None:
