@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from ferry.server.cli import build_parser
+from ferry.server.workers import free_port
 from tests.models import mlp_model
 from tests.test_cli import SERVING, FerryProcess
 
@@ -53,5 +54,25 @@ def test_ferry_serve_without_the_rest_port(tmp_path: Path) -> None:
         process.process.send_signal(signal.SIGTERM)
         assert process.finish() == 0
         assert "REST binding" not in process.stderr
+    finally:
+        process.close()
+
+
+def test_workers_share_the_rest_port(tmp_path: Path) -> None:
+    model = mlp_model(tmp_path / "classifier.onnx")
+    port = free_port("127.0.0.1")
+    process = FerryProcess(str(model), "--host", "127.0.0.1", "--grpc-port", "0",
+                           "--http-port", str(port), "--metrics-port", "-1", "--workers", "2")
+    try:
+        ports = {int(process.wait_for(REST).group(2)) for _ in range(2)}
+        assert ports == {port}  # both workers listen on it (SO_REUSEPORT)
+        for _ in range(2):
+            process.wait_for(SERVING)
+        for _ in range(8):  # a new connection each time: either worker may answer
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready",
+                                        timeout=10) as response:
+                assert response.status == 200
+        process.process.send_signal(signal.SIGTERM)
+        assert process.finish() == 0
     finally:
         process.close()
