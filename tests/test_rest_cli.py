@@ -64,10 +64,10 @@ def test_workers_share_the_rest_port(tmp_path: Path) -> None:
     process = FerryProcess(str(model), "--host", "127.0.0.1", "--grpc-port", "0",
                            "--http-port", str(port), "--metrics-port", "-1", "--workers", "2")
     try:
-        ports = {int(process.wait_for(REST).group(2)) for _ in range(2)}
-        assert ports == {port}  # both workers listen on it (SO_REUSEPORT)
-        for _ in range(2):
+        for _ in range(2):  # each worker logs its REST port, then that it serves
             process.wait_for(SERVING)
+        ports = [int(match.group(2)) for match in REST.finditer(process.stderr)]
+        assert ports == [port, port]  # both workers listen on it (SO_REUSEPORT)
         for _ in range(8):  # a new connection each time: either worker may answer
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready",
                                         timeout=10) as response:
@@ -75,4 +75,7 @@ def test_workers_share_the_rest_port(tmp_path: Path) -> None:
         process.process.send_signal(signal.SIGTERM)
         assert process.finish() == 0
     finally:
+        if process.process.poll() is None:  # the supervisor forwards it to the workers
+            process.process.send_signal(signal.SIGTERM)
+            process.finish()
         process.close()
