@@ -38,7 +38,7 @@ RUN groupadd --system --gid 10001 ferry \
     && useradd --system --uid 10001 --gid ferry --no-create-home --shell /usr/sbin/nologin ferry \
     && mkdir /models
 WORKDIR /models
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 # Asks Ferry's grpc.health.v1 service on the gRPC port; healthy only while SERVING.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "ferry.server.healthcheck", "127.0.0.1:8001"]
@@ -77,7 +77,7 @@ RUN groupadd --system --gid 10001 ferry \
     && useradd --system --uid 10001 --gid ferry --no-create-home --shell /usr/sbin/nologin ferry \
     && mkdir /models
 WORKDIR /models
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "ferry.server.healthcheck", "127.0.0.1:8001"]
 STOPSIGNAL SIGTERM

@@ -30,7 +30,7 @@ NULL = "null"
 READY_PROBES = 8
 
 FERRY = (
-    "{python} -m ferry.server.cli serve {repo} --grpc-port {port} --metrics-port -1 "
+    "{python} -m ferry.server.cli serve {repo} --grpc-port {port} --http-port -1 --metrics-port -1 "
     "--log-level WARNING"
 )
 # Named command lines; `python -m benchmarks.run` measures ferry, naive and null unless

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up, then serve the bundled example model (digits classifier) on
-# gRPC port 8001, with Prometheus metrics on port 8002. Extra arguments go to `ferry serve`.
+# gRPC port 8001 and REST port 8000, with Prometheus metrics on port 8002. Extra arguments
+# go to `ferry serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

@@ -32,7 +32,8 @@ from .poller import RepositoryPoller
 from .providers import GpuFallback
 from .reflection import ReflectionPool
 from .repository import ModelControlMode, ModelRepository
-from .security import ApiGroup, SecurityOptions, api_group
+from .rest import RestFrontDoor, RestServer
+from .security import ApiGroup, SecurityOptions, api_group, api_keys
 from .servicer import INFERENCE_SERVICE, InferenceServicer
 from .streams import StreamLimits
 from .wire import add_inference_service
@@ -56,6 +57,7 @@ class ServerOptions:
     model_path: Path
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int | None = 8000  # None: no REST port
     metrics_port: int | None = 8002  # None: no metrics endpoint
     shutdown_grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
@@ -78,6 +80,8 @@ class ServerOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port <= 65535:
             raise ValueError(f"grpc port must be within 0..65535, got {self.grpc_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http port must be within 0..65535, got {self.http_port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be within 0..65535, got {self.metrics_port}")
         if self.poll_repository_s is not None and not self.poll_repository_s > 0:
@@ -195,6 +199,18 @@ class FerryServer:
         )
         self._server = self._grpc_server()
         self.grpc_port = 0
+        self.rest = RestServer(
+            RestFrontDoor(
+                self.dataplane,
+                is_ready=self.is_ready,
+                tensor_limits=options.security.tensor_limits(options.max_message_bytes),
+                model_control=options.security.model_control,
+                api_keys=api_keys(options.security.restricted_apis),
+                max_body_bytes=options.max_message_bytes,
+                max_concurrent=options.security.max_concurrent_rpcs,
+            )
+        )
+        self.http_port = 0  # the bound REST port, once started (0: none)
 
     def _grpc_server(self) -> grpc.aio.Server:
         """The gRPC server with every service registered, not yet bound."""
@@ -259,6 +275,16 @@ class FerryServer:
                      self.options.host, self.metrics_port)
         await self._models_changed()
         await self._server.start()
+        if self.options.http_port is not None:
+            tls = self.options.security.tls
+            self.http_port = await self.rest.start(
+                self.options.host,
+                self.options.http_port,
+                tls.ssl_context() if tls is not None else None,
+                reuse_port=self.options.reuse_port,
+            )
+            log.info("serving the Open Inference Protocol's REST binding on %s://%s:%d",
+                     "https" if tls is not None else "http", self.options.host, self.http_port)
         model_control = self.options.security.model_control
         failed = await self.manager.load_all(model_control.models_at_start())
         await self._models_changed()  # an empty start-up set is ready now
@@ -306,7 +332,10 @@ class FerryServer:
             if quiet_for >= QUIET_PERIOD_S:
                 break
             await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - clock()))
-        await self._server.stop(grace=max(0.0, min(deadline - clock(), 1.0)))
+        await asyncio.gather(
+            self._server.stop(grace=max(0.0, min(deadline - clock(), 1.0))),
+            self.rest.close(),
+        )
         self._metrics_endpoint.close()
 
     async def _models_changed(self) -> None:

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC port; 0 picks a free port (default: 8001)"
     )
     serve.add_argument(
+        "--http-port", type=int, default=8000,
+        help="HTTP/REST port of the Open Inference Protocol (Triton's paths, for curl and "
+        "tritonclient.http); 0 picks a free port, -1 turns it off (default: 8000)",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=int,
         default=8002,
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model_path,
             host=args.host,
             grpc_port=args.grpc_port,
+            http_port=None if args.http_port < 0 else args.http_port,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             shutdown_grace_s=args.shutdown_grace,
             max_message_bytes=args.max_message_size,

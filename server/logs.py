@@ -102,12 +102,16 @@ class AccessLog:
         model, code = outcome.model, outcome.status.name
         duration_ms = round(outcome.duration_ns / 1e6, 3)
         message = printable(outcome.message)
-        fields = {"model": model, "code": code, "duration_ms": duration_ms}
+        fields = {
+            "model": model, "code": code, "duration_ms": duration_ms,
+            "protocol": outcome.protocol,
+        }
         if message:
             fields["error"] = message
         access_log.info(
-            "ModelInfer model=%s code=%s duration_ms=%.3f%s",
-            model or "-", code, duration_ms, f" error={message!r}" if message else "",
+            "ModelInfer model=%s code=%s duration_ms=%.3f protocol=%s%s",
+            model or "-", code, duration_ms, outcome.protocol,
+            f" error={message!r}" if message else "",
             extra={"fields": fields},
         )
 

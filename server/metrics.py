@@ -166,7 +166,7 @@ class _ScrapeTimeCollector:
             GaugeMetricFamily("ferry_queue_depth", "", labels=["model"]),
             GaugeMetricFamily("ferry_model_ready", "", labels=["model"]),
             HistogramMetricFamily("ferry_batch_size", "", labels=["model"]),
-            CounterMetricFamily("ferry_requests", "", labels=["model", "code"]),
+            CounterMetricFamily("ferry_requests", "", labels=["model", "code", "protocol"]),
             HistogramMetricFamily("ferry_request_duration_seconds", "", labels=["model"]),
             HistogramMetricFamily("ferry_queue_duration_seconds", "", labels=["model"]),
             HistogramMetricFamily("ferry_compute_duration_seconds", "", labels=["model"]),
@@ -226,7 +226,8 @@ class ServerMetrics:
         registry.register(_ScrapeTimeCollector(self))
         self._figures: dict[str, _ModelFigures] = {}
         self._batch_observers: dict[str, _ModelObserver] = {}
-        self._request_counts: dict[tuple[str, str], int] = {}  # (model label, code)
+        # (model label, code, protocol) -> finished requests
+        self._request_counts: dict[tuple[str, str, str], int] = {}
         self._request_durations: dict[str, LoopHistogram] = {}
         # Replaced whole (never mutated) by models_changed, so a scrape reads a
         # consistent pair without a lock.
@@ -247,7 +248,7 @@ class ServerMetrics:
 
     def request_finished(self, outcome: RequestOutcome) -> None:
         label = outcome.model or UNKNOWN_MODEL
-        key = (label, outcome.status.name)
+        key = (label, outcome.status.name, outcome.protocol)
         counts = self._request_counts
         counts[key] = counts.get(key, 0) + 1
         # Every outcome, requests that named no loaded model included (under _unknown).
@@ -273,11 +274,11 @@ class ServerMetrics:
     def request_families(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "ferry_requests",
-            "Finished inference requests, by gRPC status code",
-            labels=["model", "code"],
+            "Finished inference requests, by gRPC status code and protocol (grpc, http)",
+            labels=["model", "code", "protocol"],
         )
-        for (model, code), count in sorted(list(self._request_counts.items())):
-            requests.add_metric([model, code], count)
+        for (model, code, protocol), count in sorted(list(self._request_counts.items())):
+            requests.add_metric([model, code, protocol], count)
         yield requests
         durations = HistogramMetricFamily(
             "ferry_request_duration_seconds",

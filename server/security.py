@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,18 @@ class TlsFiles:
             root_certificates=client_ca,
             require_client_auth=client_ca is not None,
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same certificate, key and client CA for the REST port."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.client_ca is not None:
+                context.load_verify_locations(cafile=self.client_ca)
+                context.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise OSError(f"cannot read a TLS file: {exc}") from exc
+        return context
 
 
 # Restricted API groups ----------------------------------------------------------------
@@ -177,6 +190,17 @@ def _redact_assignment(text: str) -> str:
     return f"{head}=***" if equals else text
 
 
+def api_keys(restrictions: Sequence[RestrictedApi]) -> dict[ApiGroup, tuple[str, bytes]]:
+    """Each restricted group's header and key; the gRPC and REST ports check the same."""
+    keys: dict[ApiGroup, tuple[str, bytes]] = {}
+    for restriction in restrictions:
+        for group in restriction.groups:
+            if group in keys:
+                raise ValueError(f"API group '{group.value}' is restricted more than once")
+            keys[group] = (restriction.header, restriction.value.encode())
+    return keys
+
+
 class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Answers UNAUTHENTICATED to a call of a restricted group without its key."""
 
@@ -184,12 +208,7 @@ class RestrictedApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self, restrictions: Sequence[RestrictedApi], on_refusal: RefusalHook | None = None
     ) -> None:
         self._on_refusal = on_refusal
-        self._keys: dict[ApiGroup, tuple[str, bytes]] = {}
-        for restriction in restrictions:
-            for group in restriction.groups:
-                if group in self._keys:
-                    raise ValueError(f"API group '{group.value}' is restricted more than once")
-                self._keys[group] = (restriction.header, restriction.value.encode())
+        self._keys = api_keys(restrictions)
 
     async def intercept_service(
         self,

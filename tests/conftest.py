@@ -71,6 +71,7 @@ class RunningServer:
         options.setdefault("host", "127.0.0.1")
         options.setdefault("grpc_port", 0)
         options.setdefault("metrics_port", 0)
+        options.setdefault("http_port", 0)
         options.setdefault("shutdown_grace_s", 5.0)
         # Tests look at servers whose models fail to load; `ferry serve` exits instead.
         options.setdefault("exit_on_error", False)
@@ -82,6 +83,7 @@ class RunningServer:
         self.server = self.call(create())
         self.port = self.call(self.server.start())
         self.address = f"127.0.0.1:{self.port}"
+        self.http_address = f"127.0.0.1:{self.server.http_port}"
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -44,7 +44,7 @@ def serve_command(model_path: Path | str, *args: str) -> list[str]:
         return any(a == flag or a.startswith(flag + "=") for a in args)
 
     for flag, default in (("--host", "127.0.0.1"), ("--grpc-port", "0"),
-                          ("--metrics-port", "-1")):
+                          ("--http-port", "-1"), ("--metrics-port", "-1")):
         if not given(flag):
             command += [flag, default]
     return command

@@ -16,9 +16,10 @@ METRICS = re.compile(r"Prometheus metrics on http://[\d.]+:(\d+)/metrics")
 class FerryProcess:
     def __init__(self, model_path: Path, *extra: str, wait: bool = True) -> None:
         port = () if "--grpc-port" in extra else ("--grpc-port", "0")
+        http = () if "--http-port" in extra else ("--http-port", "-1")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ferry.server.cli", "serve", str(model_path),
-             "--host", "127.0.0.1", *port, *extra],
+             "--host", "127.0.0.1", *port, *http, *extra],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

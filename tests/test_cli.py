@@ -125,7 +125,8 @@ def repository(tmp_path: Path) -> Path:
 @pytest.fixture
 def serve(repository: Path) -> Iterator[FerryProcess]:
     process = FerryProcess(
-        str(repository), "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "-1"
+        str(repository), "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "-1",
+        "--metrics-port", "-1",
     )
     yield process
     process.close()
@@ -224,7 +225,7 @@ def test_signal_stops_cleanly(serve: FerryProcess, signum: signal.Signals) -> No
 def test_single_model_file(tmp_path: Path) -> None:
     model = mlp_model(tmp_path / "classifier.onnx")
     process = FerryProcess(str(model), "--host", "127.0.0.1", "--grpc-port", "0",
-                           "--metrics-port", "-1")
+                           "--http-port", "-1", "--metrics-port", "-1")
     try:
         port = int(process.wait_for(SERVING).group(2))
         assert "model 'classifier' version 1 ready" in process.stderr
@@ -241,7 +242,9 @@ def test_single_model_file(tmp_path: Path) -> None:
 
 def test_nonexistent_path_exits_with_a_clear_message(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such" / "repository"
-    result = run_ferry("serve", str(missing), "--grpc-port", "0", "--metrics-port", "-1")
+    result = run_ferry(
+        "serve", str(missing), "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1"
+    )
     assert result.returncode != 0
     assert str(missing) in result.stderr
     assert "does not exist" in result.stderr
@@ -259,7 +262,7 @@ def test_nonexistent_path_exits_with_a_clear_message(tmp_path: Path) -> None:
 def test_bad_option_values_exit_non_zero(
     repository: Path, args: list[str], fragment: str
 ) -> None:
-    result = run_ferry("serve", str(repository), "--metrics-port", "-1", *args)
+    result = run_ferry("serve", str(repository), "--http-port", "-1", "--metrics-port", "-1", *args)
     assert result.returncode != 0
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr

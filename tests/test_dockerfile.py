@@ -95,7 +95,7 @@ def test_cpu_target_runs_ferry_unprivileged_with_health_check() -> None:
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert ("CMD", '["ferry", "serve", "/models"]') in cpu
     everything = dict(steps)  # the shared runtime stage sets these for every target
-    assert set(everything["EXPOSE"].split()) == {"8001", "8002"}
+    assert set(everything["EXPOSE"].split()) == {"8000", "8001", "8002"}
     assert "ferry.server.healthcheck" in everything["HEALTHCHECK"]
 
 

@@ -137,7 +137,7 @@ def test_cpu_image_install_steps_serve_the_example(tmp_path: Path) -> None:
     with log.open("w") as log_file:
         process = subprocess.Popen(
             [str(venv_bin / "ferry"), "serve", str(MODEL_REPOSITORY), "--host", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-port", "-1"],
+             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1"],
             env=env, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -41,7 +41,7 @@ class Workers:
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ferry.server.cli", "serve", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
              "--workers", str(workers), "--shutdown-grace", "10", *extra],
             stderr=subprocess.PIPE, text=True,
         )

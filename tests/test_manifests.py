@@ -90,8 +90,9 @@ def test_deployment_probes_drain_and_scraping_agree_with_ferry() -> None:
     args = container["args"]
     grpc_port = int(flag(args, "grpc-port"))
     metrics_port = int(flag(args, "metrics-port"))
+    http_port = int(flag(args, "http-port"))
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         # Native gRPC probes: grpc.health.v1 with the default service "".
         assert container[probe]["grpc"] == {"port": grpc_port}, probe

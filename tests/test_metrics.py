@@ -140,13 +140,14 @@ def test_scraped_metrics_match_known_traffic_exactly(
 
     s = scrape(server)
     batches = gate.batch_rows
-    assert value(s, "ferry_requests_total", model="m", code="OK") == 50
-    assert value(s, "ferry_requests_total", model="m", code="INVALID_ARGUMENT") == 3
-    assert value(s, "ferry_requests_total", model="_unknown", code="NOT_FOUND") == 2
+    assert value(s, "ferry_requests_total", model="m", code="OK", protocol="grpc") == 50
+    requests = "ferry_requests_total"
+    assert value(s, requests, model="m", code="INVALID_ARGUMENT", protocol="grpc") == 3
+    assert value(s, requests, model="_unknown", code="NOT_FOUND", protocol="grpc") == 2
     assert {labels for name, labels in s if name == "ferry_requests_total"} == {
-        frozenset({("model", "m"), ("code", "OK")}),
-        frozenset({("model", "m"), ("code", "INVALID_ARGUMENT")}),
-        frozenset({("model", "_unknown"), ("code", "NOT_FOUND")}),
+        frozenset({("model", "m"), ("code", "OK"), ("protocol", "grpc")}),
+        frozenset({("model", "m"), ("code", "INVALID_ARGUMENT"), ("protocol", "grpc")}),
+        frozenset({("model", "_unknown"), ("code", "NOT_FOUND"), ("protocol", "grpc")}),
     }
     assert value(s, "ferry_request_duration_seconds_count", model="m") == 53
     assert value(s, "ferry_queue_duration_seconds_count", model="m") == 50
@@ -299,7 +300,7 @@ def test_failed_batches_count_only_as_failed_requests() -> None:
     assert value(samples, "ferry_inferences_total", model="m") == 3
     assert value(samples, "ferry_queue_duration_seconds_sum", model="m") == pytest.approx(4e-6)
     assert value(samples, "ferry_compute_duration_seconds_sum", model="m") == pytest.approx(2e-6)
-    assert value(samples, "ferry_requests_total", model="m", code="INTERNAL") == 1
+    assert value(samples, "ferry_requests_total", model="m", code="INTERNAL", protocol="grpc") == 1
 
 
 # Logs --------------------------------------------------------------------------------
@@ -401,7 +402,7 @@ def test_serve_with_json_logs(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "ferry.server.cli", "serve", str(repo), "--host", "127.0.0.1",
-         "--grpc-port", "0", "--metrics-port", "0", "--log-format", "json"],
+         "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "0", "--log-format", "json"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )
     lines: list[str] = []

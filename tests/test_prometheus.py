@@ -90,7 +90,7 @@ def test_scrape_passes_promtool_check_metrics(
     server = start_server(make_repo(tmp_path))
     send_traffic(server, ok=5, invalid=2)
     text = scrape_text(server)
-    assert 'ferry_requests_total{code="OK",model="m"} 5.0' in text
+    assert 'ferry_requests_total{code="OK",model="m",protocol="grpc"} 5.0' in text
     result = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
     )

@@ -32,7 +32,7 @@ class ServerProcess:
     def __init__(self, repo: Path, *extra: str) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ferry.server.cli", "serve", str(repo), "--host", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-port", "-1", *extra],
+             "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", *extra],
             stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

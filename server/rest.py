@@ -1,0 +1,399 @@
+"""The REST face of Ferry: the Open Inference Protocol's HTTP/JSON binding, with Triton's
+paths and bodies so that `tritonclient.http`, `perf_analyzer -i http` and `curl` work.
+
+It runs on aiohttp, on the event loop that runs grpc.aio, and calls the same `DataPlane`:
+a REST request lands in the same batch queue as a gRPC one, under the same limits, and is
+counted in the same statistics and metrics (with protocol "http"). Handlers stay thin:
+read the body, call the data plane or the model manager, write JSON.
+
+HTTP status of each outcome, as Triton answers the same case: 400 bad input, 401 a
+restricted API without its key, 403 a refused load/unload, 404 unknown model or version,
+503 a full queue, a queue timeout, a model that is not ready or a server shutting down,
+500 anything unexpected (its detail only in the log). Every error body is
+`{"error": "<the message a gRPC client would get>"}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from ferry.proto import grpc_service_pb2 as pb
+
+from . import __version__
+from .config import ModelSettings
+from .dataplane import DataPlane
+from .errors import ErrorKind, FerryError, Status
+from .loaded_model import LoadedModel
+from .repository import ModelControl
+from .rest_codec import (
+    BINARY_TYPE,
+    HEADER_LENGTH,
+    JSON_TYPE,
+    RestRequest,
+    dumps,
+    encode_infer,
+    json_object,
+    message_json,
+    parse_infer,
+    set_parameters,
+)
+from .rows import Tensors
+from .security import ApiGroup
+from .servicer import EXTENSIONS, SERVER_NAME
+from .tensors import DecodedRequest, TensorLimits
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HTTP_STATUS: dict[Status, int] = {
+    Status.OK: 200,
+    Status.INVALID_ARGUMENT: 400,
+    Status.UNAUTHENTICATED: 401,
+    Status.PERMISSION_DENIED: 403,
+    Status.NOT_FOUND: 404,
+    # A client that went away never reads its answer; 499 is what proxies log for it.
+    Status.CANCELLED: 499,
+    Status.INTERNAL: 500,
+    Status.UNIMPLEMENTED: 501,
+    # As Triton: a full queue and a request that timed out in it are "unavailable".
+    Status.RESOURCE_EXHAUSTED: 503,
+    Status.DEADLINE_EXCEEDED: 503,
+    Status.UNAVAILABLE: 503,
+}
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=dumps({"error": message}), content_type=JSON_TYPE)
+
+
+def json_response(value: Any) -> web.Response:
+    return web.Response(body=dumps(value), content_type=JSON_TYPE)
+
+
+class RestFrontDoor:
+    """The routes and handlers of the REST binding, as an aiohttp application."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        is_ready: Callable[[], bool],
+        tensor_limits: TensorLimits = TensorLimits(),  # noqa: B008 - frozen
+        model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
+        api_keys: Mapping[ApiGroup, tuple[str, bytes]] | None = None,
+        max_body_bytes: int = 64 * 1024 * 1024,
+        max_concurrent: int | None = None,
+    ) -> None:
+        self._dataplane = dataplane
+        self._models = dataplane.models
+        self._is_ready = is_ready
+        self._limits = tensor_limits
+        self._model_control = model_control
+        self._api_keys = dict(api_keys or {})
+        self._max_body_bytes = max_body_bytes
+        self._max_json_bytes = json_limit(max_body_bytes)
+        self._max_concurrent = max_concurrent
+        self._in_flight = 0
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self._max_body_bytes)
+        add = app.router.add_route
+        health, metadata, config = ApiGroup.HEALTH, ApiGroup.METADATA, ApiGroup.MODEL_CONFIG
+        inference, stats, repo = ApiGroup.INFERENCE, ApiGroup.STATISTICS, ApiGroup.MODEL_REPOSITORY
+        add("GET", "/v2/health/live", self._endpoint(health, self.live))
+        add("GET", "/v2/health/ready", self._endpoint(health, self.ready))
+        add("GET", "/v2", self._endpoint(metadata, self.server_metadata))
+        # Before /v2/models/{model}, which would take "stats" for a model name.
+        add("GET", "/v2/models/stats", self._endpoint(stats, self.statistics))
+        for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            add("GET", model, self._endpoint(metadata, self.model_metadata))
+            add("GET", model + "/ready", self._endpoint(health, self.model_ready))
+            add("GET", model + "/config", self._endpoint(config, self.model_config))
+            add("GET", model + "/stats", self._endpoint(stats, self.statistics))
+            add("POST", model + "/infer", self._endpoint(inference, self.infer))
+        add("POST", "/v2/repository/index", self._endpoint(repo, self.repository_index))
+        add("POST", "/v2/repository/models/{model}/load", self._endpoint(repo, self.load))
+        add("POST", "/v2/repository/models/{model}/unload", self._endpoint(repo, self.unload))
+        add("*", "/{path:.*}", self.no_route)
+        return app
+
+    def _endpoint(self, group: ApiGroup, handler: Handler) -> Handler:
+        """The handler behind the API-key check and the concurrency limit, with every
+        error turned into a JSON body and its HTTP status."""
+        key = self._api_keys.get(group)
+        limit = self._max_concurrent
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if key is not None and not _has_key(request, *key):
+                return error_response(
+                    401,
+                    f"the '{group.value}' API is restricted: send its key in the "
+                    f"'{key[0]}' header",
+                )
+            if limit is not None and self._in_flight >= limit:
+                return error_response(
+                    503, f"too many concurrent requests: the limit is {limit} "
+                    "(--max-concurrent-rpcs)"
+                )
+            self._in_flight += 1
+            try:
+                return await handler(request)
+            except FerryError as error:
+                return error_response(HTTP_STATUS[error.kind.status], error.message)
+            except web.HTTPException:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s %s", request.method, request.path)
+                return error_response(500, "internal error (details are in the server log)")
+            finally:
+                self._in_flight -= 1
+
+        return handle
+
+    async def no_route(self, request: web.Request) -> web.Response:
+        return error_response(
+            404, f"no endpoint {request.method} {request.path}; see the /v2 paths of the "
+            "Open Inference Protocol's REST binding"
+        )
+
+    # Health -------------------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self._is_ready():
+            return web.Response()
+        return error_response(503, "server is not ready")
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._model(request)  # raises FerryError: 404 unknown, 503 not loaded
+        return web.Response()
+
+    # Metadata -----------------------------------------------------------------------
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(
+            {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+        )
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        settings = self._model(request).settings
+        shapes = settings.client_shapes
+
+        def tensors(specs: Any) -> list[dict[str, Any]]:
+            return [
+                {"name": s.name, "datatype": s.datatype, "shape": list(shapes[s.name])}
+                for s in specs
+            ]
+
+        return json_response({
+            "name": settings.name,
+            "versions": self._models.versions_of(settings.name),
+            "platform": "onnxruntime_onnx",
+            "inputs": tensors(settings.inputs),
+            "outputs": tensors(settings.outputs),
+        })
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return json_response(message_json(self._model(request).settings.to_proto()))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        one = "model" in request.match_info
+        models = [self._model(request)] if one else self._models.loaded()
+        return json_response({"model_stats": [_statistics_json(m) for m in models]})
+
+    # Repository ---------------------------------------------------------------------
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._check_json(len(body))
+        options = json_object(body, "the repository index request")
+        ready_only = options.get("ready") is True
+        return json_response([
+            {"name": e.name, "version": e.version, "state": e.state.value, "reason": e.reason}
+            for e in self._models.index()
+            if not ready_only or e.state.value == "READY"
+        ])
+
+    async def load(self, request: web.Request) -> web.Response:
+        self._model_control.check_rpc("load")
+        body = await self._body(request)
+        self._check_json(len(body))
+        options = json_object(body, "the load request")
+        parameters = pb.RepositoryModelLoadRequest().parameters
+        given = options.get("parameters") or {}
+        if not isinstance(given, dict):
+            raise FerryError(ErrorKind.INVALID_INPUT, "'parameters' must be a JSON object")
+        set_parameters(parameters, given)
+        config = self._model_control.config_override(parameters)
+        await self._models.load(request.match_info["model"], config_override=config)
+        return web.Response()
+
+    async def unload(self, request: web.Request) -> web.Response:
+        self._model_control.check_rpc("unload")
+        await self._models.unload(request.match_info["model"])
+        return web.Response()
+
+    # Inference ----------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        version = request.match_info.get("version", "")
+        body = await self._body(request)
+        header_length = request.headers.get(HEADER_LENGTH)
+        json_length = len(body)
+        if header_length is not None and header_length.isdigit():
+            json_length = min(json_length, int(header_length))
+        self._check_json(json_length)
+        limits = self._limits
+        parsed: RestRequest | None = None
+
+        def decode(settings: ModelSettings) -> DecodedRequest:
+            nonlocal parsed
+            parsed = parse_infer(body, header_length, name, version)
+            return parsed.decode(settings, limits)
+
+        def encode(model: LoadedModel, outputs: Tensors) -> tuple[bytes, int | None]:
+            assert parsed is not None  # decoded before any output exists
+            return encode_infer(parsed, model.settings, model.version, outputs)
+
+        payload, header_bytes = await self._dataplane.infer(
+            name, version, decode, encode, None, protocol="http"
+        )
+        if header_bytes is None:
+            return web.Response(body=payload, content_type=JSON_TYPE)
+        return web.Response(
+            body=payload, content_type=BINARY_TYPE, headers={HEADER_LENGTH: str(header_bytes)}
+        )
+
+    # Helpers ------------------------------------------------------------------------
+
+    def _model(self, request: web.Request) -> LoadedModel:
+        info = request.match_info
+        return self._models.get(info["model"], info.get("version", ""))
+
+    def _check_json(self, json_length: int) -> None:
+        """Refuse JSON over the JSON limit before it is parsed."""
+        if json_length > self._max_json_bytes:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self._max_json_bytes,
+                actual_size=json_length,
+                text=dumps({
+                    "error": f"the JSON of the request is {json_length} bytes, more than "
+                    f"{self._max_json_bytes}, the limit for JSON (1/{JSON_SHARE} of "
+                    "--max-message-size); send large tensors as binary data "
+                    f"({HEADER_LENGTH} and binary_data_size)"
+                }).decode(),
+                content_type=JSON_TYPE,
+            )
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=self._max_body_bytes,
+                actual_size=request.content_length or 0,
+                text=dumps({
+                    "error": f"the request body is larger than {self._max_body_bytes} bytes, "
+                    "the limit (--max-message-size)"
+                }).decode(),
+                content_type=JSON_TYPE,
+            ) from None
+
+
+# Decoding JSON costs up to about 20 times its size (a Python object per number, then
+# arrays), so JSON may use only this share of --max-message-size; binary data, about its
+# own size to decode, may use all of it.
+JSON_SHARE = 16
+MIN_JSON_BYTES = 64 * 1024
+
+
+def json_limit(max_body_bytes: int) -> int:
+    return min(max_body_bytes, max(MIN_JSON_BYTES, max_body_bytes // JSON_SHARE))
+
+
+def _statistics_json(model: LoadedModel) -> dict[str, Any]:
+    stats = model.stats.to_proto()
+    # Written even when empty, as Triton writes them: perf_analyzer reads every one.
+    stats.inference_stats.cache_hit.SetInParent()
+    stats.inference_stats.cache_miss.SetInParent()
+    return message_json(stats)
+
+
+def _has_key(request: web.Request, header: str, expected: bytes) -> bool:
+    supplied = request.headers.getall(header, [])
+    if len(supplied) != 1:
+        return False
+    return hmac.compare_digest(supplied[0].encode("utf-8", "surrogateescape"), expected)
+
+
+class RestServer:
+    """The REST port: an aiohttp runner on the current event loop, with a
+    `start` / `close` lifecycle like the gRPC server's."""
+
+    def __init__(self, front_door: RestFrontDoor, close_timeout_s: float = 1.0) -> None:
+        self._app = front_door.application()
+        # By the time the port closes the models have answered every accepted request;
+        # this only bounds the writing of the last responses.
+        self._close_timeout_s = close_timeout_s
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        reuse_port: bool = False,
+    ) -> int:
+        """Listen on host:port (0: a free port); returns the bound port. `reuse_port`: share
+        it with the other frontends of `--workers`; a lone server binds it alone."""
+        listener = _listening_socket(host, port, reuse_port)
+        self._runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            shutdown_timeout=self._close_timeout_s,
+            access_log=None,  # the access log is Ferry's own, per request outcome
+            # A client that leaves cancels its handler, so its request leaves the queue.
+            handler_cancellation=True,
+        )
+        await self._runner.setup()
+        site = web.SockSite(self._runner, listener, ssl_context=ssl_context)
+        await site.start()
+        self.port = int(listener.getsockname()[1])
+        return self.port
+
+    async def close(self) -> None:
+        """Stop listening, let handlers in flight finish, then close every connection."""
+        if self._runner is None:
+            return
+        runner, self._runner = self._runner, None
+        await runner.cleanup()
+
+
+def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A bound socket: exclusive, as gRPC's is (a second server on a taken port fails at
+    start instead of sharing it silently), or with SO_REUSEPORT for `--workers`."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((host, port))
+    except OSError as exc:
+        listener.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} for REST (--host, --http-port): {exc}"
+        ) from exc
+    return listener

@@ -1,0 +1,400 @@
+"""The REST binding's bodies: JSON tensors and Triton's binary tensor data extension in,
+JSON (and binary outputs on request) out.
+
+An inference body becomes the same `ModelInferRequest` a gRPC client would send, with every
+tensor in `raw_input_contents`, so that `tensors.decode_request` validates both front doors
+alike: one set of checks, one set of messages. JSON `data` is turned into arrays by numpy
+and orjson, never by a Python loop over numbers.
+
+Binary extension: the body is a JSON header of `Inference-Header-Content-Length` bytes,
+then the raw bytes of each input whose parameters give `binary_data_size`, in the order of
+`inputs`; outputs asked for with `binary_data` come back the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from ferry.proto import grpc_service_pb2 as pb
+from ferry.proto.codec import NUMPY_DTYPES, encode_bytes_elements, to_raw
+
+from .config import ModelSettings
+from .errors import invalid_input
+from .tensors import Array, DecodedRequest, TensorLimits, decode_request
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+_INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+_UINT64_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    """An inference body, parsed: the protobuf request it stands for, and which outputs
+    go back as binary data (None: all of them)."""
+
+    request: pb.ModelInferRequest
+    binary_outputs: frozenset[str] | None
+    has_id: bool
+
+    def decode(self, settings: ModelSettings, limits: TensorLimits) -> DecodedRequest:
+        return decode_request(self.request, settings, limits)
+
+
+def parse_json(text: bytes | memoryview, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_input(f"{what} is not valid JSON: {exc}") from exc
+
+
+def json_object(body: bytes, what: str) -> dict[str, Any]:
+    """A body that must be a JSON object, or empty (an empty object)."""
+    if not body.strip():
+        return {}
+    value = parse_json(body, what)
+    if not isinstance(value, dict):
+        raise invalid_input(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_infer(
+    body: bytes, header_length: str | None, model_name: str, version: str
+) -> RestRequest:
+    """Parse an inference body; raises FerryError (invalid input) naming what is wrong."""
+    view = memoryview(body)
+    if header_length is None:
+        json_end = len(body)
+    else:
+        try:
+            json_end = int(header_length)
+        except ValueError:
+            json_end = -1
+        if not 0 < json_end <= len(body):
+            raise invalid_input(
+                f"{HEADER_LENGTH} is {header_length!r}: expected the byte length of the JSON "
+                f"header, between 1 and the body's {len(body)} bytes"
+            )
+    header = parse_json(view[:json_end], "the inference request")
+    if not isinstance(header, dict):
+        raise invalid_input("the inference request must be a JSON object")
+    request = pb.ModelInferRequest(model_name=model_name, model_version=version)
+    request_id = header.get("id")
+    if request_id is not None:
+        if not isinstance(request_id, str):
+            raise invalid_input(f"'id' must be a string, got {type(request_id).__name__}")
+        request.id = request_id
+    parameters = _mapping(header.get("parameters"), "parameters")
+    set_parameters(request.parameters, parameters)
+
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid_input("'inputs' must be a non-empty list of tensors")
+    offset = json_end
+    for tensor in inputs:
+        offset = _add_input(request, tensor, view, offset)
+    if offset != len(body):
+        raise invalid_input(
+            f"the body has {len(body) - offset} bytes after the last input's binary data; "
+            f"binary_data_size of the inputs adds up to {offset - json_end}"
+        )
+
+    binary_all = parameters.get("binary_data_output") is True
+    outputs = header.get("outputs")
+    if outputs is None:
+        return RestRequest(request, None if binary_all else frozenset(), request_id is not None)
+    if not isinstance(outputs, list):
+        raise invalid_input("'outputs' must be a list of requested outputs")
+    binary: set[str] = set()
+    for output in outputs:
+        name = _add_output(request, output)
+        options = _mapping(output.get("parameters"), f"parameters of output '{name}'")
+        if options.get("binary_data", binary_all) is True:
+            binary.add(name)
+    return RestRequest(request, frozenset(binary), request_id is not None)
+
+
+def _mapping(value: object, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid_input(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def set_parameters(target: Any, parameters: Mapping[str, Any]) -> None:
+    """Copy JSON parameters into a protobuf map of InferParameter; values that are not
+    scalars are skipped, as unknown parameters are ignored rather than refused."""
+    for name, value in parameters.items():
+        if isinstance(value, bool):
+            target[name].bool_param = value
+        elif isinstance(value, int):
+            if _INT64_RANGE[0] <= value <= _INT64_RANGE[1]:
+                target[name].int64_param = value
+            elif 0 <= value <= _UINT64_MAX:
+                target[name].uint64_param = value
+            else:
+                raise invalid_input(f"parameter '{name}' is out of the 64-bit range: {value}")
+        elif isinstance(value, float):
+            target[name].double_param = value
+        elif isinstance(value, str):
+            target[name].string_param = value
+
+
+def _add_input(
+    request: pb.ModelInferRequest, tensor: object, body: memoryview, offset: int
+) -> int:
+    """Append one input tensor; returns where the next binary input starts."""
+    if not isinstance(tensor, dict):
+        raise invalid_input("each entry of 'inputs' must be a JSON object")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise invalid_input("an input has no 'name' string")
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise invalid_input(f"input '{name}' has no 'datatype' string")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        type(dim) is int and _INT64_RANGE[0] <= dim <= _INT64_RANGE[1] for dim in shape
+    ):
+        raise invalid_input(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
+    size = _mapping(tensor.get("parameters"), f"parameters of input '{name}'").get(
+        "binary_data_size"
+    )
+    data = tensor.get("data")
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    if size is not None:
+        if data is not None:
+            raise invalid_input(f"input '{name}' has both 'data' and binary_data_size; use one")
+        if type(size) is not int or size < 0 or offset + size > len(body):
+            raise invalid_input(
+                f"input '{name}': binary_data_size {size!r} does not fit the "
+                f"{len(body) - offset} bytes left in the body"
+            )
+        request.raw_input_contents.append(bytes(body[offset : offset + size]))
+        return offset + size
+    if data is None:
+        raise invalid_input(f"input '{name}' has neither 'data' nor binary_data_size")
+    request.raw_input_contents.append(_json_to_raw(name, datatype, shape, data))
+    return offset
+
+
+def _add_output(request: pb.ModelInferRequest, output: object) -> str:
+    if not isinstance(output, dict) or not isinstance(output.get("name"), str):
+        raise invalid_input("each entry of 'outputs' must be a JSON object with a 'name'")
+    name: str = output["name"]
+    options = _mapping(output.get("parameters"), f"parameters of output '{name}'")
+    if options.get("classification"):
+        raise invalid_input(
+            f"output '{name}': Ferry does not implement the classification extension"
+        )
+    request.outputs.add(name=name)
+    return name
+
+
+def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> bytes:
+    """JSON `data` (flat, or nested as the shape) as raw bytes of `datatype`."""
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise invalid_input(
+            f"input '{name}': unknown datatype '{datatype}'; expected one of "
+            + ", ".join(NUMPY_DTYPES)
+        )
+    if not isinstance(data, list):
+        data = [data]  # a scalar, as Triton accepts for a one-element tensor
+    if any(dim < 0 for dim in shape):
+        raise invalid_input(
+            f"input '{name}': expected dimensions >= 0, got shape {shape} "
+            "with a negative dimension"
+        )
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        elements = _flat_strings(name, data)
+        if len(elements) != count:
+            raise invalid_input(
+                f"input '{name}' BYTES {shape}: expected {count} values in 'data', "
+                f"got {len(elements)}"
+            )
+        return encode_bytes_elements(elements)
+    try:
+        values = np.asarray(data)
+    except ValueError as exc:  # ragged nesting
+        raise invalid_input(f"input '{name}': 'data' is not a regular array: {exc}") from exc
+    if values.size != count:
+        raise invalid_input(
+            f"input '{name}' {datatype} {shape}: expected {count} values in 'data', "
+            f"got {values.size}"
+        )
+    return to_raw(_as_datatype(name, datatype, dtype, values, data).reshape(-1))
+
+
+def _as_datatype(
+    name: str, datatype: str, dtype: np.dtype[Any], values: Array, data: object
+) -> Array:
+    """Numbers of the right kind, and in range, for the datatype; nothing is wrapped or
+    truncated silently."""
+    if values.size == 0:
+        return values.astype(dtype)
+    kind = values.dtype.kind
+    if kind in "fO" and dtype.kind in "iu":
+        # numpy reads integers beyond int64 mixed with others as float64 (or objects):
+        # only UINT64 data meets this, and it needs the exact integers back.
+        return _exact_integers(name, datatype, dtype, data)
+    accepted = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if kind not in accepted:
+        wanted = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+        raise invalid_input(
+            f"input '{name}' is {datatype}: 'data' must hold {wanted[dtype.kind]}, "
+            f"got {_describe_kind(values)}"
+        )
+    converted = values.astype(dtype)
+    if dtype.kind in "iu" and not np.array_equal(converted, values):
+        raise invalid_input(f"input '{name}': values out of range for {datatype}")
+    return converted
+
+
+def _exact_integers(name: str, datatype: str, dtype: np.dtype[Any], data: object) -> Array:
+    """The slow path, element by element, for integer data that numpy reads as float64 or
+    objects (integers beyond int64 mixed with others, which only UINT64 needs): each value
+    must be a JSON integer within the datatype's range."""
+    objects = np.array(data, dtype=object).reshape(-1)
+    info = np.iinfo(dtype)
+    for value in objects:
+        if type(value) is not int:
+            raise invalid_input(
+                f"input '{name}' is {datatype}: 'data' must hold integers, "
+                f"got {type(value).__name__}"
+            )
+        if not info.min <= value <= info.max:
+            raise invalid_input(f"input '{name}': values out of range for {datatype}")
+    return objects.astype(dtype)
+
+
+def _describe_kind(values: Array) -> str:
+    return {"b": "true/false", "U": "strings", "O": "mixed or out-of-range values"}.get(
+        values.dtype.kind, f"{values.dtype} values"
+    )
+
+
+def _flat_strings(name: str, data: list[Any]) -> list[str]:
+    """BYTES elements as JSON strings, flat or nested; element by element, as BYTES
+    tensors are Python objects whatever the front door."""
+    flat: list[str] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise invalid_input(
+                    f"input '{name}' is BYTES: 'data' must hold strings, got "
+                    f"{type(item).__name__}"
+                )
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+# Responses --------------------------------------------------------------------------
+
+
+def encode_infer(
+    request: RestRequest,
+    settings: ModelSettings,
+    version: str,
+    outputs: Mapping[str, Array],
+) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary outputs follow it."""
+    binary_names = request.binary_outputs
+    datatypes = settings.output_datatypes
+    described: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in outputs.items():
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatypes[name],
+            "shape": array.shape,
+        }
+        if binary_names is None or name in binary_names:
+            raw = to_raw(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = _json_data(array)
+        described.append(entry)
+    response: dict[str, Any] = {"model_name": settings.name, "model_version": version}
+    if request.has_id:
+        response["id"] = request.request.id
+    response["outputs"] = described
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return header, None
+    return b"".join((header, *chunks)), len(header)
+
+
+def _json_data(array: Array) -> Any:
+    if array.dtype.kind in "OSU":
+        return [
+            element.decode("utf-8", "replace") if isinstance(element, bytes) else element
+            for element in array.reshape(-1).tolist()
+        ]
+    return np.ascontiguousarray(array).reshape(-1)  # orjson writes numpy arrays natively
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# Protobuf messages as Triton's JSON --------------------------------------------------
+
+_INT64_TYPES = frozenset({
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+})
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    """A message as Triton writes it: proto field names, every field present, and 64-bit
+    integers as JSON numbers (protobuf's own mapping writes them as strings, which
+    perf_analyzer and tritonclient do not read)."""
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    _int64_as_numbers(message.DESCRIPTOR, data)
+    return data
+
+
+def _int64_as_numbers(descriptor: Any, data: dict[str, Any]) -> None:
+    for name, value in data.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        nested = field.message_type
+        if nested is not None and nested.GetOptions().map_entry:
+            value_field = nested.fields_by_name["value"]
+            if value_field.message_type is not None:
+                for item in value.values():
+                    _int64_as_numbers(value_field.message_type, item)
+            elif value_field.type in _INT64_TYPES:
+                data[name] = {key: int(item) for key, item in value.items()}
+        elif nested is not None:
+            for item in value if isinstance(value, list) else (value,):
+                _int64_as_numbers(nested, item)
+        elif field.type in _INT64_TYPES:
+            data[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
