@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -302,12 +303,25 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    # A signal during start-up (models loading, a frontend waiting for its executor) ends
+    # it there: the start is cancelled and what did start is stopped.
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped during start-up")
+        await server.stop(0.0)
+        return 0
     try:
-        await server.start()
+        starting.result()
     except OSError as exc:
+        stopping.cancel()
         log.error("cannot start: %s", exc)
         return 1
-    await stop.wait()
+    await stopping
     await server.stop()
     # The interpreter must never finalise under a running session.run (onnxruntime then
     # aborts the process): give the threads a moment to come back, and if a batch is still
