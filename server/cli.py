@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="onnxruntime intra-op threads per model instance; 0 divides the cores among "
-        "the server processes and their instances (default: 0)",
+        "the instances, and gives a model one thread where one runs it about as fast "
+        "(measured at load) (default: 0)",
     )
     serve.add_argument(
         "--workers",

@@ -146,7 +146,8 @@ def samples_of(server: RunningServer) -> dict[tuple[str, frozenset[tuple[str, st
 
 
 def count(server: RunningServer, model: str, code: str) -> float:
-    key = ("ferry_requests_total", frozenset({("model", model), ("code", code)}))
+    labels = {("model", model), ("code", code), ("protocol", "grpc")}
+    key = ("ferry_requests_total", frozenset(labels))
     return samples_of(server).get(key, 0.0)
 
 

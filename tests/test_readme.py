@@ -21,7 +21,8 @@ from tests.conftest import RunningServer
 from tests.external_tools import REPO
 
 README = REPO / "README.md"
-DOCUMENTED_ADDRESS = "127.0.0.1:8001"  # where scripts/serve-example.sh serves
+DOCUMENTED_ADDRESS = "127.0.0.1:8001"  # where scripts/serve-example.sh serves gRPC
+DOCUMENTED_HTTP_ADDRESS = "127.0.0.1:8000"  # and REST
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 
 
@@ -42,7 +43,10 @@ BLOCKS = python_blocks()
 
 def test_readme_has_the_client_examples() -> None:
     assert len(BLOCKS) >= 3
-    assert all(DOCUMENTED_ADDRESS in block for _, block, _ in BLOCKS)
+    assert all(
+        DOCUMENTED_ADDRESS in block or DOCUMENTED_HTTP_ADDRESS in block
+        for _, block, _ in BLOCKS
+    )
 
 
 def runtime_distributions() -> set[str]:
@@ -119,7 +123,11 @@ def test_block_runs_against_the_example_model(
     line: int, block: str, before: str, server: RunningServer, tmp_path: Path
 ) -> None:
     script = tmp_path / f"readme_line{line}.py"
-    script.write_text(block.replace(DOCUMENTED_ADDRESS, server.address))
+    script.write_text(
+        block.replace(DOCUMENTED_ADDRESS, server.address).replace(
+            DOCUMENTED_HTTP_ADDRESS, server.http_address
+        )
+    )
     done = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

@@ -28,7 +28,7 @@ def answered(server: FerryProcess) -> int:
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for line in text.splitlines():
-        if line.startswith('ferry_requests_total{code="OK",model="tile"}'):
+        if line.startswith('ferry_requests_total{code="OK",model="tile",protocol="grpc"}'):
             return int(float(line.split()[-1]))
     return 0
 
