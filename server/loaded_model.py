@@ -4,10 +4,12 @@ everyone told of its finished requests."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from .config import ModelSettings
+from .errors import not_found
 from .outcomes import OutcomeObserver
 from .rows import Tensors
 from .stats import ModelStatistics
@@ -53,3 +55,16 @@ class LoadedModel:
     @property
     def queue_depth(self) -> int:
         return self.scheduler.queue_depth
+
+
+def pick_version(name: str, versions: Mapping[str, LoadedModel], version: str) -> LoadedModel:
+    """The version a request names, or the newest when it names none."""
+    if not version:
+        return versions[max(versions, key=int)]
+    model = versions.get(version)
+    if model is None:
+        raise not_found(
+            f"model '{name}' has no version '{version}'; available: "
+            f"{', '.join(sorted(versions, key=int))}"
+        )
+    return model

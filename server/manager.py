@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from .config import ConfigError
 from .errors import ErrorKind, FerryError, not_found, public_message
-from .loaded_model import LoadedModel
+from .loaded_model import LoadedModel, pick_version
 from .loading import LoadOptions, load_versions
 from .repository import IndexEntry, ModelRepository, ModelState
 
@@ -97,15 +97,7 @@ class ModelManager:
                     f"model '{name}' is not loaded: {self._failures[name]}",
                 )
             raise not_found(f"unknown model '{name}'")
-        if not version:
-            return versions[max(versions, key=int)]
-        model = versions.get(version)
-        if model is None:
-            raise not_found(
-                f"model '{name}' has no version '{version}'; available: "
-                f"{', '.join(sorted(versions, key=int))}"
-            )
-        return model
+        return pick_version(name, versions, version)
 
     def index(self) -> list[IndexEntry]:
         entries: list[IndexEntry] = []

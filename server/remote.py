@@ -46,7 +46,7 @@ from .handoff import (
     read_tensors,
     write_tensors,
 )
-from .loaded_model import LoadedModel
+from .loaded_model import LoadedModel, pick_version
 from .outcomes import OutcomeObserver, RequestOutcome
 from .repository import IndexEntry
 from .rows import Tensors
@@ -370,15 +370,7 @@ class RemoteModels:
         versions = self._models.get(name)
         if not versions:
             raise not_found(f"unknown model '{name}'")
-        if not version:
-            return versions[max(versions, key=int)]
-        model = versions.get(version)
-        if model is None:
-            raise not_found(
-                f"model '{name}' has no version '{version}'; available: "
-                f"{', '.join(sorted(versions, key=int))}"
-            )
-        return model
+        return pick_version(name, versions, version)
 
     def loaded(self) -> list[LoadedModel]:
         if not self._ready.is_set():
