@@ -313,9 +313,12 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await starting
-        log.info("stopped during start-up")
         await server.stop(0.0)
-        return 0
+        log.info("stopped during start-up")
+        # A model still loading or warming up holds a worker thread that cannot be
+        # interrupted; the server never took a request, so leave without waiting for it.
+        logging.shutdown()
+        os._exit(0)
     try:
         starting.result()
     except OSError as exc:

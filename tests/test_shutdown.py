@@ -286,3 +286,26 @@ def test_second_signal_stops_at_once_while_clients_keep_sending(repo: Path) -> N
         for sender in senders:
             sender.join(30)
     assert "Traceback" not in server.stderr
+
+
+def test_a_signal_during_start_up_stops_at_once(
+    tmp_path: Path, ferry_process: Callable[..., FerryProcess]
+) -> None:
+    """SIGTERM while a model's warm-up still runs (here: one that would spin for minutes)
+    stops the server at once, exit 0, instead of waiting for the start-up to end."""
+    repo = tmp_path / "slow-start"
+    spin_model(repo / "m" / "1" / "model.onnx")
+    write_config(repo / "m", """
+        max_batch_size: 1
+        model_warmup [ { name: "long" batch_size: 1 inputs { key: "x" value {
+            data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "spin" } } } ]
+    """)
+    (repo / "m" / "warmup").mkdir()
+    (repo / "m" / "warmup" / "spin").write_bytes(np.full(4, 1e9, np.float32).tobytes())
+    server = ferry_process(repo, wait_ready=False)
+    server.wait_for(r"plain text")  # the process is up and binding its ports
+    signalled = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=30) == 0, server.log
+    assert time.monotonic() - signalled < 10, server.log
+    assert "stopped during start-up" in server.log
