@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -361,3 +362,24 @@ class FerryServer:
         self.metrics.models_changed(
             views, {name: ready and manager.is_loaded(name) for name in manager.known_names()}
         )
+
+
+# After a stop, how long the executor threads may take to come back: an idle one returns
+# at once. A batch still running then has had the whole grace period and its callers are
+# answered already, so the process leaves without it rather than outlive --shutdown-grace.
+BATCH_JOIN_TIMEOUT_S = 0.5
+
+
+class _Joinable(Protocol):
+    def join_threads(self, timeout_s: float) -> bool: ...
+
+
+def leave_if_a_batch_still_runs(models: _Joinable, timeout_s: float = BATCH_JOIN_TIMEOUT_S) -> None:
+    """After a stop: the interpreter must never finalise under a running session.run
+    (onnxruntime then aborts the process, exit -6). Give the threads `timeout_s` to come
+    back; if a batch still runs, flush the logs and leave with exit code 0."""
+    if models.join_threads(timeout_s):
+        return
+    log.warning("a batch is still running after the stop; exiting without it")
+    logging.shutdown()
+    os._exit(0)

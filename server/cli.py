@@ -9,11 +9,10 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from . import __version__, logs
-from .app import FerryServer, ServerOptions
+from .app import BATCH_JOIN_TIMEOUT_S, FerryServer, ServerOptions, leave_if_a_batch_still_runs
 from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
 from .repository import ModelControl, ModelControlMode
@@ -32,10 +31,6 @@ from .workers import EXECUTOR, FRONTEND, socket_address, supervise
 
 log = logging.getLogger("ferry")
 
-# After the stop, how long the executor threads may take to come back: an idle one returns
-# at once. A batch still running then has had the whole grace period and its callers are
-# answered already, so the process leaves without it rather than outlive --shutdown-grace.
-BATCH_JOIN_TIMEOUT_S = 0.5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,14 +322,8 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
         return 1
     await stopping
     await server.stop()
-    # The interpreter must never finalise under a running session.run (onnxruntime then
-    # aborts the process): give the threads a moment to come back, and if a batch is still
-    # running, leave without finalising. After a second signal, at once.
-    join_s = BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0
-    if not server.manager.join_threads(join_s):
-        log.warning("a batch is still running after the stop; exiting without it")
-        logging.shutdown()
-        os._exit(0)
+    # After a second signal, no waiting at all for a batch still running.
+    leave_if_a_batch_still_runs(server.manager, BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0)
     log.info("stopped")
     return 0
 
@@ -386,25 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
         return supervise(argv, args.workers, args.host, args.grpc_port, options.metrics_port)
-    code = asyncio.run(serve(options))
-    _exit_now_if_a_batch_still_runs(code)
-    return code
+    return asyncio.run(serve(options))
 
-
-def _exit_now_if_a_batch_still_runs(code: int) -> None:
-    """A batch still running when the grace ended (or a second signal came) is inside
-    onnxruntime on a daemon worker thread; the interpreter's teardown would destroy its
-    session under it and the process would die of SIGABRT instead of exiting `code`.
-    Its callers are already answered, so leave without the teardown."""
-    workers = [t for t in threading.enumerate() if t.daemon and t.name.startswith("ferry-")]
-    for worker in workers:
-        worker.join(0.2)  # an idle worker is just taking its stop sentinel
-    if any(worker.is_alive() for worker in workers):
-        log.warning("a batch is still running: exiting without waiting for it")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from functools import partial
 from itertools import count
 from typing import Any
 
-from .app import ServerOptions
+from .app import ServerOptions, leave_if_a_batch_still_runs
 from .errors import ErrorKind, FerryError, Status
 from .handoff import (
     CANCEL,
@@ -295,7 +295,7 @@ class ExecutorService:
         if self._listener is not None:
             self._listener.close()
         await self.manager.close(grace_s)
-        self.manager.join_threads(grace_s)
+        leave_if_a_batch_still_runs(self.manager)
         for session in list(self.sessions):
             session.channel.close()
         self._metrics_endpoint.close()
