@@ -148,6 +148,19 @@ class FerryProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=timeout) as response:
             return str(response.read().decode())
 
+    # What the process holds --------------------------------------------------------
+
+    def status_value(self, field: str) -> int:
+        """A number of /proc/PID/status, such as Threads, or VmRSS and VmHWM in KiB."""
+        text = Path(f"/proc/{self.pid}/status").read_text()
+        match = re.search(rf"^{field}:\s+(\d+)", text, re.MULTILINE)
+        assert match, f"no {field} in /proc/{self.pid}/status"
+        return int(match.group(1))
+
+    def reset_peak(self) -> None:
+        """Let VmHWM (peak RSS) start again from the current RSS."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+
     # Lifecycle ----------------------------------------------------------------------
 
     @property

@@ -21,7 +21,7 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server.security import RestrictedApi, SecurityOptions
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import identity_model
-from tests.processes import FerryProcess
+from tests.process import FerryProcess
 from tests.waiting import wait_until
 
 StartServer = Callable[..., RunningServer]
@@ -85,11 +85,11 @@ def test_millions_of_empty_bytes_elements_are_refused_before_decoding(
     ) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.ServerReady(pb.ServerReadyRequest(), timeout=10)
-        rss_before = text_server.status_kib("VmRSS")
+        rss_before = text_server.status_value("VmRSS")
         text_server.reset_peak()
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(request, timeout=60)
-        peak = text_server.status_kib("VmHWM")
+        peak = text_server.status_value("VmHWM")
     error = caught.value
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "INPUT0" in error.details() and "--max-tensor-bytes" in error.details()
@@ -271,7 +271,7 @@ def test_metrics_endpoint_serves_metrics_only_and_bounds_its_connections(
             urllib.request.urlopen(f"{base}{path}", timeout=10)
         assert caught.value.code == 404, path
         caught.value.close()
-    threads_before = text_server.status_kib_plain("Threads")
+    threads_before = text_server.status_value("Threads")
     half_open = [
         socket.create_connection(("127.0.0.1", text_server.metrics_port), timeout=10)
         for _ in range(300)
@@ -279,7 +279,7 @@ def test_metrics_endpoint_serves_metrics_only_and_bounds_its_connections(
     try:
         for sock in half_open[-5:]:  # the server has accepted them all by now
             sock.sendall(b"GET /metr")
-        assert text_server.status_kib_plain("Threads") <= threads_before + 16
+        assert text_server.status_value("Threads") <= threads_before + 16
     finally:
         for sock in half_open:
             sock.close()
@@ -301,12 +301,12 @@ def test_a_taken_grpc_port_fails_the_start_naming_it(
 ) -> None:
     second = FerryProcess(
         text_model.parents[2], "--metrics-port", "-1", "--grpc-port", str(text_server.port),
-        wait=False,
+        wait_ready=False,
     )
     try:
-        assert second.finish(60) != 0
-        assert f"127.0.0.1:{text_server.port}" in second.stderr
-        assert "--grpc-port" in second.stderr
+        assert second.wait(60) != 0
+        assert f"127.0.0.1:{text_server.port}" in second.log
+        assert "--grpc-port" in second.log
     finally:
         second.close()
 
@@ -315,11 +315,11 @@ def test_a_taken_metrics_port_fails_the_start_naming_it(
     text_server: FerryProcess, text_model: Path
 ) -> None:
     second = FerryProcess(
-        text_model.parents[2], "--metrics-port", str(text_server.metrics_port), wait=False
+        text_model.parents[2], "--metrics-port", str(text_server.metrics_port), wait_ready=False
     )
     try:
-        assert second.finish(60) != 0
-        assert f"127.0.0.1:{text_server.metrics_port} for metrics" in second.stderr
+        assert second.wait(60) != 0
+        assert f"127.0.0.1:{text_server.metrics_port} for metrics" in second.log
     finally:
         second.close()
 
@@ -384,7 +384,7 @@ def test_grace_ending_mid_batch_never_aborts_the_process(tmp_path: Path) -> None
                     30, "a batch",
                 )
                 server.process.send_signal(signal.SIGTERM)
-                assert server.finish(60) == 0, (attempt, server.stderr)
+                assert server.wait(60) == 0, (attempt, server.log)
                 told = []
                 for call in calls:
                     try:
@@ -392,7 +392,7 @@ def test_grace_ending_mid_batch_never_aborts_the_process(tmp_path: Path) -> None
                     except grpc.RpcError as error:
                         assert error.code() is grpc.StatusCode.UNAVAILABLE, error
                         told.append(error.details())
-            assert "terminate called" not in server.stderr
+            assert "terminate called" not in server.log
             # The queued requests never ran; the running one is told what happened.
             assert all(
                 t == "OK" or "before the request ran" in t or "batch was running" in t
@@ -425,7 +425,7 @@ def test_not_ready_until_every_start_up_model_is_loaded(tmp_path: Path) -> None:
         'key: "x" value { data_type: TYPE_FP32 dims: [ 512, 512 ] zero_data: true } } } ]\n'
     )
     port = free_port()
-    server = FerryProcess(repo, "--metrics-port", "-1", "--grpc-port", str(port), wait=False)
+    server = FerryProcess(repo, "--metrics-port", "-1", "--grpc-port", str(port), wait_ready=False)
     seen_not_ready = 0
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -465,10 +465,10 @@ def test_explicit_mode_with_nothing_to_load_is_ready(tmp_path: Path) -> None:
 def test_a_file_that_is_not_onnx_fails_the_start_naming_it(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\xff" * 50)
-    server = FerryProcess(corrupt, "--metrics-port", "-1", wait=False)
+    server = FerryProcess(corrupt, "--metrics-port", "-1", wait_ready=False)
     try:
-        assert server.finish(60) != 0
-        stderr = server.stderr
+        assert server.wait(60) != 0
+        stderr = server.log
         assert f"({corrupt})" in stderr and "not an ONNX model" in stderr, stderr
         assert "corrupt.onnx/corrupt" not in stderr
         assert "Open Inference Protocol on" not in stderr
@@ -492,11 +492,11 @@ def test_a_repository_with_nothing_to_serve_fails_the_start(tmp_path: Path, layo
     if layout == "only_model_fails":
         (repo / "m" / "1").mkdir(parents=True)
         (repo / "m" / "1" / "model.onnx").write_bytes(b"not a model")
-    server = FerryProcess(repo, "--metrics-port", "-1", wait=False)
+    server = FerryProcess(repo, "--metrics-port", "-1", wait_ready=False)
     try:
-        assert server.finish(60) != 0
-        assert "cannot start" in server.stderr
-        assert ("model.onnx" if layout == "only_model_fails" else "no model") in server.stderr
+        assert server.wait(60) != 0
+        assert "cannot start" in server.log
+        assert ("model.onnx" if layout == "only_model_fails" else "no model") in server.log
     finally:
         server.close()
 
@@ -520,11 +520,11 @@ def test_client_strings_are_escaped_in_every_log_line(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError):
                 stub.ModelInfer(pb.ModelInferRequest(model_name=forged), timeout=10)
         server.process.terminate()
-        server.finish(60)
+        server.wait(60)
     finally:
         server.close()
-    lines = server.stderr.splitlines()
-    assert "\x00" not in server.stderr
+    lines = server.log.splitlines()
+    assert "\x00" not in server.log
     assert not any(line.startswith("2026-01-01") for line in lines)
     assert any("FORGED" in line for line in lines)
 
@@ -550,7 +550,7 @@ def test_a_warmup_file_linked_out_of_the_model_folder_is_refused(tmp_path: Path)
     (entry,) = index.models
     assert entry.state == "UNAVAILABLE"
     assert "warmup/x.bin resolves outside the model's folder" in entry.reason
-    assert "12345" not in entry.reason and "12345" not in server.stderr
+    assert "12345" not in entry.reason and "12345" not in server.log
 
 
 def test_metrics_connections_that_stay_silent_are_dropped() -> None:

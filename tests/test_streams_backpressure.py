@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from ferry.proto import grpc_service_pb2 as pb
-from tests.processes import FerryProcess
+from tests.process import FerryProcess
 from tests.test_hardening import tile_model, tile_request
 from tests.waiting import wait_until
 
@@ -39,7 +39,7 @@ async def test_unread_stream_is_held_back_and_released(tmp_path: Path) -> None:
     tile_model(repo / "tile" / "1" / "model.onnx", repeats=65536)  # 4 bytes in, 256 KiB out
     server = FerryProcess(repo, "--metrics-port", "0")
     try:
-        baseline = server.status_kib("VmRSS")
+        baseline = server.status_value("VmRSS")
         server.reset_peak()
         async with grpc.aio.insecure_channel(server.address) as channel:
             call = channel.stream_stream(
@@ -62,7 +62,7 @@ async def test_unread_stream_is_held_back_and_released(tmp_path: Path) -> None:
             await asyncio.to_thread(
                 wait_until, lambda: answered(server) >= HELD, 60, "the first answers"
             )
-            peak_mib = server.status_kib("VmHWM") / 1024
+            peak_mib = server.status_value("VmHWM") / 1024
             # Answered but unsent: the limit, plus the few answers the client's transport
             # took before its flow-control window filled (a few MiB); before backpressure
             # all 2000 (500 MiB) were answered and queued.
@@ -75,7 +75,7 @@ async def test_unread_stream_is_held_back_and_released(tmp_path: Path) -> None:
         # The client has left: its stream's answers are gone with it.
         await asyncio.to_thread(
             wait_until,
-            lambda: server.status_kib("VmRSS") < baseline + 32 * 1024,
+            lambda: server.status_value("VmRSS") < baseline + 32 * 1024,
             30,
             "memory to come back",
         )
