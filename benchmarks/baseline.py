@@ -114,25 +114,39 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("repository", type=Path)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--listeners",
+        type=int,
+        default=1,
+        help="grpc.aio servers sharing the port in this process, as Ferry's --grpc-listeners "
+        "(default: 1, what a server written without Ferry has)",
+    )
     return parser.parse_args()
 
 
-async def serve(servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT."""
+async def serve(
+    servicer: pb_grpc.GRPCInferenceServiceServicer, host: str, port: int, listeners: int = 1
+) -> None:
+    """Serve until SIGTERM or SIGINT, on `listeners` grpc.aio servers sharing the port."""
     limit = 64 * 1024 * 1024
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ]
-    )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise SystemExit(f"cannot listen on {host}:{port}")
-    await server.start()
+    servers = []
+    for _ in range(listeners):
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", int(listeners > 1)),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        if server.add_insecure_port(f"{host}:{port}") == 0:
+            raise SystemExit(f"cannot listen on {host}:{port}")
+        servers.append(server)
+    for server in servers:
+        await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    await server.stop(1.0)
+    await asyncio.gather(*(server.stop(1.0) for server in servers))

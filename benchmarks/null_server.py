@@ -45,7 +45,9 @@ class NullServicer(MetadataServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    asyncio.run(serve(NullServicer(load_repository(args.repository)), args.host, args.port))
+    asyncio.run(
+        serve(NullServicer(load_repository(args.repository)), args.host, args.port, args.listeners)
+    )
 
 
 if __name__ == "__main__":

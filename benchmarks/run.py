@@ -31,10 +31,8 @@ from .make_models import MODELS, OVERHEAD_BOUND, BenchModel, write_repository
 from .perf_analyzer_load import find_perf_analyzer, run_perf_analyzer
 from .previous_build import previous_build
 from .report import write_report
-from .servers import NAIVE, NULL, RunningServer, ServerVariant
+from .servers import BASELINES, RunningServer, ServerVariant
 from .stream import StreamMeasurement, run_stream, write_stream_data
-
-BASELINES = (NAIVE, NULL)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONCURRENCY = (1, 8, 32, 64, 128)
@@ -173,14 +171,14 @@ def plan(
     for variant in variants:
         for model in models:
             if (
-                variant.name == NULL
+                variant.is_null
                 and not args.null_all_models
                 and model.name != (OVERHEAD_BOUND.name)
             ):
                 continue
             for concurrency in args.concurrency:
                 points.append((variant, model, _spec(args, concurrency, 1)))
-            if args.multi_row > 1 and variant.name != NULL:
+            if args.multi_row > 1 and not variant.is_null:
                 points.append(
                     (variant, model, _spec(args, args.multi_row_concurrency, args.multi_row))
                 )

@@ -27,6 +27,9 @@ from .cpu import process_group_cpu_seconds
 # The baselines keep these names: the report's ratios and targets are relative to them.
 NAIVE = "naive"
 NULL = "null"
+NULL_LISTENERS = "null-l4"
+NULLS = (NULL, NULL_LISTENERS)
+BASELINES = (NAIVE, *NULLS)
 READY_PROBES = 8
 
 FERRY = (
@@ -42,6 +45,9 @@ DEFAULT_SERVERS: dict[str, str] = {
     "ferry-w2": FERRY + " --workers 2",
     NAIVE: "{python} -m benchmarks.naive_server {repo} --port {port}",
     NULL: "{python} -m benchmarks.null_server {repo} --port {port}",
+    # The null server with as many listeners as Ferry's default (--grpc-listeners): what
+    # grpc.aio alone costs when it accepts calls the way Ferry does.
+    NULL_LISTENERS: "{python} -m benchmarks.null_server {repo} --port {port} --listeners 4",
 }
 
 
@@ -66,7 +72,11 @@ class ServerVariant:
 
     @property
     def is_baseline(self) -> bool:
-        return self.name in (NAIVE, NULL)
+        return self.name in BASELINES
+
+    @property
+    def is_null(self) -> bool:
+        return self.name in NULLS
 
     def argv(self, repo: Path, port: int) -> list[str]:
         return shlex.split(self.command.format(python=sys.executable, repo=repo, port=port))

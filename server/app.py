@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +30,7 @@ from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
+from .ports import port_is_free
 from .providers import GpuFallback
 from .reflection import ReflectionPool
 from .repository import ModelControlMode, ModelRepository
@@ -45,6 +46,12 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 # While draining, the port closes only after this long without a new request.
 QUIET_PERIOD_S = 0.2
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A grpc.aio server accepts one call at a time: it asks gRPC's core for the next call only
+# once the last has been handed to its handler, a round trip through gRPC's polling thread
+# per call. Listeners sharing the port take turns on the same event loop, so calls on
+# different connections are accepted together and their requests reach the batch queue in
+# the same turn of the loop (measured in benchmarks/README.md, "Listeners").
+DEFAULT_GRPC_LISTENERS = 4
 
 
 class StartupError(OSError):
@@ -74,6 +81,10 @@ class ServerOptions:
     # Share the gRPC port with other processes (SO_REUSEPORT), as --workers does; else
     # bind it alone, so that a port already taken fails the start.
     reuse_port: bool = False
+    # grpc.aio servers sharing the gRPC port in this process. Each accepts one call at a
+    # time, so several accept more calls per turn of the event loop (see
+    # DEFAULT_GRPC_LISTENERS).
+    grpc_listeners: int = 0  # 0: DEFAULT_GRPC_LISTENERS
     # A model of the start-up set that fails to load (or, outside explicit model control,
     # nothing to serve at all) fails the start, as Triton's --exit-on-error.
     exit_on_error: bool = True
@@ -89,6 +100,8 @@ class ServerOptions:
             raise ValueError(
                 f"poll interval must be > 0 s, got {self.poll_repository_s}"
             )
+        if self.grpc_listeners < 0:
+            raise ValueError(f"grpc listeners must be >= 0, got {self.grpc_listeners}")
         if self.session_threads < 0:
             raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:
@@ -198,7 +211,12 @@ class FerryServer:
             max_response_bytes=options.max_message_bytes,
             stream_limits=options.stream_limits,
         )
-        self._server = self._grpc_server()
+        # One RPC limit for every listener, not one each.
+        interceptors = options.security.interceptors(self._refused)
+        self._servers = [
+            self._grpc_server(interceptors)
+            for _ in range(options.grpc_listeners or DEFAULT_GRPC_LISTENERS)
+        ]
         self.grpc_port = 0
         self.rest = RestServer(
             RestFrontDoor(
@@ -213,8 +231,10 @@ class FerryServer:
         )
         self.http_port = 0  # the bound REST port, once started (0: none)
 
-    def _grpc_server(self) -> grpc.aio.Server:
-        """The gRPC server with every service registered, not yet bound."""
+    def _grpc_server(
+        self, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]]
+    ) -> grpc.aio.Server:
+        """One gRPC listener with every service registered, not yet bound."""
         security = self.options.security
         message_limit = self.options.max_message_bytes
         server = grpc.aio.server(
@@ -222,11 +242,13 @@ class FerryServer:
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 *security.grpc_options(),
-                ("grpc.so_reuseport", int(self.options.reuse_port)),
+                # The listeners of this process share the port; without --reuse-port
+                # start() checks first that nothing else listens on it.
+                ("grpc.so_reuseport", 1),
             ],
             # The RPC limit is an interceptor of Ferry's (not gRPC's own option), so
             # that its refusals are counted.
-            interceptors=security.interceptors(self._refused),
+            interceptors=interceptors,
         )
         shield_servicer(
             self.servicer,
@@ -254,14 +276,17 @@ class FerryServer:
 
     async def start(self) -> int:
         """Load the repository, then open the port; returns the bound gRPC port."""
-        address = f"{self.options.host}:{self.options.grpc_port}"
-        try:
-            self.grpc_port = self.options.security.bind(self._server, address)
-        except RuntimeError as exc:  # grpc's word for a port it cannot bind
+        host, port = self.options.host, self.options.grpc_port
+        address = f"{host}:{port}"
+        cause: BaseException | None = None
+        if not self.options.reuse_port and not port_is_free(host, port):
             self.grpc_port = 0
-            cause: BaseException | None = exc
         else:
-            cause = None
+            try:
+                self.grpc_port = self.options.security.bind(self._servers, host, port)
+            except RuntimeError as exc:  # grpc's word for a port it cannot bind
+                self.grpc_port = 0
+                cause = exc
         if self.grpc_port == 0:
             raise OSError(
                 f"cannot listen on {address} for gRPC (--host, --grpc-port): the address "
@@ -275,7 +300,8 @@ class FerryServer:
             log.info("serving Prometheus metrics on http://%s:%d/metrics",
                      self.options.host, self.metrics_port)
         await self._models_changed()
-        await self._server.start()
+        for server in self._servers:
+            await server.start()
         if self.options.http_port is not None:
             tls = self.options.security.tls
             self.http_port = await self.rest.start(
@@ -333,8 +359,9 @@ class FerryServer:
             if quiet_for >= QUIET_PERIOD_S:
                 break
             await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - clock()))
+        grace_left = max(0.0, min(deadline - clock(), 1.0))
         await asyncio.gather(
-            self._server.stop(grace=max(0.0, min(deadline - clock(), 1.0))),
+            *(server.stop(grace=grace_left) for server in self._servers),
             self.rest.close(),
         )
         self._metrics_endpoint.close()

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 from . import __version__, logs
-from .app import BATCH_JOIN_TIMEOUT_S, FerryServer, ServerOptions, leave_if_a_batch_still_runs
+from .app import (
+    BATCH_JOIN_TIMEOUT_S,
+    DEFAULT_GRPC_LISTENERS,
+    FerryServer,
+    ServerOptions,
+    leave_if_a_batch_still_runs,
+)
 from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
 from .repository import ModelControl, ModelControlMode
@@ -141,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="true",
         help="exit non-zero when a model of the start-up set fails to load, or there is "
         "no model to serve; false serves what did load (default: true)",
+    )
+    serve.add_argument(
+        "--grpc-listeners",
+        type=int,
+        default=0,
+        metavar="N",
+        help="grpc.aio servers sharing the gRPC port in this process; each accepts one "
+        "call at a time, so more accept calls on several connections at once; 0 means "
+        f"{DEFAULT_GRPC_LISTENERS} (default: 0)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -346,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),
             reuse_port=args.reuse_port,
+            grpc_listeners=args.grpc_listeners,
             exit_on_error=args.exit_on_error == "true",
             stream_limits=StreamLimits(args.max_stream_pending, args.max_stream_pending_bytes),
         )

@@ -400,14 +400,25 @@ class SecurityOptions:
             max_bytes=self.max_tensor_bytes or max_message_bytes,
         )
 
-    def bind(self, server: grpc.aio.Server, address: str) -> int:
-        """Open the gRPC port, with TLS when configured; returns the port (0 on failure)."""
+    def bind(self, servers: Sequence[grpc.aio.Server], host: str, port: int) -> int:
+        """Open the gRPC port on every listener, with TLS when configured; returns the
+        port (0 on failure). The first listener binds `port` (0: a free one) and the
+        others join it, so that a port picked by the system is the same for all."""
+        bound = 0
+        for server in servers:
+            address = f"{host}:{bound or port}"
+            if self.tls is None:
+                added = server.add_insecure_port(address)
+            else:
+                added = server.add_secure_port(address, self.tls.credentials())
+            if added == 0 or (bound and added != bound):
+                return 0
+            bound = added
+        address = f"{host}:{port}"
         if self.tls is None:
-            port = server.add_insecure_port(address)
-            host = address.rpartition(":")[0].strip("[]")
             who = (
                 "any process on this machine"
-                if _is_loopback(host)
+                if _is_loopback(host.strip("[]"))
                 else "anyone who can reach this address"
             )
             log.warning(
@@ -415,16 +426,13 @@ class SecurityOptions:
                 "--tls-cert and --tls-key turn on TLS",
                 address, who,
             )
-            return port
-        port = server.add_secure_port(address, self.tls.credentials())
-        log.info(
-            "gRPC on %s uses TLS%s",
-            address,
-            " and requires client certificates (mutual TLS)" if self.tls.client_ca else "",
-        )
-        return port
-
-
+        else:
+            log.info(
+                "gRPC on %s uses TLS%s",
+                address,
+                " and requires client certificates (mutual TLS)" if self.tls.client_ca else "",
+            )
+        return bound
 
 
 def _is_loopback(host: str) -> bool:
