@@ -30,7 +30,7 @@ from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
-from .ports import port_is_free
+from .ports import host_port, port_is_free
 from .providers import GpuFallback
 from .reflection import ReflectionPool
 from .repository import ModelControlMode, ModelRepository
@@ -277,7 +277,7 @@ class FerryServer:
     async def start(self) -> int:
         """Load the repository, then open the port; returns the bound gRPC port."""
         host, port = self.options.host, self.options.grpc_port
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         cause: BaseException | None = None
         if not self.options.reuse_port and not port_is_free(host, port):
             self.grpc_port = 0
@@ -297,8 +297,8 @@ class FerryServer:
             self.metrics_port = self._metrics_endpoint.start(
                 self.options.host, self.options.metrics_port
             )
-            log.info("serving Prometheus metrics on http://%s:%d/metrics",
-                     self.options.host, self.metrics_port)
+            log.info("serving Prometheus metrics on http://%s/metrics",
+                     host_port(self.options.host, self.metrics_port))
         await self._models_changed()
         for server in self._servers:
             await server.start()
@@ -310,8 +310,9 @@ class FerryServer:
                 tls.ssl_context() if tls is not None else None,
                 reuse_port=self.options.reuse_port,
             )
-            log.info("serving the Open Inference Protocol's REST binding on %s://%s:%d",
-                     "https" if tls is not None else "http", self.options.host, self.http_port)
+            log.info("serving the Open Inference Protocol's REST binding on %s://%s",
+                     "https" if tls is not None else "http",
+                     host_port(self.options.host, self.http_port))
         model_control = self.options.security.model_control
         failed = await self.manager.load_all(model_control.models_at_start())
         await self._models_changed()  # an empty start-up set is ready now
@@ -330,8 +331,8 @@ class FerryServer:
             await self._poller.prime()
             self._poller.start()
         log.info(
-            "serving the Open Inference Protocol on %s:%d (%d models ready)",
-            self.options.host, self.grpc_port, len(self.manager.loaded()),
+            "serving the Open Inference Protocol on %s (%d models ready)",
+            host_port(self.options.host, self.grpc_port), len(self.manager.loaded()),
         )
         return self.grpc_port
 

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from .ports import bare_host, host_port
+
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 10.0
 
@@ -83,10 +85,11 @@ def start_metrics_server(
 ) -> tuple[MetricsHttpServer, threading.Thread]:
     """Listen and serve on a daemon thread; raises OSError naming the address."""
     try:
-        httpd = MetricsHttpServer((host, port), registry)
+        httpd = MetricsHttpServer((bare_host(host), port), registry)
     except OSError as exc:
         raise OSError(
-            f"cannot listen on {host}:{port} for metrics (--metrics-port): {exc.strerror or exc}"
+            f"cannot listen on {host_port(host, port)} for metrics (--metrics-port): "
+            f"{exc.strerror or exc}"
         ) from exc
     thread = threading.Thread(target=httpd.serve_forever, daemon=True, name="ferry-metrics")
     thread.start()

@@ -1,4 +1,4 @@
-"""Whether a TCP port is free to listen on.
+"""Listening addresses: whether a TCP port is free, and a host as each listener takes it.
 
 Ferry's gRPC listeners share their port through SO_REUSEPORT (see
 `server.app.FerryServer`), and the kernel lets any later socket of the same user that sets
@@ -19,7 +19,7 @@ def port_is_free(host: str, port: int) -> bool:
         return True
     try:
         addresses = socket.getaddrinfo(
-            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            bare_host(host) or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror:
         return True  # the bind itself will fail and say so
@@ -36,3 +36,19 @@ def port_is_free(host: str, port: int) -> bool:
                 # Other errors (an address family this host lacks) are the bind's to
                 # report.
     return True
+
+
+def bare_host(host: str) -> str:
+    """The host as the socket API takes it: an IPv6 literal without brackets."""
+    return host.strip("[]")
+
+
+def socket_family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC parses it and URLs write it: an IPv6 literal in brackets,
+    so that `--host ::` means every address, not a malformed name."""
+    bare = bare_host(host)
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"

@@ -31,6 +31,7 @@ from .config import ModelSettings
 from .dataplane import DataPlane
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
+from .ports import bare_host, host_port, socket_family
 from .repository import ModelControl
 from .rest_codec import (
     BINARY_TYPE,
@@ -384,16 +385,15 @@ class RestServer:
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A bound socket: exclusive, as gRPC's is (a second server on a taken port fails at
     start instead of sharing it silently), or with SO_REUSEPORT for `--workers`."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener = socket.socket(socket_family(host), socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((host, port))
+        listener.bind((bare_host(host), port))
     except OSError as exc:
         listener.close()
         raise OSError(
-            f"cannot listen on {host}:{port} for REST (--host, --http-port): {exc}"
+            f"cannot listen on {host_port(host, port)} for REST (--host, --http-port): {exc}"
         ) from exc
     return listener

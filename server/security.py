@@ -22,6 +22,7 @@ import grpc
 
 from .errors import Status
 from .outcomes import RefusalHook
+from .ports import bare_host, host_port
 from .repository import ModelControl
 from .servicer import INFERENCE_SERVICE
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS, TensorLimits
@@ -406,7 +407,7 @@ class SecurityOptions:
         others join it, so that a port picked by the system is the same for all."""
         bound = 0
         for server in servers:
-            address = f"{host}:{bound or port}"
+            address = host_port(host, bound or port)
             if self.tls is None:
                 added = server.add_insecure_port(address)
             else:
@@ -414,11 +415,11 @@ class SecurityOptions:
             if added == 0 or (bound and added != bound):
                 return 0
             bound = added
-        address = f"{host}:{port}"
+        address = host_port(host, port)
         if self.tls is None:
             who = (
                 "any process on this machine"
-                if _is_loopback(host.strip("[]"))
+                if _is_loopback(bare_host(host))
                 else "anyone who can reach this address"
             )
             log.warning(

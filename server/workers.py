@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+from .ports import bare_host, socket_family
+
 log = logging.getLogger(__name__)
 
 EXECUTOR = "executor"
@@ -48,9 +50,8 @@ RESTART_WINDOW_S = 60.0
 
 def free_port(host: str) -> int:
     """A port nobody listens on now, for frontends that must all bind the same one."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
+    with socket.socket(socket_family(host), socket.SOCK_STREAM) as probe:
+        probe.bind((bare_host(host), 0))
         return int(probe.getsockname()[1])
 
 

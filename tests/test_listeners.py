@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -181,3 +182,34 @@ def test_a_port_something_else_listens_on_fails_the_start(repo: Path, listeners:
 def test_listeners_must_not_be_negative(repo: Path) -> None:
     with pytest.raises(ValueError, match="grpc listeners"):
         ServerOptions(model_path=repo, grpc_listeners=-1)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_serves_grpc_rest_and_metrics(
+    repo: Path, start_server: StartServer, host: str
+) -> None:
+    """`--host ::1` (or `[::1]`): every port listens there (gRPC once read ':::1:port')."""
+    server = start_server(repo, host=host)
+    x = rows_of(7)
+    with grpc.insecure_channel(f"[::1]:{server.port}") as channel:
+        answer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request(x), timeout=30)
+    reference = ort.InferenceSession(
+        str(repo / "m" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_allclose(
+        logits(answer), reference.run(["logits"], {"x": x})[0], rtol=1e-5, atol=1e-6
+    )
+    ready = urllib.request.urlopen(f"http://[::1]:{server.server.http_port}/v2/health/ready")
+    assert ready.status == 200
+    scraped = urllib.request.urlopen(f"http://[::1]:{server.server.metrics_port}/metrics")
+    assert b"ferry_" in scraped.read()
