@@ -49,16 +49,50 @@ def test_a_tiny_model_runs_on_one_thread(tiny: Path) -> None:
                                        ["logits"]) == 1
 
 
-def test_threads_are_kept_where_they_run_the_model_faster(tiny: Path) -> None:
-    runs = iter(range(10_000))
-    runs_per_candidate = 2 * 15  # two samples, 15 runs each
+RUNS = 15  # timed runs per sample and candidate: the pool's two samples, then one thread's
 
-    def step() -> int:
-        # The multi-threaded session is timed first: fast; then the single thread: slow.
-        return 1_000 if next(runs) < runs_per_candidate else 5_000
+
+def timed(wall_us: dict[tuple[str, int], int]) -> StepTimer:
+    """A wall clock on which each (candidate, sample) takes the given time per run."""
+    runs = iter(range(10_000))
+    order = [("pool", 0), ("pool", 1), ("one", 0), ("one", 1)]
+    return StepTimer(lambda: 1_000 * wall_us[order[next(runs) // RUNS]])
+
+
+def test_threads_are_kept_where_a_lone_request_runs_faster_on_them(tiny: Path) -> None:
+    clock = timed({("pool", 0): 1, ("pool", 1): 5, ("one", 0): 5, ("one", 1): 5})
+    chosen = calibrated_intra_op_threads(
+        tiny, SessionSettings(intra_op_threads=4), samples(), ["logits"], timer=clock
+    )
+    assert chosen == 4
+
+
+def test_a_faster_full_batch_on_the_pool_does_not_keep_it(tiny: Path) -> None:
+    """Under load there is no idle core for the pool: only a lone request's latency
+    (the first sample) keeps it, and here one thread runs that as fast."""
+    clock = timed({("pool", 0): 5, ("pool", 1): 1, ("one", 0): 5, ("one", 1): 5})
+    same_cpu = StepTimer(lambda: 1_000)
+    chosen = calibrated_intra_op_threads(
+        tiny, SessionSettings(intra_op_threads=4), samples(), ["logits"], timer=clock,
+        cpu_timer=same_cpu,
+    )
+    assert chosen == 1
+
+
+def test_threads_are_kept_where_one_thread_costs_more_cpu(tiny: Path) -> None:
+    readings = iter(range(10_000))
+    pool_readings = 2 * RUNS * 2  # two samples of RUNS runs, a reading before and after each
+
+    def cpu_clock() -> int:
+        # Each of the pool's runs (timed first) costs 1 us of CPU, each of one thread's 10 us.
+        reading = next(readings)
+        step = 1_000 if reading < pool_readings else 10_000
+        return (reading // 2) * 11_000 + (reading % 2) * step
 
     chosen = calibrated_intra_op_threads(
-        tiny, SessionSettings(intra_op_threads=4), samples(), ["logits"], timer=StepTimer(step)
+        tiny, SessionSettings(intra_op_threads=4), samples(), ["logits"],
+        timer=timed({key: 1 for key in [("pool", 0), ("pool", 1), ("one", 0), ("one", 1)]}),
+        cpu_timer=cpu_clock,
     )
     assert chosen == 4
 
