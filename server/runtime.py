@@ -130,15 +130,16 @@ def calibrated_intra_op_threads(
 
     One thread wins when a lone request (the first sample) runs about as fast on it as on
     the pool (the best of `runs` wall times), and no sample costs more CPU on it (the best
-    of `runs`, every thread of the process counted). A busy server has no idle core for the pool: there a
-    batch's CPU is what counts, and waking the pool's threads costs CPU the event loop
-    needs. An idle server runs one request at a time: there the lone request's latency is
-    what counts, so a model whose lone request gains from the pool keeps it. Measured on
-    2 cores: an MLP of 256x256 ran a batch of 1 in 9.2 us on one thread against 10.5 us on
-    two, and was served at concurrency 64 at 341 against 400 us of CPU per request (the
-    pool ran its batch of 32 in 34 us against 47 us on one thread, wall time, which the
-    earlier rule chose the pool for); a 4-layer MLP of 2048 runs a lone request in 1.5 ms
-    on one thread against 1.0 ms on two, and keeps both.
+    of `runs`, every thread of the process counted). A busy server has no idle core for
+    the pool: there a batch's CPU is what counts, and waking the pool's threads costs CPU
+    the event loop needs. An idle server runs one request at a time: there the lone
+    request's latency is what counts, so a model whose lone request gains from the pool
+    keeps it. Measured on 2 cores: an MLP of 256x256 ran a lone request in 8.9 us on one
+    thread against 10.7 us on two, and a batch of 32 at 48 against 66 us of CPU (34 us
+    against 47 us of wall time on the pool, which the earlier wall-time rule chose it
+    for); served at concurrency 64, one thread cost 341 against 400 us of CPU per request.
+    A 4-layer MLP of 2048 runs a lone request in 1.45 ms on one thread against 0.57 ms on
+    two, and keeps both.
     """
     threads = base.intra_op_threads
     if threads <= 1 or not samples or model_file.stat().st_size > CALIBRATION_MAX_FILE_BYTES:
