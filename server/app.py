@@ -52,6 +52,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # different connections are accepted together and their requests reach the batch queue in
 # the same turn of the loop (measured in benchmarks/README.md, "Listeners").
 DEFAULT_GRPC_LISTENERS = 4
+MAX_GRPC_LISTENERS = 64  # each is a gRPC server object with its own listening socket
 
 
 class StartupError(OSError):
@@ -100,8 +101,11 @@ class ServerOptions:
             raise ValueError(
                 f"poll interval must be > 0 s, got {self.poll_repository_s}"
             )
-        if self.grpc_listeners < 0:
-            raise ValueError(f"grpc listeners must be >= 0, got {self.grpc_listeners}")
+        if not 0 <= self.grpc_listeners <= MAX_GRPC_LISTENERS:
+            raise ValueError(
+                f"grpc listeners must be within 0..{MAX_GRPC_LISTENERS}, got "
+                f"{self.grpc_listeners}"
+            )
         if self.session_threads < 0:
             raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:

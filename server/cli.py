@@ -15,6 +15,7 @@ from . import __version__, logs
 from .app import (
     BATCH_JOIN_TIMEOUT_S,
     DEFAULT_GRPC_LISTENERS,
+    MAX_GRPC_LISTENERS,
     FerryServer,
     ServerOptions,
     leave_if_a_batch_still_runs,
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="grpc.aio servers sharing the gRPC port in this process; each accepts one "
         "call at a time, so more accept calls on several connections at once; 0 means "
-        f"{DEFAULT_GRPC_LISTENERS} (default: 0)",
+        f"{DEFAULT_GRPC_LISTENERS}; at most {MAX_GRPC_LISTENERS} (default: 0)",
     )
     serve.add_argument(
         "--reuse-port",

@@ -179,9 +179,10 @@ def test_a_port_something_else_listens_on_fails_the_start(repo: Path, listeners:
             asyncio.run(start())
 
 
-def test_listeners_must_not_be_negative(repo: Path) -> None:
-    with pytest.raises(ValueError, match="grpc listeners"):
-        ServerOptions(model_path=repo, grpc_listeners=-1)
+@pytest.mark.parametrize("listeners", [-1, 65])
+def test_listeners_outside_the_range_are_refused(repo: Path, listeners: int) -> None:
+    with pytest.raises(ValueError, match=r"grpc listeners must be within 0\.\.64"):
+        ServerOptions(model_path=repo, grpc_listeners=listeners)
 
 
 def ipv6_loopback() -> bool:
