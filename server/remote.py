@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RECONNECT_DELAYS_S = (0.02, 0.05, 0.1, 0.2, 0.5)
 EXECUTOR_GONE = "the executor process stopped; retry shortly"
+EXECUTOR_NOT_YET = "this frontend is still connecting to the executor process; retry shortly"
 
 
 class ExecutorLink:
@@ -326,6 +327,7 @@ class RemoteModels:
         self._on_change = on_change
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._known: list[str] = []
+        self._announced = False  # the executor has announced its models at least once
         self._index: list[IndexEntry] = []
         self._ready = asyncio.Event()
         self._closing = False
@@ -341,6 +343,7 @@ class RemoteModels:
                 RemoteStatistics(name, version), observers=self._observers,
             )
         self._models, self._known, self._index = served, known, index
+        self._announced = True
         self._ready.set()
         self._changed()
 
@@ -366,7 +369,9 @@ class RemoteModels:
         if self._closing:
             raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
         if not self._ready.is_set():
-            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+            raise FerryError(
+                ErrorKind.UNAVAILABLE, EXECUTOR_GONE if self._announced else EXECUTOR_NOT_YET
+            )
         versions = self._models.get(name)
         if not versions:
             raise not_found(f"unknown model '{name}'")

@@ -139,7 +139,7 @@ def calibrated_intra_op_threads(
     against 47 us of wall time on the pool, which the earlier wall-time rule chose it
     for); served at concurrency 64, one thread cost 341 against 400 us of CPU per request.
     A 4-layer MLP of 2048 runs a lone request in 1.45 ms on one thread against 0.57 ms on
-    two, and keeps both.
+    two (best of 15 runs in a row), and keeps both.
     """
     threads = base.intra_op_threads
     if threads <= 1 or not samples or model_file.stat().st_size > CALIBRATION_MAX_FILE_BYTES:

@@ -70,7 +70,7 @@ class Workers:
             return found()[count - 1]
 
     def wait_for_frontends(self, count: int, *, after: int = 0) -> None:
-        self.wait_for(r"serving the Open Inference Protocol", count + after)
+        self.wait_for(r"serving the Open Inference Protocol on ", count + after)
 
     def children(self) -> dict[str, list[int]]:
         """The processes of the server by role, read from /proc."""

@@ -11,6 +11,7 @@ import socket
 import numpy as np
 import pytest
 
+from ferry.server.errors import ErrorKind, FerryError
 from ferry.server.handoff import (
     ALIGN,
     Channel,
@@ -19,6 +20,7 @@ from ferry.server.handoff import (
     read_tensors,
     write_tensors,
 )
+from ferry.server.remote import ExecutorLink, RemoteModels
 
 
 def test_ring_hands_out_disjoint_blocks_and_reuses_space_in_any_free_order() -> None:
@@ -112,3 +114,17 @@ async def test_channel_frames_messages_and_carries_releases_from_other_threads()
     assert (99, (7,)) in received
     sender.close()
     receiver.close()
+
+
+def test_a_frontend_not_yet_connected_says_so_rather_than_that_the_executor_stopped() -> None:
+    link = ExecutorLink("\0ferry-test-no-executor", 0)
+    models = RemoteModels(link, ())
+    with pytest.raises(FerryError) as starting:
+        models.get("m")
+    assert starting.value.kind is ErrorKind.UNAVAILABLE
+    assert "still connecting" in starting.value.message
+    models._catalog([], ["m"], [])  # the executor announced its models once ...
+    models._lost()  # ... then went away
+    with pytest.raises(FerryError) as lost:
+        models.get("m")
+    assert "executor process stopped" in lost.value.message

@@ -410,7 +410,7 @@ def test_serve_with_json_logs(tmp_path: Path) -> None:
         assert process.stderr is not None
         for line in process.stderr:
             lines.append(line)
-            if "serving the Open Inference Protocol" in line:
+            if "serving the Open Inference Protocol on " in line:
                 break
         process.send_signal(signal.SIGTERM)
         _, rest = process.communicate(timeout=30)

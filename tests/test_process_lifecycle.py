@@ -60,11 +60,11 @@ def test_not_ready_until_every_model_has_warmed_up(
     address = f"127.0.0.1:{port}"
     server = ferry_process(repo, "--grpc-port", str(port), wait_ready=False)
     wait_until(lambda: health(address) is not None, timeout=30, what="the port to open")
-    assert "serving the Open Inference Protocol" not in server.log
+    assert "serving the Open Inference Protocol on " not in server.log
     assert health(address) == NOT_SERVING
     assert health(address, "m") == NOT_SERVING
     assert not ready(address)
-    server.wait_for("serving the Open Inference Protocol", timeout=60)
+    server.wait_for("serving the Open Inference Protocol on ", timeout=60)
     assert health(address) == SERVING and health(address, "m") == SERVING
     assert ready(address)
     assert server.stop() == 0
