@@ -100,3 +100,14 @@ class CertificateAuthority:
             )
         cert = builder.sign(self.key, hashes.SHA256())
         return _write(self.folder, stem, cert, key)
+
+
+class Pki:
+    """A test CA with a server and a client identity, and a stranger from another CA."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ca = CertificateAuthority(folder, "ferry-test-ca")
+        self.server = self.ca.issue("server", server=True)
+        self.client = self.ca.issue("client", server=False)
+        self.other_ca = CertificateAuthority(folder, "other-ca")
+        self.stranger = self.other_ca.issue("stranger", server=False)

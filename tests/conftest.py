@@ -16,6 +16,7 @@ from ferry.server.app import FerryServer, ServerOptions
 from ferry.server.executor import Runner
 from ferry.server.repository import ModelControl, ModelControlMode
 from ferry.server.security import SecurityOptions
+from tests.certificates import Pki
 from tests.gpu import gpu_unavailable_reason
 from tests.process import FerryProcess
 
@@ -177,3 +178,9 @@ def ferry_process() -> Iterator[Callable[..., FerryProcess]]:
     yield start
     for process in processes:
         process.close()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A test CA and its identities, made once per module (key generation is slow)."""
+    return Pki(tmp_path_factory.mktemp("pki"))

@@ -85,6 +85,22 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 20.0
         time.sleep(0.002)
 
 
+def send_async(
+    client: tc.InferenceServerClient, model: str, inputs: list[tc.InferInput], **kwargs: Any
+) -> Future[tc.InferResult]:
+    """Send without waiting (tritonclient's async_infer); the future gets the answer."""
+    answer: Future[tc.InferResult] = Future()
+
+    def settle(result: tc.InferResult | None, error: Exception | None) -> None:
+        if error is not None:
+            answer.set_exception(error)
+        else:
+            answer.set_result(result)
+
+    client.async_infer(model, inputs, callback=settle, **kwargs)
+    return answer
+
+
 def queue_depth(server: RunningServer, model: str) -> int:
     async def read() -> int:
         return server.server.manager.get(model).scheduler.queue_depth
@@ -111,17 +127,7 @@ class Held:
         self.pool = ThreadPoolExecutor(max_workers=16)
 
     def submit(self, inputs: list[tc.InferInput], **kwargs: Any) -> Future[tc.InferResult]:
-        """Send without waiting (tritonclient's async_infer); the future gets the answer."""
-        answer: Future[tc.InferResult] = Future()
-
-        def settle(result: tc.InferResult | None, error: Exception | None) -> None:
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(result)
-
-        self.client.async_infer(self.model, inputs, callback=settle, **kwargs)
-        return answer
+        return send_async(self.client, self.model, inputs, **kwargs)
 
     def hold_with(self, inputs: list[tc.InferInput]) -> Future[tc.InferResult]:
         """Hold the instance, and start a blocker request that stays inside its run."""

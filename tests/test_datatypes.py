@@ -15,6 +15,7 @@ input, before it is queued.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -99,12 +100,16 @@ def model_name(datatype: str) -> str:
     return f"identity_{datatype.lower()}"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    repo = tmp_path_factory.mktemp("repository")
+def identity_repository(repo: Path) -> Path:
+    """One identity model per datatype, named by model_name()."""
     for datatype in DATATYPES:
         identity_model(repo / model_name(datatype) / "1" / "model.onnx", datatype)
-    running = RunningServer(repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = RunningServer(identity_repository(tmp_path_factory.mktemp("repository")))
     yield running
     running.close()
 

@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 from ferry.server.executor import Runner
 from tests.conftest import EXPLICIT_MODEL_CONTROL, GatedInstance, RunningServer
 from tests.models import masked_encoder_model, write_config
+from tests.test_batching_e2e import send_async
 
 MAX_LENGTH = 64
 VOCAB = 64
@@ -240,17 +241,7 @@ def test_model_config_shows_the_outputs_found_at_load(
 def submit(
     client: tc.InferenceServerClient, arrays: dict[str, np.ndarray]
 ) -> Future[tc.InferResult]:
-    """Send without waiting (tritonclient's async_infer); the future gets the answer."""
-    answer: Future[tc.InferResult] = Future()
-
-    def settle(result: tc.InferResult | None, error: Exception | None) -> None:
-        if error is not None:
-            answer.set_exception(error)
-        else:
-            answer.set_result(result)
-
-    client.async_infer("encoder", infer_inputs(arrays), callback=settle)
-    return answer
+    return send_async(client, "encoder", infer_inputs(arrays))
 
 
 def wait_for_queue(server: RunningServer, count: int) -> None:

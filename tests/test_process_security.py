@@ -13,27 +13,13 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.certificates import CertificateAuthority, Identity
+from tests.certificates import Identity, Pki
 from tests.models import mlp_model, write_config
 from tests.process import FerryProcess, serve_command
 
 StartProcess = Callable[..., FerryProcess]
 KEY = "k3y-from-a-file"
 ADMIN_KEY = "adm1n-on-the-command-line"
-
-
-class Pki:
-    def __init__(self, folder: Path) -> None:
-        self.ca = CertificateAuthority(folder, "ferry-test-ca")
-        self.server = self.ca.issue("server", server=True)
-        self.client = self.ca.issue("client", server=False)
-        self.other_ca = CertificateAuthority(folder, "other-ca")
-        self.stranger = self.other_ca.issue("stranger", server=False)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

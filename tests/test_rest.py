@@ -26,8 +26,14 @@ from ferry.server.repository import ModelControl, ModelControlMode
 from ferry.server.security import ApiGroup, RestrictedApi, SecurityOptions, TlsFiles
 from tests.certificates import CertificateAuthority
 from tests.conftest import EXPLICIT_MODEL_CONTROL, GatedInstance, RunningServer
-from tests.models import identity_model, mlp_model, write_config
-from tests.test_datatypes import DATATYPES, assert_identical, model_name, sample
+from tests.models import mlp_model, write_config
+from tests.test_datatypes import (
+    DATATYPES,
+    assert_identical,
+    identity_repository,
+    model_name,
+    sample,
+)
 from tests.waiting import wait_until
 
 StartServer = Callable[..., RunningServer]
@@ -120,10 +126,7 @@ def test_health_metadata_and_config_match_grpc(repo: Path, start_server: StartSe
 
 @pytest.fixture(scope="module")
 def typed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    repo = tmp_path_factory.mktemp("repository")
-    for datatype in DATATYPES:
-        identity_model(repo / model_name(datatype) / "1" / "model.onnx", datatype)
-    running = RunningServer(repo)
+    running = RunningServer(identity_repository(tmp_path_factory.mktemp("repository")))
     yield running
     running.close()
 

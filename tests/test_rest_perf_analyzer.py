@@ -4,8 +4,6 @@ load at concurrency 1 and 2, briefly, with no error."""
 
 from __future__ import annotations
 
-import csv
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import pytest
 
 from tests.conftest import RunningServer
 from tests.external_tools import REPO, require_tool
+from tests.test_perf_analyzer import profile_briefly
 
 MODEL_REPOSITORY = REPO / "examples" / "model_repository"
 
@@ -24,25 +23,10 @@ def test_perf_analyzer_over_http(
 ) -> None:
     perf_analyzer = require_tool("perf_analyzer")
     server = start_server(MODEL_REPOSITORY)
-    report = tmp_path / "perf.csv"
-    command = [
-        perf_analyzer, "-m", "digits", "-i", "http", "-u", server.http_address,
+    protocol = [
+        "-i", "http", "-u", server.http_address,
         "--input-tensor-format", tensor_format, "--output-tensor-format", tensor_format,
-        "--concurrency-range", "1:2",
-        "--measurement-mode", "count_windows", "--measurement-request-count", "50",
-        "--stability-percentage", "999", "--max-trials", "10",
-        "-f", str(report),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=200)
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, f"perf_analyzer failed ({done.returncode}):\n{output}"
-    assert "error" not in output.lower(), output
-    with report.open() as file:
-        rows = list(csv.DictReader(file))
-    assert [row["Concurrency"] for row in rows] == ["1", "2"], rows
-    for row in rows:
-        assert float(row["Inferences/Second"]) > 0, row
-    # The server-side section comes from the statistics endpoint's JSON.
-    assert "Successful request count" in done.stdout, done.stdout
+    profile_briefly(perf_analyzer, protocol, tmp_path / "perf.csv")
     stats = server.server.manager.get("digits").stats
     assert stats.inference_count > 0

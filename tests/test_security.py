@@ -29,7 +29,7 @@ from ferry.server.security import (
     TlsFiles,
     api_group,
 )
-from tests.certificates import CertificateAuthority, Identity
+from tests.certificates import Identity, Pki
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import mlp_model
 
@@ -76,20 +76,6 @@ def repo(tmp_path: Path) -> Path:
 
 
 # TLS ----------------------------------------------------------------------------------
-
-
-class Pki:
-    def __init__(self, folder: Path) -> None:
-        self.ca = CertificateAuthority(folder, "ferry-test-ca")
-        self.server = self.ca.issue("server", server=True)
-        self.client = self.ca.issue("client", server=False)
-        self.other_ca = CertificateAuthority(folder, "other-ca")
-        self.stranger = self.other_ca.issue("stranger", server=False)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 def tls_client(
