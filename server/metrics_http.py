@@ -4,7 +4,6 @@ timeout, so that half-open connections cannot pile up threads."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -12,7 +11,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .ports import bare_host, host_port
+from .ports import bare_host, host_port, socket_family
 
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 10.0
@@ -55,7 +54,7 @@ class MetricsHttpServer(HTTPServer):
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = socket_family(address[0])
         self.registry = registry
         self.idle_timeout_s = idle_timeout_s
         self._slots = threading.BoundedSemaphore(max_connections)
