@@ -20,9 +20,11 @@ from .app import (
     ServerOptions,
     leave_if_a_batch_still_runs,
 )
+from .device_plan import executor_devices, model_devices
+from .metrics_merge import peer_metrics_address
 from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
-from .repository import ModelControl, ModelControlMode
+from .repository import ModelControl, ModelControlMode, ModelRepository
 from .security import (
     DEFAULT_MAX_CONCURRENT_STREAMS,
     DEFAULT_MAX_PING_STRIKES,
@@ -129,8 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     internal.add_argument("--process-role", choices=[EXECUTOR, FRONTEND], default=None,
                           help="run as the executor process or as one frontend process")
-    internal.add_argument("--executor-socket", default=None, metavar="NAME",
-                          help="the executor's Unix socket (abstract namespace)")
+    internal.add_argument("--executor-socket", default=None, metavar="NAME[,NAME...]",
+                          help="the executor's Unix socket (abstract namespace); a "
+                          "frontend gets every executor's, in order")
+    internal.add_argument("--executor-device", default=None, metavar="DEVICE",
+                          help="the executor of one device (cpu, gpuN): only the "
+                          "instances on it")
+    internal.add_argument("--metrics-peers", default="", metavar="NAME[,NAME...]",
+                          help="the other executors, whose figures this executor's "
+                          "/metrics merges in")
     internal.add_argument("--frontend-index", type=int, default=0, metavar="N",
                           help="which frontend this process is")
     internal.add_argument("--ready-fd", type=int, default=None, metavar="FD",
@@ -292,11 +301,16 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
     if frontend is None:
         server = FerryServer(options)
     else:
-        link = ExecutorLink(socket_address(frontend[0]), frontend[1])
+        links = [
+            ExecutorLink(socket_address(name), frontend[1]) for name in frontend[0].split(",")
+        ]
+        outcomes = OutcomesToExecutor(links)
         server = FerryServer(
             options,
-            request_observers=(OutcomesToExecutor(link),),
-            models=lambda observers, on_change: RemoteModels(link, observers, on_change),
+            request_observers=(outcomes,),
+            models=lambda observers, on_change: RemoteModels(
+                links, observers, on_change, outcomes
+            ),
         )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -384,14 +398,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.process_role == EXECUTOR:
         from .executor_process import run_executor
 
+        peers = [socket_address(name) for name in args.metrics_peers.split(",") if name]
         return asyncio.run(
-            run_executor(options, socket_address(args.executor_socket), args.ready_fd)
+            run_executor(
+                options, socket_address(args.executor_socket), args.ready_fd,
+                args.executor_device, [peer_metrics_address(peer) for peer in peers],
+            )
         )
     if args.process_role == FRONTEND:
         return asyncio.run(serve(options, (args.executor_socket, args.frontend_index)))
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
-        return supervise(argv, args.workers, args.host, args.grpc_port, options.metrics_port)
+        repository = ModelRepository(options.model_path)
+        devices = executor_devices(model_devices(repository, repository.model_names()))
+        return supervise(
+            argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
+        )
     return asyncio.run(serve(options))
 
 

@@ -505,6 +505,14 @@ def _padded_lengths(padding: PaddingSettings | None) -> tuple[tuple[int, dict[st
     return tuple((length, axes) for length in reversed(padding.buckets.lengths))
 
 
+def instance_groups_of(config: mc.ModelConfig | None) -> tuple[InstanceGroup, ...]:
+    """The config's instance groups (one KIND_CPU instance when it has none, or no
+    config at all)."""
+    if config is None or not config.instance_group:
+        return (InstanceGroup(),)
+    return tuple(_instance_group(g) for g in config.instance_group)
+
+
 def _instance_group(group: mc.ModelInstanceGroup) -> InstanceGroup:
     kind = mc.ModelInstanceGroup.Kind.Name(group.kind)
     if kind not in ("KIND_AUTO", "KIND_CPU", "KIND_GPU"):

@@ -35,3 +35,44 @@ class DeviceSettings:
     instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
     tensorrt: TensorRtSettings | None = None
     cuda_graphs: bool = False
+
+
+CPU_DEVICE = "cpu"
+
+
+def gpu_device(gpu: int) -> str:
+    return f"gpu{gpu}"
+
+
+def device_keys(groups: tuple[InstanceGroup, ...]) -> tuple[str, ...]:
+    """The devices a model's instances run on, as `--workers` names its executors: "cpu"
+    for KIND_CPU groups, "gpuN" for each GPU of a KIND_GPU group (GPU 0 when none is
+    listed, as the runtime places them). In first-seen order, each once."""
+    keys: dict[str, None] = {}
+    for group in groups:
+        if group.kind != "KIND_GPU":
+            keys[CPU_DEVICE] = None
+            continue
+        for gpu in group.gpus or (0,):
+            keys[gpu_device(gpu)] = None
+    return tuple(keys)
+
+
+def on_device(settings: DeviceSettings, device: str) -> DeviceSettings:
+    """Only the instances that run on `device` (a key of `device_keys`): what the executor
+    process of that device creates. Empty groups when the model has none there."""
+    kept: list[InstanceGroup] = []
+    for group in settings.instance_groups:
+        if group.kind != "KIND_GPU":
+            if device == CPU_DEVICE:
+                kept.append(group)
+            continue
+        gpus = tuple(gpu for gpu in group.gpus or (0,) if gpu_device(gpu) == device)
+        if gpus:
+            kept.append(InstanceGroup(group.kind, group.count, gpus))
+    return DeviceSettings(tuple(kept), settings.tensorrt, settings.cuda_graphs)
+
+
+def device_order(device: str) -> tuple[int, int]:
+    """The CPU first, then GPUs by number: the first executor serves /metrics."""
+    return (-1, 0) if device == CPU_DEVICE else (0, int(device.removeprefix("gpu")))

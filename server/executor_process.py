@@ -1,8 +1,10 @@
-"""The executor process of `ferry serve --workers N`: the one owner of the models.
+"""An executor process of `ferry serve --workers N`: the owner of the models of a device.
 
-It loads every model once, runs the ordinary `ModelScheduler` and `InstanceExecutor`s,
-serves the one `/metrics` of the whole server, and takes requests from the frontend
-processes over a Unix socket (`server.handoff`): each frontend is a `FrontendSession`.
+It loads every model with instances on its device once (every model, when there is one
+executor), runs the ordinary `ModelScheduler` and `InstanceExecutor`s, serves the one
+`/metrics` of the whole server (the first executor, merging the others' figures in:
+`server.metrics_merge`), and takes requests from the frontend processes over a Unix socket
+(`server.handoff`): each frontend is a `FrontendSession`.
 Requests from every frontend land in the same batch queues; deadlines and priorities
 arrive as the frontend computed them (monotonic clocks are system-wide), a cancelled
 request is withdrawn from its queue, and queue bounds answer at once.
@@ -17,11 +19,13 @@ import logging
 import os
 import pickle
 import socket
+from collections.abc import Sequence
 from functools import partial
 from itertools import count
 from typing import Any
 
 from .app import ServerOptions, leave_if_a_batch_still_runs
+from .device_plan import model_devices, models_on
 from .errors import ErrorKind, FerryError, Status
 from .handoff import (
     CANCEL,
@@ -46,6 +50,7 @@ from .handoff import (
 from .loading import LoadOptions
 from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
+from .metrics_merge import MergedRegistry, PeerFamiliesServer, peer_metrics_address
 from .outcomes import OutcomeObserver, RequestOutcome
 from .repository import ModelRepository
 from .rows import Tensors
@@ -156,11 +161,30 @@ class FrontendSession:
 class ExecutorService:
     """The models, their metrics, and the socket the frontends connect to."""
 
-    def __init__(self, options: ServerOptions, address: str) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        address: str,
+        device: str | None = None,
+        metrics_peers: Sequence[str] = (),
+    ) -> None:
+        """`device`: this executor loads only the instances on that device (one executor
+        per device); None: every instance. `metrics_peers`: the other executors, whose
+        figures this one's /metrics merges in."""
         self.options = options
         self.address = address
+        self.device = device
         self.metrics = ServerMetrics()
-        self._metrics_endpoint = MetricsEndpoint(self.metrics.registry)
+        registry = self.metrics.registry
+        self._metrics_endpoint = MetricsEndpoint(
+            MergedRegistry(registry, metrics_peers) if metrics_peers else registry
+        )
+        # One executor of several that does not serve /metrics answers the one that does.
+        self._peer_metrics = (
+            PeerFamiliesServer(registry, peer_metrics_address(address))
+            if device is not None and options.metrics_port is None
+            else None
+        )
         self.manager = ModelManager(
             ModelRepository(options.model_path),
             LoadOptions(
@@ -168,6 +192,7 @@ class ExecutorService:
                 session_threads=options.session_threads,
                 batch_observers_for=self.metrics.observers_for,
                 request_observers=(self.metrics,),
+                device=device,
             ),
             drain_grace_s=options.shutdown_grace_s,
         )
@@ -186,7 +211,9 @@ class ExecutorService:
             port = self._metrics_endpoint.start(self.options.host, self.options.metrics_port)
             log.info("serving Prometheus metrics on http://%s:%d/metrics",
                      self.options.host, port)
-        await self.manager.load_all(self.options.security.model_control.models_at_start())
+        if self._peer_metrics is not None:
+            await self._peer_metrics.start()
+        await self.manager.load_all(self._models_to_load())
         manager = self.manager
         self.metrics.models_changed(
             [ModelView(m.name, m, m.settings.max_batch_size) for m in manager.loaded()],
@@ -198,7 +225,16 @@ class ExecutorService:
         listener.setblocking(False)
         self._listener = listener
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
-        log.info("executor ready: %d models", len(manager.loaded()))
+        log.info("executor ready%s: %d models",
+                 f" ({self.device})" if self.device else "", len(manager.loaded()))
+
+    def _models_to_load(self) -> Sequence[str] | None:
+        names = self.options.security.model_control.models_at_start()
+        if self.device is None:
+            return names
+        repository = self.manager.repository
+        plan = model_devices(repository, repository.model_names() if names is None else names)
+        return models_on(plan, self.device)
 
     async def _accept(self) -> None:
         assert self._listener is not None
@@ -299,13 +335,21 @@ class ExecutorService:
         for session in list(self.sessions):
             session.channel.close()
         self._metrics_endpoint.close()
+        if self._peer_metrics is not None:
+            self._peer_metrics.close()
 
 
-async def run_executor(options: ServerOptions, address: str, ready_fd: int | None) -> int:
+async def run_executor(
+    options: ServerOptions,
+    address: str,
+    ready_fd: int | None,
+    device: str | None = None,
+    metrics_peers: Sequence[str] = (),
+) -> int:
     """The executor process's main: serve until SIGTERM/SIGINT, then drain."""
     import signal
 
-    service = ExecutorService(options, address)
+    service = ExecutorService(options, address, device, metrics_peers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

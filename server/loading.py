@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .batching import BatchPolicy
 from .config import DEFAULT_MODEL_FILENAME, ConfigError, ModelSettings, TensorSpec, settings_from
+from .devices import on_device
 from .errors import FerryError
 from .executor import BatchExecutor, InstanceExecutor, Runner, RunOnly
 from .loaded_model import LoadedModel
@@ -59,6 +60,9 @@ class LoadOptions:
     batch_observers_for: BatchObserverFactory = lambda name, version: ()
     request_observers: tuple[OutcomeObserver, ...] = ()
     wrap_instance: InstanceWrapper | None = field(default=None)
+    # The executor process of one device (`--workers` with several devices): only the
+    # instances on it. None: every instance the config asks for.
+    device: str | None = None
 
 
 def build_sessions(
@@ -75,6 +79,10 @@ def build_sessions(
         config.warnings if config else [],
     )
     devices = settings.devices
+    if options.device is not None:
+        devices = on_device(devices, options.device)
+        if not devices.instance_groups:
+            raise ConfigError(f"no instance_group of the config runs on {options.device}")
     where = placements(devices)
     threads = options.session_threads or default_intra_op_threads(len(where))
     session_settings = SessionSettings(

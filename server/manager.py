@@ -15,7 +15,7 @@ from .config import ConfigError
 from .errors import ErrorKind, FerryError, not_found, public_message
 from .loaded_model import LoadedModel, pick_version
 from .loading import LoadOptions, load_versions
-from .repository import IndexEntry, ModelRepository, ModelState
+from .repository import NOT_LOADED, IndexEntry, ModelRepository, ModelState
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ModelManager:
                 entries.append(IndexEntry(name, "", ModelState.UNAVAILABLE, self._failures[name]))
             else:
                 state = self._states.get(name, ModelState.UNAVAILABLE)
-                reason = "" if state is not ModelState.UNAVAILABLE else "not loaded"
+                reason = "" if state is not ModelState.UNAVAILABLE else NOT_LOADED
                 entries.append(IndexEntry(name, "", state, reason))
         return entries
 

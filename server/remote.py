@@ -18,6 +18,7 @@ import logging
 import pickle
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from itertools import count
 from typing import Any
 
@@ -48,9 +49,9 @@ from .handoff import (
 )
 from .loaded_model import LoadedModel, pick_version
 from .outcomes import OutcomeObserver, RequestOutcome
-from .repository import IndexEntry
+from .repository import NOT_LOADED, IndexEntry, ModelState
 from .rows import Tensors
-from .stats import ModelStatistics
+from .stats import ModelStatistics, add_statistics
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,10 @@ class ExecutorLink:
     @property
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.closed
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
 
     def waiting(self) -> list[asyncio.Future[Tensors]]:
         """The futures of the requests in flight."""
@@ -257,17 +262,21 @@ class ExecutorLink:
 
 
 class OutcomesToExecutor:
-    """Counts a frontend's requests where the statistics and metrics live."""
+    """Counts a frontend's requests where the statistics and metrics live: the executor
+    that serves the model (the first of them, for a model on several devices)."""
 
-    def __init__(self, link: ExecutorLink) -> None:
-        self._link = link
+    def __init__(self, links: Sequence[ExecutorLink]) -> None:
+        self._links = tuple(links)
+        self._first = self._links[0]
+        # model -> the link its outcomes go to; kept by RemoteModels
+        self.owners: dict[str, ExecutorLink] = {}
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        self._link.report(outcome)
+        self.owners.get(outcome.model, self._first).report(outcome)
 
 
 class RemoteStatistics(ModelStatistics):
-    """The executor's statistics of a version, as last fetched (`refresh_statistics`)."""
+    """The executors' statistics of a version, as last fetched (`refresh_statistics`)."""
 
     latest: pb.ModelStatistics | None = None
 
@@ -276,16 +285,35 @@ class RemoteStatistics(ModelStatistics):
 
 
 class RemoteScheduler:
-    """`ModelScheduler.submit`'s contract, served by the executor process."""
+    """`ModelScheduler.submit`'s contract, served by an executor process: the one link's,
+    or, for a version that several executors serve (a model on several devices), the
+    connected link with the fewest requests in flight."""
 
-    def __init__(self, link: ExecutorLink, name: str, version: str) -> None:
-        self._link = link
+    def __init__(self, links: Sequence[ExecutorLink], name: str, version: str) -> None:
+        self.links = tuple(links)
+        self._only = self.links[0] if len(self.links) == 1 else None
+        self._turn = 0
         self.name = name
         self.version = version
 
     @property
     def queue_depth(self) -> int:
         return 0  # the executor reports its queues in the one /metrics
+
+    @property
+    def reachable(self) -> bool:
+        return any(link.connected for link in self.links)
+
+    def _pick(self) -> ExecutorLink:
+        """Fewest in flight, ties taken in turn, so that equal devices share the load."""
+        links = self.links
+        self._turn = turn = (self._turn + 1) % len(links)
+        best: ExecutorLink | None = None
+        for offset in range(len(links)):
+            link = links[(turn + offset) % len(links)]
+            if link.connected and (best is None or link.in_flight < best.in_flight):
+                best = link
+        return best if best is not None else links[0]  # none connected: its submit says so
 
     def submit(
         self,
@@ -298,8 +326,9 @@ class RemoteScheduler:
         priority: int = 1,
         length: int = 0,
     ) -> asyncio.Future[Tensors]:
-        return self._link.submit(self.name, self.version, inputs, outputs, rows, shape_key,
-                                 deadline_s, priority, length)
+        link = self._only or self._pick()
+        return link.submit(self.name, self.version, inputs, outputs, rows, shape_key,
+                           deadline_s, priority, length)
 
     async def close(self, grace_s: float | None = None) -> None:
         return None
@@ -311,44 +340,95 @@ class RemoteScheduler:
         return True
 
 
+# What one executor announced: (name, version, settings) of its models, the names it
+# knows, and its repository index.
+Catalog = tuple[list[Any], list[str], list[IndexEntry]]
+
+
+def merged_index(catalogs: Sequence[Catalog]) -> list[IndexEntry]:
+    """The repository index over every executor: a model's READY versions wherever it is
+    loaded; else why it is not, from the executor that tried ("not loaded" from one
+    that never did)."""
+    ready: dict[str, list[IndexEntry]] = {}
+    other: dict[str, IndexEntry] = {}
+    for _, _, index in catalogs:
+        for entry in index:
+            if entry.state is ModelState.READY:
+                if entry not in ready.setdefault(entry.name, []):
+                    ready[entry.name].append(entry)
+            elif entry.name not in other or other[entry.name].reason == NOT_LOADED:
+                other[entry.name] = entry
+    entries: list[IndexEntry] = []
+    for name in sorted(set(ready) | set(other)):
+        if name in ready:
+            entries.extend(sorted(ready[name], key=lambda e: int(e.version)))
+        else:
+            entries.append(other[name])
+    return entries
+
+
 class RemoteModels:
-    """The models of the executor process, as a frontend's data plane looks them up."""
+    """The models of the executor processes, as a frontend's data plane looks them up."""
 
     def __init__(
         self,
-        link: ExecutorLink,
+        links: Sequence[ExecutorLink],
         request_observers: Sequence[OutcomeObserver],
         on_change: Callable[[], Awaitable[None]] | None = None,
+        outcomes: OutcomesToExecutor | None = None,
     ) -> None:
-        self.link = link
-        link.on_catalog = self._catalog
-        link.on_lost = self._lost
+        self.links = tuple(links)
+        for link in self.links:
+            link.on_catalog = partial(self._catalog, link)
+            link.on_lost = self._lost
         self._observers = tuple(request_observers)
         self._on_change = on_change
+        self._outcomes = outcomes
+        self._catalogs: dict[ExecutorLink, Catalog] = {}
         self._models: dict[str, dict[str, LoadedModel]] = {}
         self._known: list[str] = []
-        self._announced = False  # the executor has announced its models at least once
         self._index: list[IndexEntry] = []
-        self._ready = asyncio.Event()
+        self._ready = asyncio.Event()  # every executor has announced its models once
+        # Every executor connected: lookups take the short path.
+        self._healthy = False
         self._closing = False
         self._changes: set[asyncio.Task[None]] = set()
 
-    def _catalog(self, models: list[Any], known: list[str], index: list[IndexEntry]) -> None:
-        served: dict[str, dict[str, LoadedModel]] = {}
-        link = self.link
-        for name, version, settings in models:
-            assert isinstance(settings, ModelSettings)
-            served.setdefault(name, {})[version] = LoadedModel(
-                name, version, settings, RemoteScheduler(link, name, version),
-                RemoteStatistics(name, version), observers=self._observers,
-            )
-        self._models, self._known, self._index = served, known, index
-        self._announced = True
-        self._ready.set()
+    def _catalog(self, link: ExecutorLink, models: list[Any], known: list[str],
+                 index: list[IndexEntry]) -> None:
+        self._catalogs[link] = (models, known, index)
+        if len(self._catalogs) == len(self.links):
+            self._rebuild()
+            self._ready.set()
         self._changed()
 
+    def _rebuild(self) -> None:
+        serving: dict[tuple[str, str], list[ExecutorLink]] = {}
+        settings_of: dict[tuple[str, str], ModelSettings] = {}
+        for link in self.links:  # in executor order: the first serves /metrics
+            for name, version, settings in self._catalogs[link][0]:
+                assert isinstance(settings, ModelSettings)
+                serving.setdefault((name, version), []).append(link)
+                settings_of.setdefault((name, version), settings)
+        served: dict[str, dict[str, LoadedModel]] = {}
+        for (name, version), links in serving.items():
+            served.setdefault(name, {})[version] = LoadedModel(
+                name, version, settings_of[name, version],
+                RemoteScheduler(links, name, version),
+                RemoteStatistics(name, version), observers=self._observers,
+            )
+        if self._outcomes is not None:
+            self._outcomes.owners = {
+                name: links[0] for (name, _), links in serving.items()
+            }
+        catalogs = [self._catalogs[link] for link in self.links]
+        self._models = served
+        self._known = sorted({name for _, known, _ in catalogs for name in known})
+        self._index = merged_index(catalogs)
+        self._healthy = all(link.connected for link in self.links)
+
     def _lost(self) -> None:
-        self._ready.clear()
+        self._healthy = False
         self._changed()
 
     def _changed(self) -> None:
@@ -363,24 +443,36 @@ class RemoteModels:
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
 
+    def _reachable(self, model: LoadedModel) -> bool:
+        scheduler = model.scheduler
+        return isinstance(scheduler, RemoteScheduler) and scheduler.reachable
+
     # ModelLookup --------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> LoadedModel:
+        if self._healthy and not self._closing:
+            versions = self._models.get(name)
+            if versions:
+                return pick_version(name, versions, version)
+            raise not_found(f"unknown model '{name}'")
         if self._closing:
             raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
         if not self._ready.is_set():
-            raise FerryError(
-                ErrorKind.UNAVAILABLE, EXECUTOR_GONE if self._announced else EXECUTOR_NOT_YET
-            )
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_NOT_YET)
         versions = self._models.get(name)
         if not versions:
-            raise not_found(f"unknown model '{name}'")
-        return pick_version(name, versions, version)
+            # It may be served by the executor that is away.
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        model = pick_version(name, versions, version)
+        if not self._reachable(model):
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        return model
 
     def loaded(self) -> list[LoadedModel]:
-        if not self._ready.is_set():
-            return []
-        return [model for versions in self._models.values() for model in versions.values()]
+        return [
+            model for versions in self._models.values() for model in versions.values()
+            if self._reachable(model)
+        ]
 
     def versions_of(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=int)
@@ -397,10 +489,23 @@ class RemoteModels:
                          "unloading models is not available with --workers above 1")
 
     async def refresh_statistics(self) -> None:
-        """Fetch the executor's statistics, which count every frontend's requests."""
-        for data in await self.link.statistics():
-            message = pb.ModelStatistics.FromString(data)
-            model = self._models.get(message.name, {}).get(message.version)
+        """Fetch the executors' statistics, which count every frontend's requests; a
+        version served by several executors gets their sum."""
+        connected = [link for link in self.links if link.connected]
+        if not connected:
+            raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
+        replies = await asyncio.gather(*(link.statistics() for link in connected))
+        totals: dict[tuple[str, str], pb.ModelStatistics] = {}
+        for reply in replies:
+            for data in reply:
+                message = pb.ModelStatistics.FromString(data)
+                key = (message.name, message.version)
+                if key in totals:
+                    add_statistics(totals[key], message)
+                else:
+                    totals[key] = message
+        for (name, version), message in totals.items():
+            model = self._models.get(name, {}).get(version)
             if model is not None and isinstance(model.stats, RemoteStatistics):
                 model.stats.latest = message
 
@@ -410,36 +515,42 @@ class RemoteModels:
         return list(self._known)
 
     def is_loaded(self, name: str) -> bool:
-        return self._ready.is_set() and name in self._models
+        return self._ready.is_set() and any(
+            self._reachable(model) for model in self._models.get(name, {}).values()
+        )
 
     def all_ready(self) -> bool:
-        return self._ready.is_set() and bool(self._models)
+        return self._ready.is_set() and self._healthy and bool(self._models)
 
     async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]:
-        """Wait until the executor has announced its models. Failures are the executor's
-        to report (it exits on them, unless --exit-on-error=false): none here."""
-        self.link.start()
+        """Wait until every executor has announced its models. Failures are the
+        executors' to report (they exit on them, unless --exit-on-error=false): none
+        here."""
+        for link in self.links:
+            link.start()
         await self._ready.wait()
         return {}
 
     async def close(self, grace_s: float | None) -> None:
         """Refuse new requests, wait (up to grace_s) for those in flight, then hang up."""
         self._closing = True
-        link = self.link
+        self._healthy = False
         loop = asyncio.get_running_loop()
         deadline = None if grace_s is None else loop.time() + grace_s
-        while waiting := link.waiting():
+        while waiting := [future for link in self.links for future in link.waiting()]:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
-                link.abort("server stopped before the request ran")
+                self.abort("server stopped before the request ran")
                 break
             await asyncio.wait(waiting, timeout=left)
         # Let the callers just answered report their outcomes before hanging up.
         await asyncio.sleep(0)
-        await link.close()
+        for link in self.links:
+            await link.close()
 
     def abort(self, reason: str) -> None:
-        self.link.abort(reason)
+        for link in self.links:
+            link.abort(reason)
 
     def join_threads(self, timeout_s: float) -> bool:
         return True

@@ -35,6 +35,10 @@ class ModelState(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
+# The reason of a model of the repository that nobody asked to load.
+NOT_LOADED = "not loaded"
+
+
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
     name: str

@@ -98,3 +98,31 @@ class ModelStatistics:
             entry.compute_infer.fill(batch.compute_infer)
             entry.compute_output.fill(batch.compute_output)
         return message
+
+
+def add_statistics(into: pb.ModelStatistics, other: pb.ModelStatistics) -> None:
+    """Add `other`'s counts and durations to `into`: one version served by several
+    executor processes (`--workers` with a model on several devices) reports their sum."""
+    into.inference_count += other.inference_count
+    into.execution_count += other.execution_count
+    into.last_inference = max(into.last_inference, other.last_inference)
+    _add_durations(into.inference_stats, other.inference_stats)
+    sizes: dict[int, pb.InferBatchStatistics] = {}
+    for batch in [*into.batch_stats, *other.batch_stats]:
+        merged = sizes.get(batch.batch_size)
+        if merged is None:
+            merged = sizes[batch.batch_size] = pb.InferBatchStatistics(
+                batch_size=batch.batch_size
+            )
+        _add_durations(merged, batch)
+    del into.batch_stats[:]
+    into.batch_stats.extend(sizes[size] for size in sorted(sizes))
+
+
+def _add_durations(into: object, other: object) -> None:
+    """Every StatisticDuration field of `other` added to the same field of `into`."""
+    for field_descriptor, value in other.ListFields():  # type: ignore[attr-defined]
+        if isinstance(value, pb.StatisticDuration):
+            mine = getattr(into, field_descriptor.name)
+            mine.count += value.count
+            mine.ns += value.ns

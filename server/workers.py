@@ -1,23 +1,26 @@
-"""`ferry serve --workers N`: one executor process and N frontend processes on one port.
+"""`ferry serve --workers N`: one executor process per device and N frontend processes on
+one port.
 
 One Python process is bound by its event loop and the GIL, so it cannot use every core
 for gRPC. With `--workers N` the supervisor (this module, the process the user started)
 runs:
-- one **executor** process (`server.executor_process`): it loads each model once, owns
-  the batch queues and instances, and serves the one `/metrics` of the server;
+- one **executor** process per device the models' instance groups use (`cpu`, `gpuN`;
+  `server.device_plan`), or a single one when they all use one device
+  (`server.executor_process`): it loads its models once, with that device's instances,
+  owns their batch queues, and the first one serves the one `/metrics` of the server;
 - N **frontend** processes (`server.remote`): ordinary grpc.aio servers sharing the gRPC
   port (gRPC turns SO_REUSEPORT on by default on Linux, so the kernel spreads
   connections between them) that decode and validate requests and hand the tensors to
-  the executor through shared memory (`server.handoff`).
+  the executor that serves the model through shared memory (`server.handoff`).
 
-Faults: when the executor exits unexpectedly, the frontends answer their waiting callers
-UNAVAILABLE and report NOT_SERVING, and the supervisor starts a new executor (the models
-load and warm up again); a frontend that dies is restarted and only its own calls are
-lost. More than MAX_RESTARTS restarts within RESTART_WINDOW_S: the supervisor stops
+Faults: when an executor exits unexpectedly, the frontends answer the callers waiting on
+it UNAVAILABLE and report NOT_SERVING, and the supervisor starts a new executor for that
+device (its models load and warm up again); a frontend that dies is restarted and only its
+own calls are lost. More than MAX_RESTARTS restarts within RESTART_WINDOW_S: the supervisor stops
 everything and exits 1.
 
 Drain: SIGTERM/SIGINT goes to every frontend, which drains as a single server does; once
-they have all exited the executor is told to stop, and finishes what is still queued.
+they have all exited the executors are told to stop, and finish what is still queued.
 The exit code is the worst of the processes' last exits (1 after giving up).
 """
 
@@ -33,7 +36,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -85,19 +88,27 @@ def role_command(
     metrics_port: int | None,
     index: int = 0,
     ready_fd: int | None = None,
+    device: str | None = None,
+    metrics_peers: Sequence[str] = (),
 ) -> list[str]:
-    """The command line of one process: the user's arguments, one process, its role."""
+    """The command line of one process: the user's arguments, one process, its role.
+    A frontend's `socket_name` lists every executor's, comma-separated."""
     args = list(argv)
     for option in ("--workers", "--grpc-port", "--metrics-port", "--process-role",
-                   "--executor-socket", "--frontend-index", "--ready-fd"):
+                   "--executor-socket", "--frontend-index", "--ready-fd", "--executor-device",
+                   "--metrics-peers"):
         args = _drop_option(args, option)
     args += ["--workers", "1", "--process-role", role, "--executor-socket", socket_name]
     if role == EXECUTOR:
-        # The executor serves the server's one /metrics; the frontends serve none.
+        # The (first) executor serves the server's one /metrics; the frontends serve none.
         args += ["--grpc-port", str(grpc_port)]
         args += ["--metrics-port", str(-1 if metrics_port is None else metrics_port)]
         if ready_fd is not None:
             args += ["--ready-fd", str(ready_fd)]
+        if device is not None:
+            args += ["--executor-device", device]
+        if metrics_peers:
+            args += ["--metrics-peers", ",".join(metrics_peers)]
     else:
         # Frontends share the port on purpose (SO_REUSEPORT); a lone server binds it alone.
         args += ["--grpc-port", str(grpc_port), "--reuse-port", "--metrics-port", "-1"]
@@ -138,7 +149,7 @@ class _Child:
 
 
 class Supervisor:
-    """Starts the executor, then the frontends; restarts what dies; drains in order."""
+    """Starts the executors, then the frontends; restarts what dies; drains in order."""
 
     def __init__(
         self,
@@ -147,13 +158,17 @@ class Supervisor:
         host: str,
         grpc_port: int,
         metrics_port: int | None,
+        devices: Sequence[str] = ("cpu",),
     ) -> None:
         self.argv = list(argv)
         self.workers = workers
         self.grpc_port = grpc_port or free_port(host)
         # Chosen once, so that a restarted executor serves metrics where the first did.
         self.metrics_port = metrics_port or (None if metrics_port is None else free_port(host))
-        self.socket_name = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
+        base = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
+        # One executor per device; a single one loads every instance, as it always has.
+        self.devices: list[str | None] = list(devices) if len(devices) > 1 else [None]
+        self.socket_names = [base if d is None else f"{base}-{d}" for d in self.devices]
         self._children: dict[int, _Child] = {}
         self._restarts: deque[float] = deque()
         self._stopping = False
@@ -164,14 +179,18 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        if not self._start_executor():
+        if not self._start_executors(range(len(self.devices))):
             log.error("the executor process failed to start")
             return 1
         for index in range(self.workers):
             if not self._stopping:
                 self._start_frontend(index)
-        log.info("serving on gRPC port %d: %d frontends and one executor",
-                 self.grpc_port, self.workers)
+        if self.devices == [None]:
+            executors = "one executor"
+        else:
+            executors = f"{len(self.devices)} executors ({', '.join(map(str, self.devices))})"
+        log.info("serving on gRPC port %d: %d frontends and %s",
+                 self.grpc_port, self.workers, executors)
         while self._children:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -203,7 +222,7 @@ class Supervisor:
             self._stop(signal.SIGTERM)
             return
         if child.role == EXECUTOR:
-            if not self._start_executor() and not self._stopping:
+            if not self._start_executors([child.index]) and not self._stopping:
                 self._gave_up = True
                 self._stop(signal.SIGTERM)
         else:
@@ -217,29 +236,41 @@ class Supervisor:
         restarts.append(now)
         return len(restarts) > MAX_RESTARTS
 
-    def _start_executor(self) -> bool:
-        """Start the executor and wait until its models are loaded; False if it died."""
+    def _start_executors(self, indexes: Iterable[int]) -> bool:
+        """Start these executors (by device index) together and wait until each has
+        loaded its models; False if one died first."""
+        waiting = [self._spawn_executor(index) for index in indexes]
+        ready = True
+        for read_end in waiting:
+            try:
+                # "ready" once the models are loaded; end of file if it died first.
+                ready = bool(os.read(read_end, 16)) and ready
+            finally:
+                os.close(read_end)
+        if self._stopping and not self._frontends():
+            self._signal_executor(signal.SIGTERM)
+        return ready
+
+    def _spawn_executor(self, index: int) -> int:
+        """Start one executor; returns the pipe it writes "ready" to."""
         read_end, write_end = os.pipe()
+        first = index == 0  # serves /metrics, with the others' figures merged in
         command = role_command(
-            self.argv, EXECUTOR, socket_name=self.socket_name, grpc_port=self.grpc_port,
-            metrics_port=self.metrics_port, ready_fd=write_end,
+            self.argv, EXECUTOR, socket_name=self.socket_names[index],
+            grpc_port=self.grpc_port, metrics_port=self.metrics_port if first else None,
+            ready_fd=write_end, device=self.devices[index],
+            metrics_peers=self.socket_names[1:] if first else (),
         )
         with _signals_held():
             process = subprocess.Popen(command, pass_fds=(write_end,), preexec_fn=_child_setup)
-            self._children[process.pid] = _Child(EXECUTOR, 0, process)
+            self._children[process.pid] = _Child(EXECUTOR, index, process)
         os.close(write_end)
-        try:
-            # "ready" once the models are loaded; end of file if it died first.
-            ready = os.read(read_end, 16)
-        finally:
-            os.close(read_end)
-        if self._stopping and not self._frontends():
-            self._signal_executor(signal.SIGTERM)
-        return bool(ready)
+        return read_end
 
     def _start_frontend(self, index: int) -> None:
         command = role_command(
-            self.argv, FRONTEND, socket_name=self.socket_name, grpc_port=self.grpc_port,
+            self.argv, FRONTEND, socket_name=",".join(self.socket_names),
+            grpc_port=self.grpc_port,
             metrics_port=self.metrics_port, index=index,
         )
         with _signals_held():
@@ -271,7 +302,13 @@ class Supervisor:
 
 
 def supervise(
-    argv: Sequence[str], workers: int, host: str, grpc_port: int, metrics_port: int | None
+    argv: Sequence[str],
+    workers: int,
+    host: str,
+    grpc_port: int,
+    metrics_port: int | None,
+    devices: Sequence[str] = ("cpu",),
 ) -> int:
-    """Run one executor and `workers` frontends on one port; returns the exit code."""
-    return Supervisor(argv, workers, host, grpc_port, metrics_port).run()
+    """Run one executor per device and `workers` frontends on one port; returns the exit
+    code."""
+    return Supervisor(argv, workers, host, grpc_port, metrics_port, devices).run()

@@ -5,14 +5,9 @@ processes started by the real command line."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,115 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from .models import identity_model, mlp_model, write_config
 from .waiting import wait_until
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class Workers:
-    """`ferry serve --workers N` as a user starts it; its log is read as it is written."""
-
-    def __init__(self, repository: Path, workers: int = 2, *extra: str) -> None:
-        self.workers = workers
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ferry.server.cli", "serve", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-             "--workers", str(workers), "--shutdown-grace", "10", *extra],
-            stderr=subprocess.PIPE, text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = int(self.wait_for(r"serving on gRPC port (\d+)").group(1))
-        self.metrics_port = int(self.wait_for(r"metrics on http://[^:]+:(\d+)/").group(1))
-        self.address = f"127.0.0.1:{self.port}"
-        self.wait_for_frontends(workers)
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> re.Match[str]:
-        """The `count`-th log line matching `pattern`, waiting for it to be written."""
-        regex = re.compile(pattern)
-        with self._changed:
-            def found() -> list[re.Match[str]]:
-                return [m for m in map(regex.search, self.lines) if m]
-            if not self._changed.wait_for(lambda: len(found()) >= count, timeout):
-                raise AssertionError(f"no {pattern!r} (x{count}) in:\n{''.join(self.lines)}")
-            return found()[count - 1]
-
-    def wait_for_frontends(self, count: int, *, after: int = 0) -> None:
-        self.wait_for(r"serving the Open Inference Protocol on ", count + after)
-
-    def children(self) -> dict[str, list[int]]:
-        """The processes of the server by role, read from /proc."""
-        roles: dict[str, list[int]] = {"executor": [], "frontend": []}
-        for pid in _children_of(self.process.pid):
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if b"--process-role" in command:
-                role = command[command.index(b"--process-role") + 1].decode()
-                roles[role].append(pid)
-        return roles
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
-            text = reply.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-            self._reader.join(5)
-            if self.process.stderr is not None:
-                self.process.stderr.close()
-            print("".join(self.lines))  # shown by pytest when the test fails
-
-
-def _children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in path.read_text().split()]
-    except FileNotFoundError:
-        return []
-
-
-def _established(pid: int, port: int) -> int:
-    """TCP connections to `port` that process `pid` holds, from /proc."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:
-                count += 1
-    return count
-
-
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+from .workers import NOT_SERVING, SERVING, HealthWatch, Workers, established, shm_names
 
 
 @pytest.fixture
@@ -202,9 +89,9 @@ def _channels_by_frontend(server: Workers, each: int) -> dict[int, list[grpc.Cha
     held = {pid: [] for pid in frontends}  # type: dict[int, list[grpc.Channel]]
     spare: list[grpc.Channel] = []
     for _ in range(64):
-        before = {pid: _established(pid, server.port) for pid in frontends}
+        before = {pid: established(pid, server.port) for pid in frontends}
         channel = _connect(server.address)
-        gained = [pid for pid in frontends if _established(pid, server.port) > before[pid]]
+        gained = [pid for pid in frontends if established(pid, server.port) > before[pid]]
         assert len(gained) == 1
         (held[gained[0]] if len(held[gained[0]]) < each else spare).append(channel)
         if all(len(channels) == each for channels in held.values()):
@@ -305,29 +192,12 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
     repository: Path, workers: list[Workers]
 ) -> None:
     _queued_config(repository)
-    shm_before = _shm()
+    shm_before = shm_names()
     server = Workers(repository, 2)
     workers.append(server)
     executor = server.children()["executor"][0]
-    statuses: list[int] = []
-    seen = threading.Condition()
-    channel = grpc.insecure_channel(server.address)
-
-    def watch() -> None:
-        try:
-            for reply in health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service="")
-            ):
-                with seen:
-                    statuses.append(reply.status)
-                    seen.notify_all()
-        except grpc.RpcError:
-            pass
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    with seen:
-        assert seen.wait_for(lambda: statuses == [SERVING], 10)
+    health = HealthWatch(server.address)
+    health.wait_for([SERVING], 10)
     x = np.ones((1, 16), np.float32)
     with ThreadPoolExecutor(2) as pool:
         waiting = pool.submit(_infer, server.address, x)
@@ -337,15 +207,13 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
             waiting.result(10)
     assert "StatusCode.UNAVAILABLE" in str(lost.value.status())
     # NOT_SERVING while the executor is away, then SERVING once it has reloaded.
-    with seen:
-        assert seen.wait_for(lambda: statuses[-2:] == [NOT_SERVING, SERVING], 60), statuses
+    health.wait_for([NOT_SERVING, SERVING], 60)
     assert server.children()["executor"] != [executor]
     _queued_config(repository)  # unchanged; the restarted executor read it again
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda i: _infer(server.address, x * i), range(4)))
     assert all(a.shape == (1, 4) for a in answers)
-    channel.close()
-    watcher.join(5)
+    health.close()
     # kill -9 everything: the supervisor first, its children follow it.
     children = [pid for pids in server.children().values() for pid in pids]
     server.process.kill()
@@ -354,7 +222,7 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
         wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists()  # type: ignore[misc]
                    or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
                    what=f"process {pid} gone")
-    assert _shm() == shm_before
+    assert shm_names() == shm_before
 
 
 def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(

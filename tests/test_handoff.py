@@ -118,12 +118,12 @@ async def test_channel_frames_messages_and_carries_releases_from_other_threads()
 
 def test_a_frontend_not_yet_connected_says_so_rather_than_that_the_executor_stopped() -> None:
     link = ExecutorLink("\0ferry-test-no-executor", 0)
-    models = RemoteModels(link, ())
+    models = RemoteModels([link], ())
     with pytest.raises(FerryError) as starting:
         models.get("m")
     assert starting.value.kind is ErrorKind.UNAVAILABLE
     assert "still connecting" in starting.value.message
-    models._catalog([], ["m"], [])  # the executor announced its models once ...
+    models._catalog(link, [], ["m"], [])  # the executor announced its models once ...
     models._lost()  # ... then went away
     with pytest.raises(FerryError) as lost:
         models.get("m")

@@ -1,0 +1,158 @@
+"""`ferry serve --workers N` as a user starts it, for the tests that drive its processes:
+its log read as it is written, its processes by role, and what /proc says of them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING_LINE = r"serving the Open Inference Protocol on "
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Workers:
+    """`ferry serve --workers N` as a user starts it; its log is read as it is written."""
+
+    def __init__(self, repository: Path, workers: int = 2, *extra: str) -> None:
+        self.workers = workers
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ferry.server.cli", "serve", str(repository),
+             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+             "--workers", str(workers), "--shutdown-grace", "10", *extra],
+            stderr=subprocess.PIPE, text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self.wait_for(r"serving on gRPC port (\d+)").group(1))
+        self.metrics_port = int(self.wait_for(r"metrics on http://[^:]+:(\d+)/").group(1))
+        self.address = f"127.0.0.1:{self.port}"
+        self.wait_for_frontends(workers)
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> re.Match[str]:
+        """The `count`-th log line matching `pattern`, waiting for it to be written."""
+        regex = re.compile(pattern)
+        with self._changed:
+            def found() -> list[re.Match[str]]:
+                return [m for m in map(regex.search, self.lines) if m]
+            if not self._changed.wait_for(lambda: len(found()) >= count, timeout):
+                raise AssertionError(f"no {pattern!r} (x{count}) in:\n{''.join(self.lines)}")
+            return found()[count - 1]
+
+    def wait_for_frontends(self, count: int, *, after: int = 0) -> None:
+        self.wait_for(SERVING_LINE, count + after)
+
+    def children(self) -> dict[str, list[int]]:
+        """The processes of the server by role, read from /proc."""
+        roles: dict[str, list[int]] = {"executor": [], "frontend": []}
+        for pid in children_of(self.process.pid):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--process-role" in command:
+                role = command[command.index(b"--process-role") + 1].decode()
+                roles[role].append(pid)
+        return roles
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
+            text = reply.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(10)
+            self._reader.join(5)
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+            print("".join(self.lines))  # shown by pytest when the test fails
+
+
+def children_of(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def established(pid: int, port: int) -> int:
+    """TCP connections to `port` that process `pid` holds, from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def shm_names() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+class HealthWatch:
+    """The server's overall health as a Watch stream reports it, change by change."""
+
+    def __init__(self, address: str) -> None:
+        self.statuses: list[int] = []
+        self._seen = threading.Condition()
+        self._channel = grpc.insecure_channel(address)
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        try:
+            for reply in health_pb2_grpc.HealthStub(self._channel).Watch(
+                health_pb2.HealthCheckRequest(service="")
+            ):
+                with self._seen:
+                    self.statuses.append(reply.status)
+                    self._seen.notify_all()
+        except grpc.RpcError:
+            pass  # the channel was closed
+
+    def wait_for(self, last: list[int], timeout: float) -> None:
+        """Until the latest statuses are `last`."""
+        with self._seen:
+            if not self._seen.wait_for(lambda: self.statuses[-len(last):] == last, timeout):
+                raise AssertionError(f"health never became {last}: {self.statuses}")
+
+    def close(self) -> None:
+        self._channel.close()
+        self._thread.join(5)
