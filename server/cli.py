@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     internal.add_argument("--executor-device", default=None, metavar="DEVICE",
                           help="the executor of one device (cpu, gpuN): only the "
                           "instances on it")
-    internal.add_argument("--metrics-peers", default="", metavar="NAME[,NAME...]",
+    internal.add_argument("--peer-executors", default="", metavar="NAME[,NAME...]",
                           help="the other executors, whose figures this executor's "
                           "/metrics merges in")
     internal.add_argument("--frontend-index", type=int, default=0, metavar="N",
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.process_role == EXECUTOR:
         from .executor_process import run_executor
 
-        peers = [socket_address(name) for name in args.metrics_peers.split(",") if name]
+        peers = [socket_address(name) for name in args.peer_executors.split(",") if name]
         return asyncio.run(
             run_executor(
                 options, socket_address(args.executor_socket), args.ready_fd,
@@ -409,8 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(options, (args.executor_socket, args.frontend_index)))
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
-        repository = ModelRepository(options.model_path)
-        devices = executor_devices(model_devices(repository, repository.model_names()))
+        try:
+            repository = ModelRepository(options.model_path)
+            devices = executor_devices(model_devices(repository, repository.model_names()))
+        except OSError as exc:
+            log.error("cannot read the model repository %s: %s", options.model_path, exc)
+            return 2
         return supervise(
             argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
         )

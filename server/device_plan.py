@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import ConfigError, instance_groups_of
+from .config import instance_groups_of
 from .devices import CPU_DEVICE, device_keys, device_order
 from .errors import FerryError
 from .repository import ModelRepository
@@ -24,7 +24,7 @@ def model_devices(repository: ModelRepository, names: Sequence[str]) -> dict[str
         try:
             source = repository.locate(name)
             groups = instance_groups_of(source.config.message if source.config else None)
-        except (ConfigError, FerryError, OSError):
+        except (ValueError, FerryError, OSError):  # ConfigError, a config that is not UTF-8
             plan[name] = ()
             continue
         plan[name] = device_keys(groups)

@@ -15,6 +15,7 @@ metrics count every frontend's requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
@@ -24,7 +25,7 @@ from functools import partial
 from itertools import count
 from typing import Any
 
-from .app import ServerOptions, leave_if_a_batch_still_runs
+from .app import ServerOptions, StartupError, leave_if_a_batch_still_runs
 from .device_plan import model_devices, models_on
 from .errors import ErrorKind, FerryError, Status
 from .handoff import (
@@ -149,7 +150,7 @@ class FrontendSession:
     def _on_lost(self) -> None:
         """The frontend went away: its queued requests leave the queues; the regions go
         once nothing here maps them any more."""
-        log.info("frontend %d disconnected", self.index)
+        log.info("frontend %d disconnected%s", self.index, self.service.where)
         for future in list(self.pending.values()):
             future.cancel()
         self.request_region.close()
@@ -174,6 +175,7 @@ class ExecutorService:
         self.options = options
         self.address = address
         self.device = device
+        self.where = f" ({device})" if device else ""  # for log lines
         self.metrics = ServerMetrics()
         registry = self.metrics.registry
         self._metrics_endpoint = MetricsEndpoint(
@@ -213,7 +215,12 @@ class ExecutorService:
                      self.options.host, port)
         if self._peer_metrics is not None:
             await self._peer_metrics.start()
-        await self.manager.load_all(self._models_to_load())
+        failed = await self.manager.load_all(self._models_to_load())
+        if failed and self.options.exit_on_error:
+            # As a single process does: the supervisor then stops the server, exit code 1.
+            raise StartupError(
+                f"{'; '.join(failed.values())} (--exit-on-error=false serves what did load)"
+            )
         manager = self.manager
         self.metrics.models_changed(
             [ModelView(m.name, m, m.settings.max_batch_size) for m in manager.loaded()],
@@ -225,8 +232,7 @@ class ExecutorService:
         listener.setblocking(False)
         self._listener = listener
         self._accepting = asyncio.get_running_loop().create_task(self._accept())
-        log.info("executor ready%s: %d models",
-                 f" ({self.device})" if self.device else "", len(manager.loaded()))
+        log.info("executor ready%s: %d models", self.where, len(manager.loaded()))
 
     def _models_to_load(self) -> Sequence[str] | None:
         names = self.options.security.model_control.models_at_start()
@@ -268,7 +274,7 @@ class ExecutorService:
             return
         self.sessions.add(session)
         session.channel.send(self.catalog())
-        log.info("frontend %d connected", index)
+        log.info("frontend %d connected%s", index, self.where)
 
     def catalog(self) -> tuple[Any, ...]:
         manager = self.manager
@@ -358,9 +364,12 @@ async def run_executor(
         await service.start()
     except OSError as exc:
         log.error("the executor cannot start: %s", exc)
+        await service.stop(0.0)
         return 1
     if ready_fd is not None:
-        os.write(ready_fd, b"ready\n")
+        # The supervisor may have stopped waiting (another executor failed to start).
+        with contextlib.suppress(BrokenPipeError):
+            os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
     await stop.wait()
     log.info("executor draining")

@@ -12,7 +12,9 @@ its scrape with their metric families, over a Unix socket of their own
 - `process_*` and `python_*` describe the process that serves /metrics, and come from it
   alone.
 
-A peer that does not answer (restarting) is left out of that scrape.
+A peer that does not answer (restarting) counts with the figures it last gave, so that
+the sums do not drop; a restarted executor counts from zero again, which Prometheus reads
+as a counter reset of the sum.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .handoff import peer_is_related
 
 log = logging.getLogger(__name__)
 
-PEER_TIMEOUT_S = 2.0
+PEER_TIMEOUT_S = 1.0
 # Families of the process itself, taken from the process serving /metrics only.
 OWN_PROCESS_PREFIXES = ("process_", "python_")
 LARGEST_GAUGES = frozenset({"ferry_model_ready"})
@@ -151,15 +153,20 @@ class MergedRegistry(CollectorRegistry):
         super().__init__()
         self._own = own
         self._peers = tuple(peers)
+        # Each peer's families as it last answered: a peer that misses a scrape keeps
+        # its figures in the sum, which would otherwise drop and read as a counter reset.
+        self._last: dict[str, list[Family]] = {}
 
     def collect(self) -> Iterator[Metric]:
         sources = [families_of(self._own)]
         for address in self._peers:
             try:
-                sources.append(fetch_families(address))
+                self._last[address] = fetch_families(address)
             except (OSError, EOFError, pickle.UnpicklingError) as exc:
-                log.warning("metrics: executor at %r did not answer (%s); its figures "
-                            "are left out of this scrape", address.lstrip("\0"), exc)
+                log.warning("metrics: executor %s did not answer (%s); its figures of the "
+                            "last scrape stand in", address.lstrip("\0"), exc)
+            if address in self._last:
+                sources.append(self._last[address])
         for name, documentation, kind, samples in merge(sources):
             metric = Metric(name, documentation, kind)
             for sample_name, labels, value in samples:

@@ -1,14 +1,16 @@
-"""The frontend side of `ferry serve --workers N`: models served by the executor process.
+"""The frontend side of `ferry serve --workers N`: models served by executor processes.
 
 A frontend decodes and validates requests exactly as a single process does (its data
 plane and servicer are the ordinary ones); only the model lookup differs. `RemoteModels`
-serves the models the executor announced, each with a `RemoteScheduler` whose `submit`
-has the contract of `ModelScheduler.submit` (a future of the request's own output rows)
-but hands the request to the executor over `ExecutorLink` (`server.handoff`).
+serves the models the executors announced (one executor per device, each with an
+`ExecutorLink`), each with a `RemoteScheduler` whose `submit` has the contract of
+`ModelScheduler.submit` (a future of the request's own output rows) but hands the request
+to an executor that serves the model over its link (`server.handoff`).
 
-If the executor goes away, every waiting caller is answered UNAVAILABLE at once, the
-models stop being ready (health turns NOT_SERVING), and the link reconnects when the
-supervisor has restarted the executor.
+If an executor goes away, the callers waiting on it are answered UNAVAILABLE at once, the
+models it alone served stop being ready (health turns NOT_SERVING), and its link
+reconnects when the supervisor has restarted it. A model that another executor also
+serves (a model on two GPUs) goes on through that one meanwhile.
 """
 
 from __future__ import annotations
@@ -83,12 +85,22 @@ class ExecutorLink:
         self._response_region: Region | None = None
         self._request_blocks = RingAllocator(region_bytes)
         self._lost = asyncio.Event()
+        self._announced = False  # the catalog of this connection has arrived
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
         return self._channel is not None and not self._channel.closed
+
+    @property
+    def serving(self) -> bool:
+        """Connected, and the executor has announced its models since: requests may go."""
+        return self._announced and self.connected
+
+    @property
+    def name(self) -> str:
+        return self.address.lstrip("\0")
 
     @property
     def in_flight(self) -> int:
@@ -109,8 +121,8 @@ class ExecutorLink:
             except OSError as exc:
                 delay = RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)]
                 if attempt == 0:
-                    log.info("frontend %d: executor not reachable (%s); retrying",
-                             self.index, exc)
+                    log.info("frontend %d: executor %s not reachable (%s); retrying",
+                             self.index, self.name, exc)
                 attempt += 1
                 await asyncio.sleep(delay)
                 continue
@@ -149,6 +161,7 @@ class ExecutorLink:
     def _connection_lost(self) -> None:
         """The executor went away: answer everyone waiting, and let the link reconnect."""
         self._channel = None
+        self._announced = False
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
@@ -159,8 +172,8 @@ class ExecutorLink:
                 query.set_exception(FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE))
         self._lost.set()
         if not self._closing:
-            log.warning("frontend %d: lost the executor; its callers were answered "
-                        "UNAVAILABLE", self.index)
+            log.warning("frontend %d: lost the executor %s; its callers were answered "
+                        "UNAVAILABLE", self.index, self.name)
         self.on_lost()
 
     def _on_messages(self, messages: list[Any]) -> None:
@@ -185,6 +198,9 @@ class ExecutorLink:
                 for block in message[1]:
                     free(block)
             elif tag == CATALOG:
+                self._announced = True
+                log.info("frontend %d: executor %s serves %d models", self.index, self.name,
+                         len(message[1]))
                 self.on_catalog(message[1], message[2], message[3])
             elif tag == FLUSH:
                 assert self._channel is not None
@@ -262,17 +278,22 @@ class ExecutorLink:
 
 
 class OutcomesToExecutor:
-    """Counts a frontend's requests where the statistics and metrics live: the executor
-    that serves the model (the first of them, for a model on several devices)."""
+    """Counts a frontend's requests where the statistics and metrics live: an executor
+    that serves the model (the first one up, for a model on several devices; their
+    figures are added up wherever they are read)."""
 
     def __init__(self, links: Sequence[ExecutorLink]) -> None:
-        self._links = tuple(links)
-        self._first = self._links[0]
-        # model -> the link its outcomes go to; kept by RemoteModels
-        self.owners: dict[str, ExecutorLink] = {}
+        self._all = tuple(links)
+        # model -> the links that serve it, in executor order; kept by RemoteModels
+        self.owners: dict[str, tuple[ExecutorLink, ...]] = {}
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        self.owners.get(outcome.model, self._first).report(outcome)
+        links = self.owners.get(outcome.model, self._all)
+        for link in links:
+            if link.serving:
+                link.report(outcome)
+                return
+        links[0].report(outcome)  # none up: counted if it is back by the next flush
 
 
 class RemoteStatistics(ModelStatistics):
@@ -302,7 +323,7 @@ class RemoteScheduler:
 
     @property
     def reachable(self) -> bool:
-        return any(link.connected for link in self.links)
+        return any(link.serving for link in self.links)
 
     def _pick(self) -> ExecutorLink:
         """Fewest in flight, ties taken in turn, so that equal devices share the load."""
@@ -311,9 +332,9 @@ class RemoteScheduler:
         best: ExecutorLink | None = None
         for offset in range(len(links)):
             link = links[(turn + offset) % len(links)]
-            if link.connected and (best is None or link.in_flight < best.in_flight):
+            if link.serving and (best is None or link.in_flight < best.in_flight):
                 best = link
-        return best if best is not None else links[0]  # none connected: its submit says so
+        return best if best is not None else links[0]  # none up: its submit says so
 
     def submit(
         self,
@@ -418,14 +439,12 @@ class RemoteModels:
                 RemoteStatistics(name, version), observers=self._observers,
             )
         if self._outcomes is not None:
-            self._outcomes.owners = {
-                name: links[0] for (name, _), links in serving.items()
-            }
+            self._outcomes.owners = {name: tuple(links) for (name, _), links in serving.items()}
         catalogs = [self._catalogs[link] for link in self.links]
         self._models = served
         self._known = sorted({name for _, known, _ in catalogs for name in known})
         self._index = merged_index(catalogs)
-        self._healthy = all(link.connected for link in self.links)
+        self._healthy = all(link.serving for link in self.links)
 
     def _lost(self) -> None:
         self._healthy = False
@@ -491,12 +510,15 @@ class RemoteModels:
     async def refresh_statistics(self) -> None:
         """Fetch the executors' statistics, which count every frontend's requests; a
         version served by several executors gets their sum."""
-        connected = [link for link in self.links if link.connected]
-        if not connected:
+        serving = [link for link in self.links if link.serving]
+        replies = await asyncio.gather(
+            *(link.statistics() for link in serving), return_exceptions=True
+        )
+        answered = [reply for reply in replies if not isinstance(reply, BaseException)]
+        if not answered:  # an executor lost meanwhile answers only for its own models
             raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
-        replies = await asyncio.gather(*(link.statistics() for link in connected))
         totals: dict[tuple[str, str], pb.ModelStatistics] = {}
-        for reply in replies:
+        for reply in answered:
             for data in reply:
                 message = pb.ModelStatistics.FromString(data)
                 key = (message.name, message.version)
@@ -520,7 +542,14 @@ class RemoteModels:
         )
 
     def all_ready(self) -> bool:
-        return self._ready.is_set() and self._healthy and bool(self._models)
+        """Every model can take requests: through any of its executors, so a model on two
+        GPUs stays ready while one of them restarts."""
+        if not self._ready.is_set() or not self._models:
+            return False
+        return self._healthy or all(
+            any(self._reachable(model) for model in versions.values())
+            for versions in self._models.values()
+        )
 
     async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]:
         """Wait until every executor has announced its models. Failures are the

@@ -30,6 +30,7 @@ import ctypes
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -96,7 +97,7 @@ def role_command(
     args = list(argv)
     for option in ("--workers", "--grpc-port", "--metrics-port", "--process-role",
                    "--executor-socket", "--frontend-index", "--ready-fd", "--executor-device",
-                   "--metrics-peers"):
+                   "--peer-executors"):
         args = _drop_option(args, option)
     args += ["--workers", "1", "--process-role", role, "--executor-socket", socket_name]
     if role == EXECUTOR:
@@ -108,7 +109,7 @@ def role_command(
         if device is not None:
             args += ["--executor-device", device]
         if metrics_peers:
-            args += ["--metrics-peers", ",".join(metrics_peers)]
+            args += ["--peer-executors", ",".join(metrics_peers)]
     else:
         # Frontends share the port on purpose (SO_REUSEPORT); a lone server binds it alone.
         args += ["--grpc-port", str(grpc_port), "--reuse-port", "--metrics-port", "-1"]
@@ -180,7 +181,13 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         if not self._start_executors(range(len(self.devices))):
-            log.error("the executor process failed to start")
+            log.error("an executor process failed to start")
+            # The others have served nothing yet: no need to wait for their loads.
+            started = list(self._children.values())
+            self._children.clear()
+            for each in started:
+                each.process.kill()
+                each.process.wait()
             return 1
         for index in range(self.workers):
             if not self._stopping:
@@ -238,14 +245,22 @@ class Supervisor:
 
     def _start_executors(self, indexes: Iterable[int]) -> bool:
         """Start these executors (by device index) together and wait until each has
-        loaded its models; False if one died first."""
-        waiting = [self._spawn_executor(index) for index in indexes]
+        loaded its models; False as soon as one dies first."""
+        pipes = {self._spawn_executor(index): index for index in indexes}
+        poller = select.poll()
+        for read_end in pipes:
+            poller.register(read_end, select.POLLIN)  # end of file arrives as POLLHUP
         ready = True
-        for read_end in waiting:
-            try:
-                # "ready" once the models are loaded; end of file if it died first.
-                ready = bool(os.read(read_end, 16)) and ready
-            finally:
+        try:
+            while pipes and ready:
+                for read_end, _ in poller.poll():
+                    # "ready" once the models are loaded; end of file if it died first.
+                    ready = bool(os.read(read_end, 16)) and ready
+                    poller.unregister(read_end)
+                    os.close(read_end)
+                    del pipes[read_end]
+        finally:
+            for read_end in pipes:
                 os.close(read_end)
         if self._stopping and not self._frontends():
             self._signal_executor(signal.SIGTERM)

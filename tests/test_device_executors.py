@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,12 +24,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
+from prometheus_client import CollectorRegistry, Counter
 
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+from ferry.server import metrics_merge
 from ferry.server.device_plan import executor_devices, model_devices, models_on
 from ferry.server.devices import DeviceSettings, InstanceGroup, device_keys, on_device
-from ferry.server.metrics_merge import Family, merge
+from ferry.server.metrics_merge import Family, MergedRegistry, merge
 from ferry.server.remote import RemoteScheduler, merged_index
 from ferry.server.repository import IndexEntry, ModelRepository, ModelState
 from ferry.server.stats import add_statistics
@@ -84,15 +89,15 @@ def test_the_plan_starts_one_executor_per_device_cpu_first(tmp_path: Path) -> No
 class FakeLink:
     """An executor link that counts what it was given."""
 
-    def __init__(self, connected: bool = True) -> None:
-        self.connected = connected
+    def __init__(self) -> None:
+        self.serving = True  # connected, and its models announced
         self.in_flight = 0
 
     def submit(self, *args: Any) -> None:
         self.in_flight += 1
 
 
-def test_requests_go_to_the_connected_executor_with_the_fewest_in_flight() -> None:
+def test_requests_go_to_the_executor_up_with_the_fewest_in_flight() -> None:
     first, second = FakeLink(), FakeLink()
     scheduler = RemoteScheduler([first, second], "m", "1")  # type: ignore[list-item]
 
@@ -105,11 +110,11 @@ def test_requests_go_to_the_connected_executor_with_the_fewest_in_flight() -> No
     first.in_flight = 5  # the first is busy: the next three go to the second
     send(3)
     assert (first.in_flight, second.in_flight) == (5, 5)
-    second.connected = False  # away: everything goes to the first
+    second.serving = False  # away: everything goes to the first
     send(2)
     assert (first.in_flight, second.in_flight) == (7, 5)
     assert scheduler.reachable
-    first.connected = False
+    first.serving = False
     assert not scheduler.reachable
 
 
@@ -188,6 +193,46 @@ def test_metrics_of_several_executors_merge_series_by_series() -> None:
     assert buckets == {"1.0": 1, "2.0": 2, "4.0": 3, "8.0": 5, "+Inf": 5}
     assert sizes[("ferry_batch_size_count", (("model", "g"),))] == 5
     assert sizes[("ferry_batch_size_sum", (("model", "g"),))] == 19
+
+
+def test_a_scrape_counts_an_executor_that_never_answered_as_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    own = CollectorRegistry()
+    Counter("ferry_batches", "", ["model"], registry=own).labels("g").inc(3)
+    merged = MergedRegistry(own, ["\0ferry-test-no-such-executor-metrics"])
+    families = {m.name: m for m in merged.collect()}
+    assert [s.value for s in families["ferry_batches"].samples if s.name.endswith("_total")] == [3]
+    assert "did not answer" in caplog.text
+
+
+def test_an_executor_that_misses_a_scrape_keeps_its_last_figures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers: list[list[Family] | None] = [
+        [("ferry_batches", "", "counter", [("ferry_batches_total", {"model": "g"}, 4.0)])],
+        None,  # restarting
+        [("ferry_batches", "", "counter", [("ferry_batches_total", {"model": "g"}, 1.0)])],
+    ]
+
+    def fetch(address: str) -> list[Family]:
+        answer = answers.pop(0)
+        if answer is None:
+            raise ConnectionRefusedError("no executor there")
+        return answer
+
+    monkeypatch.setattr(metrics_merge, "fetch_families", fetch)
+    own = CollectorRegistry()
+    Counter("ferry_batches", "", ["model"], registry=own).labels("g").inc(3)
+    merged = MergedRegistry(own, ["\0peer"])
+
+    def total() -> float:
+        (family,) = [m for m in merged.collect() if m.name == "ferry_batches"]
+        return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+    assert total() == 7
+    assert total() == 7  # the sum does not drop while the peer is away
+    assert total() == 4  # back, counting from zero: a reset, as for any restart
 
 
 def test_the_repository_index_shows_a_model_ready_wherever_it_is_loaded() -> None:
@@ -312,11 +357,19 @@ def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
     assert server.metric("ferry_inferences_total") == stats["gpu_m"].inference_count + sum(
         1 + i % 3 for i in range(1, 40, 2))
     assert server.metric("ferry_model_ready") == 2
+    # The executors' own metrics sockets answer the server's processes only: this test
+    # is the supervisor's parent, not one of them.
+    gpu1 = Path(f"/proc/{executors(server)['gpu1']}/cmdline").read_bytes().split(b"\0")
+    name = gpu1[gpu1.index(b"--executor-socket") + 1].decode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stranger:
+        stranger.settimeout(10)
+        stranger.connect("\0" + name + "-metrics")
+        assert stranger.recv(1024) == b""
     assert server.stop() == 0
     assert "".join(server.lines).count("executor stopped") == 3
 
 
-def test_a_gpu_executor_killed_fails_only_its_callers_and_comes_back(
+def test_an_executor_killed_fails_only_its_callers_and_comes_back(
     tmp_path: Path, started: list[Workers]
 ) -> None:
     shm_before = shm_names()
@@ -336,27 +389,73 @@ def test_a_gpu_executor_killed_fails_only_its_callers_and_comes_back(
         wait_until(lambda i=i: server.metric("ferry_queue_depth") == i + 1,  # type: ignore[misc]
                    what=f"{i + 1} queued")
     os.kill(devices["gpu1"], signal.SIGKILL)
+    assert server.metric("ferry_model_ready") == 2  # /metrics answers meanwhile
     # Its caller is answered UNAVAILABLE at once; GPU 0's runs when its wait is over.
     wait_until(calls[0].done, timeout=2, what="the killed executor's caller answered")
     assert calls[0].exception().code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
     np.testing.assert_allclose(_logits(calls[1].result(30)),
                                reference.run(["logits"], {"x": inputs[1]})[0], rtol=1e-5)
-    # The other executors never noticed.
+    # The other executors never noticed, and the GPU model is served through GPU 0.
     assert _infer(server.address, "cpu_m", inputs[0]).shape == (1, 4)
     assert _infer(server.address, "gpu_m", np.concatenate([inputs[0]] * 4)).shape == (4, 4)
-    # NOT_SERVING while GPU 1's executor is away, SERVING once it has reloaded.
-    health.wait_for([NOT_SERVING, SERVING], 60)
     server.wait_for(rf"executor process {devices['gpu1']} exited with -9; restarting it")
+    # Back: both frontends send to the new GPU 1 executor again.
+    server.wait_for(r"frontend \d: executor \S+-gpu1 serves 1 models", count=4)
     assert executors(server)["gpu0"] == devices["gpu0"]
     assert executors(server)["gpu1"] != devices["gpu1"]
-    # Eight rows through one frontend run as two full batches.
-    batches = server.metric("ferry_batches_total")
-    more = [stub.ModelInfer.future(_request(inputs[0])) for _ in range(8)]
+    # Four requests through one frontend, each queued before the next, take turns
+    # between both GPUs again: none has a full batch (on one alone it would run at once).
+    before = server.metric("ferry_batches_total")
+    more = []
+    for i in range(4):
+        more.append(stub.ModelInfer.future(_request(inputs[0])))
+        wait_until(lambda i=i: server.metric("ferry_queue_depth") == i + 1,  # type: ignore[misc]
+                   what=f"{i + 1} queued again")
+    assert server.metric("ferry_batches_total") == before
     for call in more:
         assert _logits(call.result(30)).shape == (1, 4)
-    assert server.metric("ferry_batches_total") == batches + 2
+    # Every model kept an executor up: the server stayed ready throughout.
+    assert health.statuses == [SERVING]
+
+    # The CPU's executor is the only one of cpu_m: NOT_SERVING until it is back, and
+    # /metrics, which it serves, is back with it.
+    os.kill(devices["cpu"], signal.SIGKILL)
+    health.wait_for([SERVING, NOT_SERVING, SERVING], 60)
+    def served_again() -> bool:
+        try:
+            return server.metric("ferry_model_ready") == 2
+        except OSError:  # the port is closed until the new executor has loaded
+            return False
+
+    wait_until(served_again, timeout=30, what="/metrics served again")
+    assert _infer(server.address, "cpu_m", inputs[0]).shape == (1, 4)
     channel.close()
     health.close()
-    assert server.metric("ferry_model_ready") == 2
     assert server.stop() == 0
     assert shm_names() == shm_before
+
+
+def test_an_executor_that_cannot_start_stops_the_others_and_exits_1(tmp_path: Path) -> None:
+    mlp_model(tmp_path / "cpu_m" / "1" / "model.onnx")
+    mlp_model(tmp_path / "gpu_m" / "1" / "model.onnx")
+    write_config(tmp_path / "gpu_m", GPU_GROUPS)
+    # No CUDA here, and no falling back to the CPU: the GPU executors fail their load.
+    finished = subprocess.run(
+        [sys.executable, "-m", "ferry.server.cli", "serve", str(tmp_path), "--host",
+         "127.0.0.1", "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1",
+         "--workers", "2", "--gpu-fallback", "fail"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert finished.returncode == 1, finished.stderr
+    assert "an executor process failed to start" in finished.stderr
+    assert "--gpu-fallback fail" in finished.stderr  # the executor said why
+    assert "Traceback" not in finished.stderr
+    assert not [pid for pid in os.listdir("/proc") if pid.isdigit()
+                and str(tmp_path).encode() in _cmdline(pid)], "a process was left running"
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
