@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="frontend processes sharing the gRPC port (SO_REUSEPORT); above 1, one more "
-        "process (the executor) loads each model once and batches every frontend's "
-        "requests together, and serves the one --metrics-port (default: 1: one process "
-        "does everything)",
+        "process per device of the models' instance_groups (an executor: cpu, gpuN) loads "
+        "each model once and batches every frontend's requests together, and the first "
+        "serves the one --metrics-port (default: 1: one process does everything)",
     )
     internal = serve.add_argument_group(
         "internal", "set by --workers on the processes it starts; not for direct use"
