@@ -36,7 +36,7 @@ from .security import (
 )
 from .streams import DEFAULT_MAX_STREAM_PENDING, DEFAULT_MAX_STREAM_PENDING_BYTES, StreamLimits
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
-from .workers import EXECUTOR, FRONTEND, socket_address, supervise
+from .workers import EXECUTOR, FRONTEND, Supervisor, socket_address
 
 log = logging.getLogger("ferry")
 
@@ -398,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.process_role == EXECUTOR:
         from .executor_process import run_executor
 
-        peers = [socket_address(name) for name in args.peer_executors.split(",") if name]
+        peers = [
+            peer_metrics_address(socket_address(name))
+            for name in args.peer_executors.split(",") if name
+        ]
         return asyncio.run(
             run_executor(
                 options, socket_address(args.executor_socket), args.ready_fd,
-                args.executor_device, [peer_metrics_address(peer) for peer in peers],
+                args.executor_device, peers,
             )
         )
     if args.process_role == FRONTEND:
@@ -415,9 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("cannot read the model repository %s: %s", options.model_path, exc)
             return 2
-        return supervise(
+        return Supervisor(
             argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
-        )
+        ).run()
     return asyncio.run(serve(options))
 
 

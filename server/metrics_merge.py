@@ -82,14 +82,12 @@ def _merge_histogram(name: str, parts: Sequence[list[Sample]]) -> list[Sample]:
                 totals[key] = totals.get(key, 0.0) + value
     merged: list[Sample] = []
     for series, per_source in buckets.items():
-        bounds = sorted({bound for counts in per_source for bound in counts})
-        for bound in bounds:
+        own_bounds = [sorted(counts) for counts in per_source]
+        for bound in sorted({bound for counts in per_source for bound in counts}):
             total = 0.0
-            for counts in per_source:
-                if counts:
-                    own = sorted(counts)
-                    below = bisect.bisect_right(own, bound)
-                    total += counts[own[below - 1]] if below else 0.0
+            for counts, own in zip(per_source, own_bounds, strict=True):
+                below = bisect.bisect_right(own, bound)
+                total += counts[own[below - 1]] if below else 0.0
             merged.append((name + "_bucket", {**dict(series), "le": texts[bound]}, total))
     merged.extend((sample_name, dict(labels), value) for (sample_name, labels), value in
                   totals.items())

@@ -410,7 +410,7 @@ class RemoteModels:
         self._known: list[str] = []
         self._index: list[IndexEntry] = []
         self._ready = asyncio.Event()  # every executor has announced its models once
-        # Every executor connected: lookups take the short path.
+        # Every executor serving and not closing: lookups take the short path.
         self._healthy = False
         self._closing = False
         self._changes: set[asyncio.Task[None]] = set()
@@ -444,7 +444,7 @@ class RemoteModels:
         self._models = served
         self._known = sorted({name for _, known, _ in catalogs for name in known})
         self._index = merged_index(catalogs)
-        self._healthy = all(link.serving for link in self.links)
+        self._healthy = not self._closing and all(link.serving for link in self.links)
 
     def _lost(self) -> None:
         self._healthy = False
@@ -469,7 +469,7 @@ class RemoteModels:
     # ModelLookup --------------------------------------------------------------------
 
     def get(self, name: str, version: str = "") -> LoadedModel:
-        if self._healthy and not self._closing:
+        if self._healthy:
             versions = self._models.get(name)
             if versions:
                 return pick_version(name, versions, version)
@@ -515,7 +515,7 @@ class RemoteModels:
             *(link.statistics() for link in serving), return_exceptions=True
         )
         answered = [reply for reply in replies if not isinstance(reply, BaseException)]
-        if not answered:  # an executor lost meanwhile answers only for its own models
+        if not answered:  # every executor is away
             raise FerryError(ErrorKind.UNAVAILABLE, EXECUTOR_GONE)
         totals: dict[tuple[str, str], pb.ModelStatistics] = {}
         for reply in answered:

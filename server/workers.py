@@ -315,15 +315,3 @@ class Supervisor:
         self._signals += 1
         self._stop(signum)
 
-
-def supervise(
-    argv: Sequence[str],
-    workers: int,
-    host: str,
-    grpc_port: int,
-    metrics_port: int | None,
-    devices: Sequence[str] = ("cpu",),
-) -> int:
-    """Run one executor per device and `workers` frontends on one port; returns the exit
-    code."""
-    return Supervisor(argv, workers, host, grpc_port, metrics_port, devices).run()

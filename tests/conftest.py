@@ -19,6 +19,7 @@ from ferry.server.security import SecurityOptions
 from tests.certificates import Pki
 from tests.gpu import gpu_unavailable_reason
 from tests.process import FerryProcess
+from tests.workers import Workers
 
 T = TypeVar("T")
 
@@ -184,3 +185,12 @@ def ferry_process() -> Iterator[Callable[..., FerryProcess]]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A test CA and its identities, made once per module (key generation is slow)."""
     return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def workers() -> Iterator[list[Workers]]:
+    """`ferry serve --workers N` servers a test started, stopped after it."""
+    started: list[Workers] = []
+    yield started
+    for server in started:
+        server.stop()

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,15 @@ from ferry.server.stats import add_statistics
 
 from .models import mlp_model, write_config
 from .waiting import wait_until
-from .workers import NOT_SERVING, SERVING, HealthWatch, Workers, shm_names
+from .workers import (
+    NOT_SERVING,
+    SERVING,
+    HealthWatch,
+    Workers,
+    infer_logits,
+    infer_request,
+    shm_names,
+)
 
 GPU_GROUPS = "instance_group [{ kind: KIND_GPU gpus: [0, 1] count: 1 }]\n"
 
@@ -253,7 +260,7 @@ def test_the_repository_index_shows_a_model_ready_wherever_it_is_loaded() -> Non
 # Through the real port -------------------------------------------------------------------
 
 
-def start(tmp_path: Path, started: list[Workers], delay_s: float) -> Workers:
+def start(tmp_path: Path, workers: list[Workers], delay_s: float) -> Workers:
     """Two frontends over a CPU model and a model on GPUs 0 and 1 whose batches of 4
     wait up to `delay_s`."""
     mlp_model(tmp_path / "cpu_m" / "1" / "model.onnx")
@@ -262,16 +269,8 @@ def start(tmp_path: Path, started: list[Workers], delay_s: float) -> Workers:
     write_config(tmp_path / "gpu_m", "max_batch_size: 4\ndynamic_batching { "
                  f"max_queue_delay_microseconds: {round(delay_s * 1e6)} }}\n" + GPU_GROUPS)
     server = Workers(tmp_path, 2)
-    started.append(server)
+    workers.append(server)
     return server
-
-
-@pytest.fixture
-def started() -> Iterator[list[Workers]]:
-    servers: list[Workers] = []
-    yield servers
-    for server in servers:
-        server.stop()
 
 
 def executors(server: Workers) -> dict[str, int]:
@@ -283,31 +282,15 @@ def executors(server: Workers) -> dict[str, int]:
     return found
 
 
-def _infer(address: str, model: str, x: np.ndarray, timeout: float = 30) -> np.ndarray:
-    with triton.InferenceServerClient(address) as client:
-        data = triton.InferInput("x", list(x.shape), "FP32")
-        data.set_data_from_numpy(x)
-        logits = client.infer(model, [data], client_timeout=timeout).as_numpy("logits")
-        assert logits is not None
-        return logits
-
-
-def _request(x: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="gpu_m")
-    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    return request
-
-
 def _logits(response: pb.ModelInferResponse) -> np.ndarray:
     index = [o.name for o in response.outputs].index("logits")
     return np.frombuffer(response.raw_output_contents[index], np.float32).reshape(-1, 4)
 
 
 def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
-    tmp_path: Path, started: list[Workers]
+    tmp_path: Path, workers: list[Workers]
 ) -> None:
-    server = start(tmp_path, started, delay_s=5)
+    server = start(tmp_path, workers, delay_s=5)
     repository = tmp_path
     assert sorted(executors(server)) == ["cpu", "gpu0", "gpu1"]
     server.wait_for(r"2 frontends and 3 executors \(cpu, gpu0, gpu1\)")
@@ -321,12 +304,12 @@ def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
               for i in range(8)]
     calls = []
     for i, x in enumerate(inputs[:4]):
-        calls.append(stub.ModelInfer.future(_request(x)))
+        calls.append(stub.ModelInfer.future(infer_request("gpu_m", x)))
         wait_until(lambda i=i: server.metric("ferry_queue_depth") == i + 1,  # type: ignore[misc]
                    what=f"{i + 1} queued")
     assert server.metric("ferry_batches_total") == 0
     # Four more: each executor runs what it holds, once full or after 5 s.
-    calls += [stub.ModelInfer.future(_request(x)) for x in inputs[4:]]
+    calls += [stub.ModelInfer.future(infer_request("gpu_m", x)) for x in inputs[4:]]
     for call, x in zip(calls, inputs, strict=True):
         np.testing.assert_allclose(_logits(call.result(30)), reference.run(["logits"], {"x": x})[0],
                                    rtol=1e-5)
@@ -339,7 +322,7 @@ def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
         model = "cpu_m" if i % 2 else "gpu_m"
         if model == "gpu_m":
             x = np.concatenate([x] * 4)[:4]  # whole batches: no waiting for the 5 s
-        np.testing.assert_allclose(_infer(server.address, model, x),
+        np.testing.assert_allclose(infer_logits(server.address, model, x),
                                    reference.run(["logits"], {"x": x})[0], rtol=1e-5)
 
     with ThreadPoolExecutor(8) as pool:
@@ -370,10 +353,10 @@ def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
 
 
 def test_an_executor_killed_fails_only_its_callers_and_comes_back(
-    tmp_path: Path, started: list[Workers]
+    tmp_path: Path, workers: list[Workers]
 ) -> None:
     shm_before = shm_names()
-    server = start(tmp_path, started, delay_s=3)
+    server = start(tmp_path, workers, delay_s=3)
     reference = ort.InferenceSession(str(tmp_path / "gpu_m" / "1" / "model.onnx"))
     devices = executors(server)
     health = HealthWatch(server.address)
@@ -385,7 +368,7 @@ def test_an_executor_killed_fails_only_its_callers_and_comes_back(
     inputs = [np.full((1, 16), i + 1, np.float32) for i in range(2)]
     calls = []
     for i, x in enumerate(inputs):
-        calls.append(stub.ModelInfer.future(_request(x)))
+        calls.append(stub.ModelInfer.future(infer_request("gpu_m", x)))
         wait_until(lambda i=i: server.metric("ferry_queue_depth") == i + 1,  # type: ignore[misc]
                    what=f"{i + 1} queued")
     os.kill(devices["gpu1"], signal.SIGKILL)
@@ -396,8 +379,8 @@ def test_an_executor_killed_fails_only_its_callers_and_comes_back(
     np.testing.assert_allclose(_logits(calls[1].result(30)),
                                reference.run(["logits"], {"x": inputs[1]})[0], rtol=1e-5)
     # The other executors never noticed, and the GPU model is served through GPU 0.
-    assert _infer(server.address, "cpu_m", inputs[0]).shape == (1, 4)
-    assert _infer(server.address, "gpu_m", np.concatenate([inputs[0]] * 4)).shape == (4, 4)
+    assert infer_logits(server.address, "cpu_m", inputs[0]).shape == (1, 4)
+    assert infer_logits(server.address, "gpu_m", np.concatenate([inputs[0]] * 4)).shape == (4, 4)
     server.wait_for(rf"executor process {devices['gpu1']} exited with -9; restarting it")
     # Back: both frontends send to the new GPU 1 executor again.
     server.wait_for(r"frontend \d: executor \S+-gpu1 serves 1 models", count=4)
@@ -408,7 +391,7 @@ def test_an_executor_killed_fails_only_its_callers_and_comes_back(
     before = server.metric("ferry_batches_total")
     more = []
     for i in range(4):
-        more.append(stub.ModelInfer.future(_request(inputs[0])))
+        more.append(stub.ModelInfer.future(infer_request("gpu_m", inputs[0])))
         wait_until(lambda i=i: server.metric("ferry_queue_depth") == i + 1,  # type: ignore[misc]
                    what=f"{i + 1} queued again")
     assert server.metric("ferry_batches_total") == before
@@ -428,7 +411,7 @@ def test_an_executor_killed_fails_only_its_callers_and_comes_back(
             return False
 
     wait_until(served_again, timeout=30, what="/metrics served again")
-    assert _infer(server.address, "cpu_m", inputs[0]).shape == (1, 4)
+    assert infer_logits(server.address, "cpu_m", inputs[0]).shape == (1, 4)
     channel.close()
     health.close()
     assert server.stop() == 0

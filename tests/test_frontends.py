@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +21,16 @@ from tritonclient.utils import InferenceServerException
 
 from .models import identity_model, mlp_model, write_config
 from .waiting import wait_until
-from .workers import NOT_SERVING, SERVING, HealthWatch, Workers, established, shm_names
+from .workers import (
+    NOT_SERVING,
+    SERVING,
+    HealthWatch,
+    Workers,
+    established,
+    infer_logits,
+    infer_request,
+    shm_names,
+)
 
 
 @pytest.fixture
@@ -40,40 +48,10 @@ def _queued_config(repository: Path, delay_s: float = 30, max_queue_size: int = 
     write_config(repository / "mlp", text + " }\n")
 
 
-def _infer(address: str, x: np.ndarray, timeout: float | None = None) -> np.ndarray:
-    client = triton.InferenceServerClient(address)
-    try:
-        data = triton.InferInput("x", list(x.shape), "FP32")
-        data.set_data_from_numpy(x)
-        result = client.infer("mlp", [data], client_timeout=timeout)
-        logits = result.as_numpy("logits")
-        assert logits is not None
-        return logits
-    finally:
-        client.close()
-
-
-def _request(x: np.ndarray) -> object:
-    from ferry.proto import grpc_service_pb2 as pb
-
-    request = pb.ModelInferRequest(model_name="mlp")
-    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
-    request.raw_input_contents.append(x.tobytes())
-    return request
-
-
 def _stub(channel: grpc.Channel) -> object:
     from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
     return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture
-def workers() -> Iterator[list[Workers]]:
-    started: list[Workers] = []
-    yield started
-    for server in started:
-        server.stop()
 
 
 def _connect(address: str) -> grpc.Channel:
@@ -127,7 +105,7 @@ def test_requests_from_every_frontend_merge_into_one_batch_with_each_callers_row
     for i, ((channel, rows), (metric, value)) in enumerate(zip(sends, settled, strict=True)):
         x = np.random.default_rng(i).standard_normal((rows, 16)).astype(np.float32)
         inputs.append(x)
-        calls.append(_stub(channel).ModelInfer.future(_request(x)))  # type: ignore[attr-defined]
+        calls.append(_stub(channel).ModelInfer.future(infer_request("mlp", x)))  # type: ignore[attr-defined]
         wait_until(lambda m=metric, v=value: server.metric(m) == v,  # type: ignore[misc]
                    what=f"{metric} == {value}")
     for call, x in zip(calls, inputs, strict=True):
@@ -161,22 +139,22 @@ def test_cancelled_expired_and_refused_requests_never_run(
     # Expires in the queue: its deadline crossed the process boundary.
     started = time.monotonic()
     with pytest.raises(InferenceServerException) as expired:
-        _infer(server.address, x, timeout=0.5)
+        infer_logits(server.address, "mlp", x, timeout=0.5)
     assert "Deadline" in str(expired.value) or "DEADLINE" in str(expired.value)
     assert time.monotonic() - started < 5
     # Cancelled by its caller while queued.
     with grpc.insecure_channel(server.address) as channel:
-        call = _stub(channel).ModelInfer.future(_request(x))  # type: ignore[attr-defined]
+        call = _stub(channel).ModelInfer.future(infer_request("mlp", x))  # type: ignore[attr-defined]
         wait_until(lambda: server.metric("ferry_queue_depth") == 1, what="queued")
         call.cancel()
         wait_until(lambda: server.metric("ferry_queue_depth") == 0, what="withdrawn")
     # A full queue refuses at once.
     with ThreadPoolExecutor(4) as pool:
-        waiting = [pool.submit(_infer, server.address, x * i) for i in range(3)]
+        waiting = [pool.submit(infer_logits, server.address, "mlp", x * i) for i in range(3)]
         wait_until(lambda: server.metric("ferry_queue_depth") == 3, what="3 queued")
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as full:
-            _infer(server.address, x)
+            infer_logits(server.address, "mlp", x)
         assert "StatusCode.RESOURCE_EXHAUSTED" in str(full.value.status())
         assert time.monotonic() - started < 2
         for future in waiting:
@@ -200,7 +178,7 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
     health.wait_for([SERVING], 10)
     x = np.ones((1, 16), np.float32)
     with ThreadPoolExecutor(2) as pool:
-        waiting = pool.submit(_infer, server.address, x)
+        waiting = pool.submit(infer_logits, server.address, "mlp", x)
         wait_until(lambda: server.metric("ferry_queue_depth") == 1, what="queued")
         os.kill(executor, signal.SIGKILL)
         with pytest.raises(InferenceServerException) as lost:
@@ -211,7 +189,7 @@ def test_executor_crash_answers_waiting_callers_unavailable_then_restarts(
     assert server.children()["executor"] != [executor]
     _queued_config(repository)  # unchanged; the restarted executor read it again
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: _infer(server.address, x * i), range(4)))
+        answers = list(pool.map(lambda i: infer_logits(server.address, "mlp", x * i), range(4)))
     assert all(a.shape == (1, 4) for a in answers)
     health.close()
     # kill -9 everything: the supervisor first, its children follow it.
@@ -235,7 +213,7 @@ def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
     x = np.ones((1, 16), np.float32)
     # One caller through the frontend about to die, two through the other; all queued.
     (victim, doomed), (_, kept) = _channels_by_frontend(server, 1).items()
-    calls = [_stub(c).ModelInfer.future(_request(x * i))  # type: ignore[attr-defined]
+    calls = [_stub(c).ModelInfer.future(infer_request("mlp", x * i))  # type: ignore[attr-defined]
              for i, c in enumerate([doomed[0], kept[0], kept[0]])]
     wait_until(lambda: server.metric("ferry_queue_depth") == 3, what="3 queued")
     os.kill(victim, signal.SIGKILL)
@@ -266,8 +244,8 @@ def test_priorities_hold_across_processes(repository: Path, workers: list[Worker
     server = Workers(repository, 2)
     workers.append(server)
     (_, first), (_, second) = _channels_by_frontend(server, 1).items()
-    low = _request(np.ones((1, 16), np.float32))
-    high = _request(np.ones((2, 16), np.float32))
+    low = infer_request("mlp", np.ones((1, 16), np.float32))
+    high = infer_request("mlp", np.ones((2, 16), np.float32))
     high.parameters["priority"].int64_param = 1  # type: ignore[attr-defined]
     # A low-priority row waits for company; then two high-priority rows arrive through
     # the other frontend: they fill a batch of their own and run first, ahead of it.

@@ -13,7 +13,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
+import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ferry.proto import grpc_service_pb2 as pb
 
 SERVING_LINE = r"serving the Open Inference Protocol on "
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -156,3 +160,23 @@ class HealthWatch:
     def close(self) -> None:
         self._channel.close()
         self._thread.join(5)
+
+
+def infer_logits(
+    address: str, model: str, x: np.ndarray, timeout: float | None = None
+) -> np.ndarray:
+    """The model's "logits" for input "x", by tritonclient on a connection of its own."""
+    with triton.InferenceServerClient(address) as client:
+        data = triton.InferInput("x", list(x.shape), "FP32")
+        data.set_data_from_numpy(x)
+        logits = client.infer(model, [data], client_timeout=timeout).as_numpy("logits")
+        assert logits is not None
+        return logits
+
+
+def infer_request(model: str, x: np.ndarray) -> pb.ModelInferRequest:
+    """A raw ModelInferRequest of input "x", for the generated stubs."""
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    return request
