@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from google.protobuf import text_format
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto import model_config_pb2 as mc
+from ferry.server.event_loop import ASYNCIO, EVENT_LOOPS
+from ferry.server.event_loop import run as run_on_loop
 
 # onnxruntime's type names -> (protocol datatype, numpy dtype, config enum name)
 ORT_TYPES: dict[str, tuple[str, type[np.generic], str]] = {
@@ -121,7 +124,19 @@ def parse_args(description: str) -> argparse.Namespace:
         help="grpc.aio servers sharing the port in this process, as Ferry's --grpc-listeners "
         "(default: 1, what a server written without Ferry has)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=list(EVENT_LOOPS),
+        default=ASYNCIO,
+        help="the asyncio event loop, as Ferry's --event-loop (default: asyncio, the "
+        "standard library's, what a server written without Ferry has)",
+    )
     return parser.parse_args()
+
+
+def run_server(main: Coroutine[Any, Any, None], args: argparse.Namespace) -> None:
+    """Serve on the event loop the arguments ask for."""
+    run_on_loop(main, args.event_loop)
 
 
 async def serve(

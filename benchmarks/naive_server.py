@@ -9,7 +9,6 @@ thread, onnxruntime's default session options.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -17,7 +16,15 @@ import numpy as np
 
 from ferry.proto import grpc_service_pb2 as pb
 
-from .baseline import NUMPY_DTYPES, ORT_TYPES, MetadataServicer, load_repository, parse_args, serve
+from .baseline import (
+    NUMPY_DTYPES,
+    ORT_TYPES,
+    MetadataServicer,
+    load_repository,
+    parse_args,
+    run_server,
+    serve,
+)
 
 
 class NaiveServicer(MetadataServicer):
@@ -55,7 +62,7 @@ class NaiveServicer(MetadataServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    asyncio.run(serve(NaiveServicer(load_repository(args.repository)), args.host, args.port))
+    run_server(serve(NaiveServicer(load_repository(args.repository)), args.host, args.port), args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 
 from ferry.proto import grpc_service_pb2 as pb
 
-from .baseline import load_repository, parse_args, serve
+from .baseline import load_repository, parse_args, run_server, serve
 from .null_server import NullServicer
 
 
@@ -34,7 +34,8 @@ class NullAwaitServicer(NullServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    asyncio.run(serve(NullAwaitServicer(load_repository(args.repository)), args.host, args.port))
+    servicer = NullAwaitServicer(load_repository(args.repository))
+    run_server(serve(servicer, args.host, args.port), args)
 
 
 if __name__ == "__main__":

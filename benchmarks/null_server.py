@@ -9,14 +9,21 @@ zeros per output) is built once at start.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import numpy as np
 
 from ferry.proto import grpc_service_pb2 as pb
 
-from .baseline import ORT_TYPES, BaselineModel, MetadataServicer, load_repository, parse_args, serve
+from .baseline import (
+    ORT_TYPES,
+    BaselineModel,
+    MetadataServicer,
+    load_repository,
+    parse_args,
+    run_server,
+    serve,
+)
 
 
 def prebuilt_response(model: BaselineModel) -> pb.ModelInferResponse:
@@ -45,8 +52,9 @@ class NullServicer(MetadataServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    asyncio.run(
-        serve(NullServicer(load_repository(args.repository)), args.host, args.port, args.listeners)
+    run_server(
+        serve(NullServicer(load_repository(args.repository)), args.host, args.port, args.listeners),
+        args,
     )
 
 

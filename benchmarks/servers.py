@@ -28,7 +28,8 @@ from .cpu import process_group_cpu_seconds
 NAIVE = "naive"
 NULL = "null"
 NULL_LISTENERS = "null-l4"
-NULLS = (NULL, NULL_LISTENERS)
+NULL_UVLOOP = "null-l4-uv"
+NULLS = (NULL, NULL_LISTENERS, NULL_UVLOOP)
 BASELINES = (NAIVE, *NULLS)
 READY_PROBES = 8
 
@@ -48,6 +49,9 @@ DEFAULT_SERVERS: dict[str, str] = {
     # The null server with as many listeners as Ferry's default (--grpc-listeners): what
     # grpc.aio alone costs when it accepts calls the way Ferry does.
     NULL_LISTENERS: "{python} -m benchmarks.null_server {repo} --port {port} --listeners 4",
+    # And on uvloop, Ferry's default --event-loop: grpc.aio's floor on Ferry's loop.
+    NULL_UVLOOP: "{python} -m benchmarks.null_server {repo} --port {port} --listeners 4 "
+    "--event-loop uvloop",
 }
 
 

@@ -23,6 +23,7 @@ from ferry.proto._pool import POOL
 
 from .dataplane import DataPlane, ModelLookup
 from .errors import Status
+from .event_loop import loop_name
 from .grpc_status import shield_servicer
 from .loading import InstanceWrapper, LoadOptions
 from .logs import AccessLog, RejectionLog
@@ -335,8 +336,9 @@ class FerryServer:
             await self._poller.prime()
             self._poller.start()
         log.info(
-            "serving the Open Inference Protocol on %s (%d models ready)",
+            "serving the Open Inference Protocol on %s (%d models ready, %s event loop)",
             host_port(self.options.host, self.grpc_port), len(self.manager.loaded()),
+            loop_name(asyncio.get_running_loop()),
         )
         return self.grpc_port
 

@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__, logs
+from . import __version__, event_loop, logs
 from .app import (
     BATCH_JOIN_TIMEOUT_S,
     DEFAULT_GRPC_LISTENERS,
@@ -21,6 +21,7 @@ from .app import (
     leave_if_a_batch_still_runs,
 )
 from .device_plan import executor_devices, model_devices
+from .event_loop import EVENT_LOOPS, default_event_loop
 from .metrics_merge import peer_metrics_address
 from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
@@ -166,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="grpc.aio servers sharing the gRPC port in this process; each accepts one "
         "call at a time, so more accept calls on several connections at once; 0 means "
         f"{DEFAULT_GRPC_LISTENERS}; at most {MAX_GRPC_LISTENERS} (default: 0)",
+    )
+    serve.add_argument(
+        "--event-loop",
+        choices=list(EVENT_LOOPS),
+        default=default_event_loop(),
+        help="the asyncio event loop of every Ferry process: uvloop spends less CPU per "
+        "request than the standard library's (benchmarks/README.md, 'Event loop') "
+        "(default: uvloop where it is installed, else asyncio)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -402,14 +411,17 @@ def main(argv: list[str] | None = None) -> int:
             peer_metrics_address(socket_address(name))
             for name in args.peer_executors.split(",") if name
         ]
-        return asyncio.run(
+        return event_loop.run(
             run_executor(
                 options, socket_address(args.executor_socket), args.ready_fd,
                 args.executor_device, peers,
-            )
+            ),
+            args.event_loop,
         )
     if args.process_role == FRONTEND:
-        return asyncio.run(serve(options, (args.executor_socket, args.frontend_index)))
+        return event_loop.run(
+            serve(options, (args.executor_socket, args.frontend_index)), args.event_loop
+        )
     if args.workers > 1:
         argv = sys.argv[1:] if argv is None else argv
         try:
@@ -421,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(
             argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
         ).run()
-    return asyncio.run(serve(options))
+    return event_loop.run(serve(options), args.event_loop)
 
 
 

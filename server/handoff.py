@@ -32,7 +32,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from math import prod
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -240,8 +240,8 @@ class Channel(asyncio.Protocol):
         self.flushes = 0  # frames sent so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport, whatever its class: uvloop's are not asyncio.Transport's.
+        self._transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
 

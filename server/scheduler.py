@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 
 from .batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from .errors import ErrorKind, FerryError
+from .event_loop import timer_delay
 from .executor import BatchExecutor, BatchItem, ExecutedBatch, ExecutionLane, Outcome
 from .rows import Tensors
 
@@ -275,7 +276,7 @@ class ModelScheduler:
                 self._timer.cancel()
                 self._timer = None
             if wakeup_at is not None:
-                self._timer = self._loop.call_later(max(0.0, wakeup_at - now), self._on_timer)
+                self._timer = self._loop.call_later(timer_delay(wakeup_at - now), self._on_timer)
             self._timer_at = wakeup_at
         self._notify_if_idle()
 

@@ -4,6 +4,7 @@ event-loop thread so that blocking clients (tritonclient) can talk to it from a 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from ferry.server.app import FerryServer, ServerOptions
+from ferry.server.event_loop import default_event_loop, loop_factory
 from ferry.server.executor import Runner
 from ferry.server.repository import ModelControl, ModelControlMode
 from ferry.server.security import SecurityOptions
@@ -31,6 +33,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=60.0,
         help="how long tests/test_soak.py keeps its clients busy (CI: 60)",
     )
+
+# The loop every in-process test runs on: the servers' default (uvloop where installed).
+# FERRY_TEST_EVENT_LOOP=asyncio runs them on the standard library's loop instead.
+TEST_EVENT_LOOP = os.environ.get("FERRY_TEST_EVENT_LOOP") or default_event_loop()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {TEST_EVENT_LOOP: loop_factory(TEST_EVENT_LOOP)}
+
 
 def soak_timeout_s(soak_seconds: float) -> float:
     """The timeout of a soak test: its requested length, plus time to start the server
@@ -67,7 +80,7 @@ class RunningServer:
         wrap_instance: Callable[[str, Runner], Runner] | None = None,
         **options: Any,
     ) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = loop_factory(TEST_EVENT_LOOP)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         options.setdefault("host", "127.0.0.1")

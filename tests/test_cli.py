@@ -222,6 +222,36 @@ def test_signal_stops_cleanly(serve: FerryProcess, signum: signal.Signals) -> No
     assert "stopped" in serve.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    "event_loop", [None, "asyncio", "uvloop"], ids=["default", "asyncio", "uvloop"]
+)
+def test_each_event_loop_serves_and_stops(repository: Path, event_loop: str | None) -> None:
+    """uvloop by default (it is a dependency); --event-loop asyncio is the standard loop.
+    Either batches (mlp waits 500 us for a batch of 4), answers and drains on SIGTERM."""
+    choice = ["--event-loop", event_loop] if event_loop else []
+    process = FerryProcess(str(repository), "--host", "127.0.0.1", "--grpc-port", "0",
+                           "--http-port", "-1", "--metrics-port", "-1", *choice)
+    try:
+        port = int(process.wait_for(SERVING).group(2))
+        assert f"{event_loop or 'uvloop'} event loop" in process.stderr, process.stderr
+        rng = np.random.default_rng(7)
+        inputs = [rng.standard_normal((rows, 16)).astype(np.float32) for rows in (1, 2, 3)]
+        with triton.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            answers: list[np.ndarray] = []
+            for x in inputs:
+                tensor = triton.InferInput("x", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                answers.append(client.infer("mlp", [tensor]).as_numpy("probs"))
+        for x, probs in zip(inputs, answers, strict=True):
+            assert probs.shape == (len(x), 4)
+            np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+        process.process.send_signal(signal.SIGTERM)
+        assert process.finish() == 0, process.stderr
+        assert "Traceback" not in process.stderr, process.stderr
+    finally:
+        process.close()
+
+
 def test_single_model_file(tmp_path: Path) -> None:
     model = mlp_model(tmp_path / "classifier.onnx")
     process = FerryProcess(str(model), "--host", "127.0.0.1", "--grpc-port", "0",

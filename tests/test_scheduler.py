@@ -175,6 +175,38 @@ async def until(condition: object, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+class CountingClock(FakeClock):
+    """A FakeClock that counts how often the scheduler looks at it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+
+@pytest.mark.asyncio
+async def test_a_sub_millisecond_queue_delay_waits_without_spinning() -> None:
+    """uvloop (the default loop) rounds a timer's delay to the nearest millisecond, so a
+    0.3 ms timer fires at once: re-armed until the request is due, it would spin the loop.
+    The scheduler rounds delays up, so it wakes about once per millisecond. The clock is
+    held still, so the request stays 0.3 ms from due for as long as the test waits."""
+    clock = CountingClock()
+    instance = FakeInstance()
+    async with serving(instance, clock=clock, max_queue_delay_s=0.0003) as scheduler:
+        future = send(scheduler, rows(1))
+        reads = clock.reads
+        # Real time on purpose: what is under test is how often the loop's timer fires.
+        await asyncio.sleep(0.02)
+        assert not future.done()
+        assert clock.reads - reads <= 40, f"{clock.reads - reads} wake-ups in 20 ms"
+        clock.advance(0.0003)
+        assert (await result(future))["double"].tolist() == [[2]]
+    assert instance.batch_rows == [1]
+
+
 # -- rows back to their callers ---------------------------------------------------------
 
 

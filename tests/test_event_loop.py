@@ -1,0 +1,59 @@
+"""The choice of event loop (server.event_loop): uvloop by default, asyncio on request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ferry.server.event_loop import (
+    ASYNCIO,
+    UVLOOP,
+    default_event_loop,
+    loop_factory,
+    loop_name,
+    run,
+    timer_delay,
+    uvloop_available,
+)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (-0.5, 0.0),
+        (0.0, 0.0),
+        (0.000001, 0.001),
+        (0.0003, 0.001),
+        (0.001, 0.001),
+        (0.0010001, 0.002),
+        (0.003 - 1e-12, 0.003),  # float error below a whole millisecond adds nothing
+        (2.5, 2.5),
+    ],
+)
+def test_timer_delays_round_up_to_whole_milliseconds(seconds: float, expected: float) -> None:
+    assert timer_delay(seconds) == pytest.approx(expected, abs=1e-12)
+
+
+def test_uvloop_is_installed_and_the_default() -> None:
+    assert uvloop_available()
+    assert default_event_loop() == UVLOOP
+
+
+@pytest.mark.parametrize("kind", [UVLOOP, ASYNCIO])
+def test_run_uses_the_loop_it_is_asked_for(kind: str) -> None:
+    async def which() -> str:
+        return loop_name(asyncio.get_running_loop())
+
+    assert run(which(), kind) == kind
+
+
+def test_an_unknown_loop_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown event loop 'tokio'.*uvloop, asyncio"):
+        loop_factory("tokio")
+
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ValueError, match="tokio"):
+        run(never(), "tokio")  # the coroutine is closed, not left unawaited
