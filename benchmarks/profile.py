@@ -34,8 +34,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "finish (settle futures, batch observers)": ("_finish (",),
     "encode (arrays -> protobuf)": ("encode_response (",),
     "outcome observers (metrics, statistics, logs)": ("request_finished (",),
-    "waiting (epoll, condition, queue get)": ("epoll_wait", "pthread_cond_wait", "sem_wait",
-                                              "futex_wait", "_serve (", "do_futex_wait"),
+    # epoll_pwait: uvloop's (libuv's) wait for events.
+    "waiting (epoll, condition, queue get)": ("epoll_wait", "epoll_pwait", "pthread_cond_wait",
+                                              "sem_wait", "futex_wait", "_serve (",
+                                              "do_futex_wait"),
 }
 
 
