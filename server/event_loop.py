@@ -21,6 +21,10 @@ EVENT_LOOPS = (UVLOOP, ASYNCIO)
 
 T = TypeVar("T")
 
+# The longest timer armed (a year): a deadline further off, or not finite, is looked at
+# again long before then, since every dispatch re-arms the timer.
+MAX_TIMER_S = 365 * 24 * 3600.0
+
 
 def uvloop_available() -> bool:
     return importlib.util.find_spec("uvloop") is not None
@@ -73,4 +77,6 @@ def timer_delay(seconds: float) -> float:
     """
     if seconds <= 0.0:
         return 0.0
+    if not seconds < MAX_TIMER_S:  # NaN and infinity too: math.ceil refuses them
+        return MAX_TIMER_S
     return math.ceil(seconds * 1000.0 - 1e-6) / 1000.0

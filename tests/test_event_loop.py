@@ -8,6 +8,7 @@ import pytest
 
 from ferry.server.event_loop import (
     ASYNCIO,
+    MAX_TIMER_S,
     UVLOOP,
     default_event_loop,
     loop_factory,
@@ -29,6 +30,9 @@ from ferry.server.event_loop import (
         (0.0010001, 0.002),
         (0.003 - 1e-12, 0.003),  # float error below a whole millisecond adds nothing
         (2.5, 2.5),
+        (1e300, MAX_TIMER_S),
+        (float("inf"), MAX_TIMER_S),
+        (float("nan"), MAX_TIMER_S),
     ],
 )
 def test_timer_delays_round_up_to_whole_milliseconds(seconds: float, expected: float) -> None:
