@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.model_path.exists():
             raise ValueError(f"{args.model_path} does not exist")
+        event_loop.loop_factory(args.event_loop)  # uvloop asked for but not installed
     except ValueError as exc:
         log.error("%s", exc)
         return 2

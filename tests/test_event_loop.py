@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +64,28 @@ def test_an_unknown_loop_is_refused_by_name() -> None:
 
     with pytest.raises(ValueError, match="tokio"):
         run(never(), "tokio")  # the coroutine is closed, not left unawaited
+
+
+def test_uvloop_asked_for_but_missing_exits_2_with_a_message(tmp_path: Path) -> None:
+    """A machine without uvloop serves on asyncio by default; asking for uvloop there
+    is refused at start with a message, not a traceback."""
+    script = (
+        "import sys; sys.modules['uvloop'] = None; "  # import uvloop now fails
+        "from ferry.server.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    serve = [sys.executable, "-c", script, "serve", str(tmp_path), "--grpc-port", "0",
+             "--http-port", "-1", "--metrics-port", "-1"]
+    done = subprocess.run([*serve, "--event-loop", "uvloop"], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "uvloop is not installed" in done.stderr
+    assert "--event-loop asyncio" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_without_uvloop_the_default_is_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now fails
+    assert not uvloop_available()
+    assert default_event_loop() == ASYNCIO
+    with pytest.raises(ValueError, match="uvloop is not installed"):
+        loop_factory(UVLOOP)
