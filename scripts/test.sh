@@ -25,4 +25,4 @@ echo "== pytest, the in-process core on the standard library's event loop (--eve
 FERRY_TEST_EVENT_LOOP=asyncio .venv/bin/python -m pytest -q \
     tests/test_scheduler.py tests/test_event_loop.py tests/test_batching_e2e.py \
     tests/test_reliability.py tests/test_shutdown.py tests/test_streams_backpressure.py \
-    tests/test_handoff.py tests/test_rest.py
+    tests/test_handoff.py tests/test_rest.py tests/test_security.py

@@ -3,8 +3,12 @@ connection and tensor limits, and error messages that leak no file-system paths.
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import ssl
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -126,6 +130,48 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(
     with tls_client(server, pki.ca.cert_path, pki.client) as member:
         assert member.is_server_live()
         assert member.infer("m", [infer_input(features(1))]).as_numpy("logits").shape == (1, 4)
+
+
+def test_rest_serves_https_with_the_same_tls_and_mutual_tls(
+    repo: Path, start_server: StartServer, pki: Pki
+) -> None:
+    """The REST port takes gRPC's TLS settings (on the default loop, uvloop's TLS
+    transport): a client with a certificate from the client CA is served; a client
+    without one, a stranger's certificate and plain HTTP are refused."""
+    tls = TlsFiles(pki.server.cert, pki.server.key, client_ca=pki.ca.cert_path)
+    server = start_server(repo, security=SecurityOptions(tls=tls))
+    url = f"https://{server.http_address}"
+
+    def context(identity: Identity | None) -> ssl.SSLContext:
+        trusted = ssl.create_default_context(cafile=str(pki.ca.cert_path))
+        if identity is not None:
+            trusted.load_cert_chain(str(identity.cert), str(identity.key))
+        return trusted
+
+    member = context(pki.client)
+    with urllib.request.urlopen(f"{url}/v2/health/ready", context=member, timeout=10) as ready:
+        assert ready.status == 200
+    x = features(2)
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2, FEATURES], "datatype": "FP32",
+                     "data": x.ravel().tolist()}]}
+    ).encode()
+    request = urllib.request.Request(
+        f"{url}/v2/models/m/infer", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, context=member, timeout=10) as answered:
+        outputs = {o["name"]: o for o in json.loads(answered.read())["outputs"]}
+    assert outputs["probs"]["shape"] == [2, 4]
+    np.testing.assert_allclose(np.sum(np.reshape(outputs["probs"]["data"], (2, 4)), axis=1), 1.0,
+                               rtol=1e-5)
+    for refused in (context(None), context(pki.stranger)):
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"{url}/v2/health/ready", context=refused, timeout=10).close()
+    with pytest.raises((OSError, http.client.HTTPException)):
+        urllib.request.urlopen(f"http://{server.http_address}/v2/health/ready", timeout=10).close()
+    # The refusals cost the server nothing: the member is still served.
+    with urllib.request.urlopen(f"{url}/v2/health/live", context=member, timeout=10) as live:
+        assert live.status == 200
 
 
 def test_plain_text_is_the_default_and_says_so_once(
