@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.proto import model_config_pb2 as mc
 from ferry.server.event_loop import ASYNCIO, EVENT_LOOPS
-from ferry.server.event_loop import run as run_on_loop
 
 # onnxruntime's type names -> (protocol datatype, numpy dtype, config enum name)
 ORT_TYPES: dict[str, tuple[str, type[np.generic], str]] = {
@@ -132,11 +130,6 @@ def parse_args(description: str) -> argparse.Namespace:
         "standard library's, what a server written without Ferry has)",
     )
     return parser.parse_args()
-
-
-def run_server(main: Coroutine[Any, Any, None], args: argparse.Namespace) -> None:
-    """Serve on the event loop the arguments ask for."""
-    run_on_loop(main, args.event_loop)
 
 
 async def serve(

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from ferry.proto import grpc_service_pb2 as pb
+from ferry.server import event_loop
 
 from .baseline import (
     NUMPY_DTYPES,
@@ -22,7 +23,6 @@ from .baseline import (
     MetadataServicer,
     load_repository,
     parse_args,
-    run_server,
     serve,
 )
 
@@ -62,7 +62,8 @@ class NaiveServicer(MetadataServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    run_server(serve(NaiveServicer(load_repository(args.repository)), args.host, args.port), args)
+    servicer = NaiveServicer(load_repository(args.repository))
+    event_loop.run(serve(servicer, args.host, args.port), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import asyncio
 from typing import Any
 
 from ferry.proto import grpc_service_pb2 as pb
+from ferry.server import event_loop
 
-from .baseline import load_repository, parse_args, run_server, serve
+from .baseline import load_repository, parse_args, serve
 from .null_server import NullServicer
 
 
@@ -35,7 +36,7 @@ class NullAwaitServicer(NullServicer):
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     servicer = NullAwaitServicer(load_repository(args.repository))
-    run_server(serve(servicer, args.host, args.port), args)
+    event_loop.run(serve(servicer, args.host, args.port), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ferry.proto import grpc_service_pb2 as pb
+from ferry.server import event_loop
 
 from .baseline import (
     ORT_TYPES,
@@ -21,7 +22,6 @@ from .baseline import (
     MetadataServicer,
     load_repository,
     parse_args,
-    run_server,
     serve,
 )
 
@@ -52,10 +52,8 @@ class NullServicer(MetadataServicer):
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
-    run_server(
-        serve(NullServicer(load_repository(args.repository)), args.host, args.port, args.listeners),
-        args,
-    )
+    servicer = NullServicer(load_repository(args.repository))
+    event_loop.run(serve(servicer, args.host, args.port, args.listeners), args.event_loop)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def test_one_executor_per_device_serves_every_frontend_with_each_callers_rows(
         stranger.connect("\0" + name + "-metrics")
         assert stranger.recv(1024) == b""
     assert server.stop() == 0
-    assert "".join(server.lines).count("executor stopped") == 3
+    assert server.log.count("executor stopped") == 3
 
 
 def test_an_executor_killed_fails_only_its_callers_and_comes_back(

@@ -228,7 +228,7 @@ def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
     for call in calls[1:]:
         assert call.result(30).outputs[0].name == "logits"
     assert server.process.wait(30) == 0
-    log = "".join(server.lines)
+    log = server.log
     assert f"frontend process {victim} exited with -9; restarting it" in log
     assert "executor stopped" in log
     for channel in [*doomed, *kept]:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -18,48 +15,36 @@ import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ferry.proto import grpc_service_pb2 as pb
+from tests.process import FerryProcess
 
 SERVING_LINE = r"serving the Open Inference Protocol on "
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-class Workers:
+class Workers(FerryProcess):
     """`ferry serve --workers N` as a user starts it; its log is read as it is written."""
 
     def __init__(self, repository: Path, workers: int = 2, *extra: str) -> None:
-        self.workers = workers
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "ferry.server.cli", "serve", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-             "--workers", str(workers), "--shutdown-grace", "10", *extra],
-            stderr=subprocess.PIPE, text=True,
+        super().__init__(
+            repository, "--http-port", "0", "--metrics-port", "0", "--workers", str(workers),
+            "--shutdown-grace", "10", *extra, wait_ready=False,
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = int(self.wait_for(r"serving on gRPC port (\d+)").group(1))
-        self.metrics_port = int(self.wait_for(r"metrics on http://[^:]+:(\d+)/").group(1))
-        self.address = f"127.0.0.1:{self.port}"
-        self.wait_for_frontends(workers)
+        try:
+            self.port = int(self.wait_for(r"serving on gRPC port (\d+)")[0].group(1))
+            self.metrics_port = int(
+                self.wait_for(r"metrics on http://[^:]+:(\d+)/")[0].group(1)
+            )
+            self.wait_for_frontends(workers)
+        except BaseException:
+            self.close()
+            raise
 
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, pattern: str, count: int = 1, timeout: float = 60) -> re.Match[str]:
-        """The `count`-th log line matching `pattern`, waiting for it to be written."""
-        regex = re.compile(pattern)
-        with self._changed:
-            def found() -> list[re.Match[str]]:
-                return [m for m in map(regex.search, self.lines) if m]
-            if not self._changed.wait_for(lambda: len(found()) >= count, timeout):
-                raise AssertionError(f"no {pattern!r} (x{count}) in:\n{''.join(self.lines)}")
-            return found()[count - 1]
+    def wait_for(
+        self, pattern: re.Pattern[str] | str, count: int = 1, timeout: float = 60.0
+    ) -> list[re.Match[str]]:
+        """As FerryProcess.wait_for, with time for an executor's restart by default."""
+        return super().wait_for(pattern, count, timeout)
 
     def wait_for_frontends(self, count: int, *, after: int = 0) -> None:
         self.wait_for(SERVING_LINE, count + after)
@@ -67,7 +52,7 @@ class Workers:
     def children(self) -> dict[str, list[int]]:
         """The processes of the server by role, read from /proc."""
         roles: dict[str, list[int]] = {"executor": [], "frontend": []}
-        for pid in children_of(self.process.pid):
+        for pid in children_of(self.pid):
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if b"--process-role" in command:
                 role = command[command.index(b"--process-role") + 1].decode()
@@ -75,27 +60,20 @@ class Workers:
         return roles
 
     def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as reply:
-            text = reply.read().decode()
+        """The sum of a metric's samples on the one /metrics."""
         total = 0.0
-        for line in text.splitlines():
+        for line in self.scrape().splitlines():
             if line.startswith(name + "{") or line.startswith(name + " "):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """The exit code after a signal; killed if it does not exit in time."""
         try:
-            return self.process.wait(30)
+            return super().stop(signum, timeout)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(10)
-            self._reader.join(5)
-            if self.process.stderr is not None:
-                self.process.stderr.close()
-            print("".join(self.lines))  # shown by pytest when the test fails
+            self.close()
+            print(self.log)  # shown by pytest when the test fails
 
 
 def children_of(pid: int) -> list[int]:
