@@ -23,7 +23,10 @@ Rules, in Triton's vocabulary:
   not is passed over, keeps its place in line, and goes in a later batch.
 - A batch is dispatched when it is full, when a preferred size can be formed (the
   largest one that can), when the oldest request has waited `max_queue_delay_s`, or at
-  once when that delay is 0: an idle server adds no wait.
+  once when that delay is 0: an idle server adds no wait. With delay 0 and
+  `adaptive_delay_s`, a batch the caller lets gather (`take_batch(gather=True)`) waits
+  for the rows its `GatherTarget` expects, at most `adaptive_delay_s` after its oldest
+  request arrived; the target starts at one row, so a lone caller never waits.
 - Priority level 1 is the highest. A request that has waited `priority_aging_s` is
   served ahead of every level, oldest first, so low levels are never starved.
 - Expired requests are removed before any batch forms and handed back to the caller.
@@ -40,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from .errors import ErrorKind, FerryError
+from .gathering import GatherTarget
 from .padding import LengthBuckets
 
 P = TypeVar("P")
@@ -56,12 +60,17 @@ class BatchPolicy:
     priority_levels: int = 1
     priority_aging_s: float | None = None
     padding: LengthBuckets | None = None  # None: only equal shapes share a batch
+    # With max_queue_delay_s 0: the longest a batch may wait for the rows it expects
+    # (server.gathering); 0 never waits.
+    adaptive_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_queue_delay_s < 0:
             raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        if self.adaptive_delay_s < 0:
+            raise ValueError(f"adaptive_delay_s must be >= 0, got {self.adaptive_delay_s}")
         for size in self.preferred_batch_sizes:
             if not 1 <= size <= self.max_batch_size:
                 raise ValueError(
@@ -113,6 +122,9 @@ class BatchQueue(Generic[P]):
         # are dropped when they reach the top (or in a rebuild), so that neither expiry nor
         # the next wake-up scans the whole queue on every dispatch.
         self._deadlines: list[tuple[float, int, PendingRequest[P]]] = []
+        gathers = policy.max_queue_delay_s == 0 and policy.adaptive_delay_s > 0
+        self._gather = GatherTarget(policy.max_batch_size) if gathers else None
+        self._holding = False  # the head was held for the gather target
 
     def __len__(self) -> int:
         return self._count
@@ -120,6 +132,11 @@ class BatchQueue(Generic[P]):
     @property
     def queued_rows(self) -> int:
         return self._rows
+
+    @property
+    def gather_target(self) -> int:
+        """The rows a batch that may gather waits for (1 when the policy never waits)."""
+        return self._gather.rows if self._gather is not None else 1
 
     def submit(self, request: PendingRequest[P]) -> None:
         """Queue a request, or raise FerryError if it can never run or there is no room."""
@@ -181,12 +198,15 @@ class BatchQueue(Generic[P]):
             self._forget(request)
         return expired
 
-    def take_batch(self, now: float) -> Batch[P] | None:
+    def take_batch(self, now: float, gather: bool = False) -> Batch[P] | None:
         """The batch to run now that an executor is free, or None to wait.
 
-        Call `expire(now)` first: this method does not look at deadlines.
+        `gather`: the caller lets a batch with no queue delay wait for the rows its
+        target expects (the policy's `adaptive_delay_s` at most). Call `expire(now)`
+        first: this method does not look at deadlines.
         """
         if not self._count:
+            self._holding = False
             return None
         policy = self.policy
         ordered = self._in_order(now)
@@ -207,7 +227,18 @@ class BatchQueue(Generic[P]):
                 rows += request.rows
 
         take = 0
-        if rows == policy.max_batch_size or blocked or policy.max_queue_delay_s == 0:
+        queued_rows = self._rows
+        target = self._gather if gather else None
+        if rows == policy.max_batch_size or blocked:
+            take = len(candidate)
+        elif policy.max_queue_delay_s == 0:
+            if (
+                target is not None
+                and target.wants_more(queued_rows)
+                and now < head.arrival_s + policy.adaptive_delay_s
+            ):
+                self._holding = True
+                return None
             take = len(candidate)
         else:
             take = self._preferred_prefix(candidate)
@@ -221,6 +252,9 @@ class BatchQueue(Generic[P]):
         for request in chosen:
             self._levels[request.priority - 1].remove(request)
             self._forget(request)
+        if target is not None:
+            target.batch_formed(queued_rows, self._holding)
+        self._holding = False
         return Batch(requests=chosen, rows=sum(r.rows for r in chosen), formed_s=now)
 
     def next_wakeup(self, now: float) -> float | None:
@@ -232,7 +266,10 @@ class BatchQueue(Generic[P]):
         if deadline is not None:
             times.append(deadline)
         head = next(self._in_order(now))
-        times.append(head.arrival_s + self.policy.max_queue_delay_s)
+        delay = self.policy.max_queue_delay_s
+        if self._holding and delay == 0:
+            delay = self.policy.adaptive_delay_s
+        times.append(head.arrival_s + delay)
         aging = self.policy.priority_aging_s
         if aging is not None and len(self._levels) > 1:
             # A lower-level request that ages into first place may change the next batch;
@@ -260,6 +297,7 @@ class BatchQueue(Generic[P]):
             request.queued = False
         self._deadlines.clear()
         self._count = self._rows = self._with_deadline = 0
+        self._holding = False
         return everything
 
     def _forget(self, request: PendingRequest[P]) -> None:

@@ -32,6 +32,11 @@ DEFAULT_MODEL_FILENAME = "model.onnx"
 # config parameter "priority_aging_microseconds".
 DEFAULT_PRIORITY_AGING_S = 1.0
 _PRIORITY_AGING_PARAMETER = "priority_aging_microseconds"
+# With max_queue_delay 0, how long a fast model's batch may wait for the rows it expects
+# (server.gathering); Ferry's own setting, the parameter "adaptive_queue_delay_microseconds"
+# (0 turns it off).
+DEFAULT_ADAPTIVE_QUEUE_DELAY_S = 0.001
+_ADAPTIVE_QUEUE_DELAY_PARAMETER = "adaptive_queue_delay_microseconds"
 # Ferry's own parameters for GPU execution (see the README's GPU section).
 _BATCH_BUCKETS_PARAMETER = "batch_buckets"  # "1,2,4,8": allowed batch sizes
 _IO_BINDING_PARAMETER = "io_binding"  # "true" / "false"
@@ -86,6 +91,7 @@ class ModelSettings:
     gpus: tuple[int, ...] = ()
     graph_optimization_level: int = 0
     priority_aging_s: float = DEFAULT_PRIORITY_AGING_S
+    adaptive_queue_delay_s: float = DEFAULT_ADAPTIVE_QUEUE_DELAY_S
     instance_groups: tuple[InstanceGroup, ...] = (InstanceGroup(),)
     tensorrt: TensorRtSettings | None = None
     cuda_graphs: bool = False
@@ -191,6 +197,10 @@ class ModelSettings:
         if levels > 1 or self.priority_aging_s != DEFAULT_PRIORITY_AGING_S:
             config.parameters[_PRIORITY_AGING_PARAMETER].string_value = str(
                 round(self.priority_aging_s * 1e6)
+            )
+        if self.adaptive_queue_delay_s != DEFAULT_ADAPTIVE_QUEUE_DELAY_S:
+            config.parameters[_ADAPTIVE_QUEUE_DELAY_PARAMETER].string_value = str(
+                round(self.adaptive_queue_delay_s * 1e6)
             )
 
     def _devices_to_proto(self, config: mc.ModelConfig) -> None:
@@ -477,6 +487,9 @@ def _queue_settings(
         "allow_timeout_override": policy.allow_timeout_override or not timeout_us,
         "priority_aging_s": _microseconds_parameter(
             config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
+        ),
+        "adaptive_queue_delay_s": _microseconds_parameter(
+            config, _ADAPTIVE_QUEUE_DELAY_PARAMETER, DEFAULT_ADAPTIVE_QUEUE_DELAY_S
         ),
     }
 

@@ -150,6 +150,7 @@ def policy_for(settings: ModelSettings) -> BatchPolicy:
         priority_levels=settings.priority_levels,
         priority_aging_s=settings.priority_aging_s if settings.priority_levels > 1 else None,
         padding=settings.padding.buckets if settings.padding is not None else None,
+        adaptive_delay_s=settings.adaptive_queue_delay_s,
     )
 
 
@@ -159,9 +160,14 @@ def describe(settings: ModelSettings, version: str, devices: Sequence[str] = ())
     def tensors(specs: Sequence[TensorSpec]) -> str:
         return ", ".join(f"{s.name} {s.datatype} {settings.client_shape(s)}" for s in specs)
 
+    adaptive = (
+        f" (adaptive up to {settings.adaptive_queue_delay_s * 1e6:.0f}us)"
+        if settings.max_queue_delay_s == 0 and settings.adaptive_queue_delay_s > 0
+        else ""
+    )
     batching = (
         f"max_batch_size={settings.max_batch_size} "
-        f"max_queue_delay={settings.max_queue_delay_s * 1e6:.0f}us "
+        f"max_queue_delay={settings.max_queue_delay_s * 1e6:.0f}us{adaptive} "
         f"preferred={list(settings.preferred_batch_sizes)} "
         f"max_queue_size={settings.max_queue_size}"
         if settings.batchable

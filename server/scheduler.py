@@ -134,6 +134,11 @@ class ModelScheduler:
         return len(self._queue)
 
     @property
+    def gather_target(self) -> int:
+        """The rows a batch waits for while the model may gather (`server.gathering`)."""
+        return self._queue.gather_target
+
+    @property
     def busy(self) -> bool:
         return bool(self._queue) or (bool(self._inflight) and not self._aborted)
 
@@ -189,6 +194,7 @@ class ModelScheduler:
         UNAVAILABLE.
         """
         self._accepting = False
+        self._dispatch()  # a batch held for more rows goes now: no more are coming
         try:
             await asyncio.wait_for(self._idle(), grace_s)
         except TimeoutError:
@@ -260,8 +266,9 @@ class ModelScheduler:
                     f"request timed out after waiting in the queue of model '{self.name}'",
                 ),
             )
+        gather = self._may_gather()
         while self._free and queue:
-            batch = queue.take_batch(now)
+            batch = queue.take_batch(now, gather)
             if batch is None:
                 break
             if self._may_run_inline(batch):
@@ -279,6 +286,17 @@ class ModelScheduler:
                 self._timer = self._loop.call_later(timer_delay(wakeup_at - now), self._on_timer)
             self._timer_at = wakeup_at
         self._notify_if_idle()
+
+    def _may_gather(self) -> bool:
+        """Whether a batch with no queue delay may wait for the rows it expects
+        (`server.gathering`): only for a model fast enough to run its batches on the
+        loop, where each batch's fixed cost is most of a request's, and never while the
+        model drains."""
+        return (
+            self._accepting
+            and self._inline_capable
+            and self._recent_infer_s <= self._inline_busy_max_s
+        )
 
     def _may_run_inline(self, batch: Batch[Work]) -> bool:
         """Whether a batch may run right here on the event loop instead of its thread.

@@ -60,6 +60,7 @@ def names(batch: Batch[str] | None) -> list[str]:
         ({"max_batch_size": 4, "max_queue_size": -1}, "max_queue_size must be >= 0"),
         ({"max_batch_size": 4, "priority_levels": 0}, "priority_levels must be at least 1"),
         ({"max_batch_size": 4, "priority_aging_s": -1.0}, "priority_aging_s must be >= 0"),
+        ({"max_batch_size": 4, "adaptive_delay_s": -0.001}, "adaptive_delay_s must be >= 0"),
     ],
 )
 def test_policy_rejects_impossible_settings(fields: dict[str, object], message: str) -> None:
@@ -135,6 +136,73 @@ def test_zero_delay_takes_everything_queued_while_the_executor_was_busy() -> Non
     q = queue(max_batch_size=8, max_queue_delay_s=0.0)
     submit(q, *(req(str(i)) for i in range(5)))
     assert names(q.take_batch(0.0)) == ["0", "1", "2", "3", "4"]
+
+
+# -- gathering (delay 0 with an adaptive delay) --------------------------------------
+
+
+def gathering(**policy: object) -> BatchQueue[str]:
+    policy.setdefault("max_batch_size", 8)
+    return queue(max_queue_delay_s=0.0, adaptive_delay_s=0.001, **policy)
+
+
+def test_a_lone_request_is_never_held() -> None:
+    q = gathering()
+    for i in range(20):
+        submit(q, req(str(i), at=float(i)))
+        assert names(q.take_batch(float(i), gather=True)) == [str(i)]
+    assert q.gather_target == 1
+
+
+def test_after_a_burst_a_batch_waits_for_the_rows_the_queue_expects() -> None:
+    q = gathering()
+    submit(q, req("a"), req("b"), req("c"))
+    assert names(q.take_batch(0.0, gather=True)) == ["a", "b", "c"]
+    assert q.gather_target == 3
+    submit(q, req("d", at=1.0))
+    assert q.take_batch(1.0, gather=True) is None
+    assert q.next_wakeup(1.0) == pytest.approx(1.001)  # never later than the delay
+    submit(q, req("e", at=1.0002))
+    assert q.take_batch(1.0002, gather=True) is None
+    submit(q, req("f", at=1.0003))
+    assert names(q.take_batch(1.0003, gather=True)) == ["d", "e", "f"]
+    assert q.gather_target == 4  # held and reached: it asks for one more next time
+
+
+def test_a_held_batch_goes_at_the_delay_with_what_came_and_the_target_falls() -> None:
+    q = gathering()
+    submit(q, req("a"), req("b"), req("c"), req("d"))
+    q.take_batch(0.0, gather=True)
+    submit(q, req("e", at=1.0))
+    assert q.take_batch(1.0009, gather=True) is None
+    assert names(q.take_batch(q.next_wakeup(1.0009) or 0.0, gather=True)) == ["e"]
+    assert q.gather_target == 1
+    submit(q, req("f", at=2.0))
+    assert names(q.take_batch(2.0, gather=True)) == ["f"]  # the lone caller: no wait
+
+
+def test_a_full_batch_never_waits_for_the_target() -> None:
+    q = gathering(max_batch_size=2)
+    submit(q, req("a", rows=2))
+    assert names(q.take_batch(0.0, gather=True)) == ["a"]
+
+
+def test_without_gather_the_queue_never_holds() -> None:
+    """The scheduler lets a batch gather only for a model whose batches run on the
+    event loop: one on a thread gathers while the previous batch runs."""
+    q = gathering()
+    submit(q, req("a"), req("b"), req("c"))
+    q.take_batch(0.0, gather=True)
+    submit(q, req("d", at=1.0))
+    assert names(q.take_batch(1.0)) == ["d"]
+
+
+def test_a_queue_delay_keeps_its_meaning_and_the_adaptive_delay_is_unused() -> None:
+    q = queue(max_batch_size=8, max_queue_delay_s=0.5, adaptive_delay_s=0.001)
+    submit(q, req("a", at=1.0))
+    assert q.take_batch(1.0, gather=True) is None
+    assert q.next_wakeup(1.0) == pytest.approx(1.5)
+    assert names(q.take_batch(1.5, gather=True)) == ["a"]
 
 
 # -- preferred sizes --------------------------------------------------------------------
@@ -434,6 +502,8 @@ _events = st.lists(
     delay=st.sampled_from([0.0, 0.3, 1.0]),
     preferred=st.sampled_from([(), (2,), (2, 4)]),
     aging=st.sampled_from([None, 0.5]),
+    adaptive=st.sampled_from([0.0, 0.4]),
+    gather=st.booleans(),
 )
 def test_invariants_under_random_traffic(
     events: list[tuple[object, ...]],
@@ -441,6 +511,8 @@ def test_invariants_under_random_traffic(
     delay: float,
     preferred: tuple[int, ...],
     aging: float | None,
+    adaptive: float,
+    gather: bool,
 ) -> None:
     q: BatchQueue[int] = BatchQueue(
         BatchPolicy(
@@ -449,6 +521,7 @@ def test_invariants_under_random_traffic(
             preferred_batch_sizes=preferred,
             priority_levels=2,
             priority_aging_s=aging,
+            adaptive_delay_s=adaptive,
         )
     )
     now = 0.0
@@ -460,7 +533,7 @@ def test_invariants_under_random_traffic(
             assert r.deadline_s is not None and r.deadline_s <= now
             assert r.payload not in outcome
             outcome[r.payload] = "expired"
-        while (batch := q.take_batch(now)) is not None:
+        while (batch := q.take_batch(now, gather)) is not None:
             assert batch.requests
             assert batch.rows == sum(r.rows for r in batch.requests) <= max_batch_size
             assert len({r.shape_key for r in batch.requests}) == 1

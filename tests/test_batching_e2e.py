@@ -32,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from ferry.server.executor import Runner
 from tests.conftest import GatedInstance, RunningServer
 from tests.models import OPSET, mlp_model, two_input_model
+from tests.process import FerryProcess
 
 FEATURES = 16
 MAX_BATCH_SIZE = 32  # the default for a model without config.pbtxt
@@ -448,3 +449,53 @@ def test_an_onnxruntime_error_is_internal_with_its_message(
     finally:
         held.close()
     assert gate.batch_rows == [2, 3, 4]
+
+
+# Gathering: no queue delay, a fast model, callers that wait for their answers -----------
+
+
+async def closed_loop(
+    address: str, model: str, reference: Reference, callers: int, each: int
+) -> Any:
+    """`callers` callers, each sending its next request when its last is answered (as
+    load tools and most services do); every answer checked. The model's statistics."""
+    async with tc_aio.InferenceServerClient(address) as client:
+
+        async def caller(index: int) -> None:
+            for turn in range(each):
+                x = rows_of(seed=index * 1000 + turn, rows=1)
+                answer = await client.infer("mlp", [fp32_input("x", x)])
+                assert_answer(answer, reference({"x": x}))
+
+        await asyncio.gather(*(caller(index) for index in range(callers)))
+        return (await client.get_inference_statistics(model)).model_stats[0]
+
+
+@pytest.mark.asyncio
+async def test_callers_that_wait_for_answers_each_get_their_own_rows_from_gathered_batches(
+    ferry_process: Callable[..., FerryProcess], mlp_file: Path
+) -> None:
+    """A fast model with no queue delay, 16 callers in a closed loop: batches gather
+    several callers' rows (server.gathering) and each caller still gets exactly its own."""
+    server = ferry_process(mlp_file.parents[2])
+    stats = await closed_loop(server.address, "mlp", Reference(mlp_file), callers=16, each=25)
+    assert stats.inference_count == stats.inference_stats.success.count == 16 * 25
+    assert stats.execution_count < stats.inference_count  # some batches held several rows
+
+
+def test_a_lone_caller_of_a_fast_model_is_never_held(
+    ferry_process: Callable[..., FerryProcess], mlp_file: Path
+) -> None:
+    """One caller at a time: the gather target stays at one row, so no request waits for
+    rows that are not coming (a held request would queue for the 1 ms adaptive delay)."""
+    server = ferry_process(mlp_file.parents[2])
+    reference = Reference(mlp_file)
+    with tc.InferenceServerClient(server.address) as client:
+        for turn in range(40):
+            x = rows_of(seed=turn, rows=1)
+            assert_answer(client.infer("mlp", [fp32_input("x", x)]), reference({"x": x}))
+        stats = statistics(client, "mlp")
+    assert stats.execution_count == stats.inference_count == 40
+    queue = stats.inference_stats.queue
+    assert queue.count == 40
+    assert queue.ns / queue.count < 500_000, f"mean queue time {queue.ns / queue.count} ns"

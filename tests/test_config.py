@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -458,7 +459,37 @@ ROUND_TRIP_CONFIGS = [
     optimization { graph { level: 1 } }
     parameters { key: "priority_aging_microseconds" value { string_value: "250000" } }
     """,
+    """
+    max_batch_size: 8
+    parameters { key: "adaptive_queue_delay_microseconds" value { string_value: "0" } }
+    """,
+    """
+    max_batch_size: 8
+    parameters { key: "adaptive_queue_delay_microseconds" value { string_value: "2500" } }
+    """,
 ]
+
+
+def test_a_model_without_a_queue_delay_gathers_for_up_to_a_millisecond_by_default() -> None:
+    assert settings(None).adaptive_queue_delay_s == 0.001
+    assert settings(
+        'parameters { key: "adaptive_queue_delay_microseconds" value { string_value: "2500" } }'
+    ).adaptive_queue_delay_s == 0.0025
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "parameter adaptive_queue_delay_microseconds must be >= 0, got -1"),
+        ("1ms", "parameter adaptive_queue_delay_microseconds must be a whole number, got '1ms'"),
+    ],
+)
+def test_a_bad_adaptive_queue_delay_is_refused_by_name(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings(
+            'parameters { key: "adaptive_queue_delay_microseconds" '
+            f'value {{ string_value: "{value}" }} }}'
+        )
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP_CONFIGS)

@@ -704,3 +704,82 @@ async def test_no_inline_run_for_slow_models_or_when_turned_off() -> None:
         assert loop_thread not in instance.threads
     finally:
         await scheduler.close(grace_s=SAFETY_S)
+
+
+# -- gathering (no queue delay, a fast model) -------------------------------------------
+
+
+async def burst_then_lone(
+    scheduler: ModelScheduler, burst: int
+) -> asyncio.Future[Tensors]:
+    """Teach the scheduler a load of `burst` rows, then send one more request alone."""
+    assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
+    together = [send(scheduler, rows(value)) for value in range(burst)]
+    for value, future in enumerate(together):
+        assert (await result(future))["double"].tolist() == [[2 * value]]
+    lone = send(scheduler, rows(100))
+    scheduler.poke()
+    return lone
+
+
+@pytest.mark.asyncio
+async def test_after_a_burst_a_fast_models_lone_request_waits_for_the_rows_expected() -> None:
+    clock = FakeClock()
+    instance = LoopSafeInstance()
+    async with serving(
+        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
+    ) as scheduler:
+        assert scheduler.gather_target == 1
+        lone = await burst_then_lone(scheduler, 4)
+        assert scheduler.gather_target == 4
+        assert not lone.done() and scheduler.queue_depth == 1  # held for 4 rows
+        more = [send(scheduler, rows(value)) for value in (101, 102, 103)]
+        scheduler.poke()  # the 4 rows it waited for: the batch goes without the delay
+        answers = [(await result(f))["double"].tolist() for f in (lone, *more)]
+        assert answers == [[[200]], [[202]], [[204]], [[206]]]
+        assert instance.batch_rows[-1] == 4
+        # Alone again: it waits the adaptive delay once, and the target is back at one.
+        lone = send(scheduler, rows(7))
+        scheduler.poke()
+        assert not lone.done()
+        clock.advance(0.001)
+        scheduler.poke()
+        assert (await result(lone))["double"].tolist() == [[14]]
+        assert scheduler.gather_target == 1
+        assert (await result(send(scheduler, rows(8))))["double"].tolist() == [[16]]
+
+
+@pytest.mark.asyncio
+async def test_a_held_request_runs_at_once_when_the_model_drains() -> None:
+    instance = LoopSafeInstance()
+    async with serving(
+        instance, clock=FakeClock(), timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
+    ) as scheduler:
+        lone = await burst_then_lone(scheduler, 4)
+        assert not lone.done()
+        closing = asyncio.ensure_future(scheduler.close(grace_s=SAFETY_S))
+        # The clock stands still: only the drain can have let it go.
+        assert (await result(lone))["double"].tolist() == [[200]]
+        await closing
+
+
+@pytest.mark.asyncio
+async def test_a_model_whose_batches_run_on_threads_never_holds_a_request() -> None:
+    instance = LoopSafeInstance()
+    # 500 us per batch: over the 200 us under which batches run on the loop under load.
+    async with serving(
+        instance, clock=FakeClock(), timer=FakeTimer(step_ns=500_000), adaptive_delay_s=0.001
+    ) as scheduler:
+        lone = await burst_then_lone(scheduler, 4)
+        assert (await result(lone))["double"].tolist() == [[200]]  # the clock never moved
+
+
+@pytest.mark.asyncio
+async def test_without_an_adaptive_delay_nothing_is_held() -> None:
+    instance = LoopSafeInstance()
+    async with serving(
+        instance, clock=FakeClock(), timer=FakeTimer(step_ns=1_000)
+    ) as scheduler:
+        lone = await burst_then_lone(scheduler, 4)
+        assert (await result(lone))["double"].tolist() == [[200]]
+        assert scheduler.gather_target == 1
