@@ -783,3 +783,39 @@ async def test_without_an_adaptive_delay_nothing_is_held() -> None:
         lone = await burst_then_lone(scheduler, 4)
         assert (await result(lone))["double"].tolist() == [[200]]
         assert scheduler.gather_target == 1
+
+
+@pytest.mark.asyncio
+async def test_a_held_request_still_expires_at_its_deadline() -> None:
+    clock = FakeClock()
+    instance = LoopSafeInstance()
+    async with serving(
+        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
+    ) as scheduler:
+        await burst_then_lone(scheduler, 4)  # teaches the target; its lone request is held
+        short = send(scheduler, rows(9), deadline_s=clock.now + 0.0005)
+        scheduler.poke()
+        assert not short.done()
+        clock.advance(0.0005)  # its deadline, before the adaptive delay ends
+        scheduler.poke()
+        assert (await error_of(short)).kind is ErrorKind.DEADLINE_EXCEEDED
+        clock.advance(0.0005)
+        scheduler.poke()
+        assert instance.batch_rows[-1] == 1  # the held request ran without it
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_held_request_leaves_the_queue_and_never_runs() -> None:
+    clock = FakeClock()
+    instance = LoopSafeInstance()
+    async with serving(
+        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
+    ) as scheduler:
+        lone = await burst_then_lone(scheduler, 4)
+        ran = len(instance.batches)
+        lone.cancel()
+        await asyncio.sleep(0)  # the cancellation callback runs on the loop
+        assert scheduler.queue_depth == 0
+        clock.advance(0.001)
+        scheduler.poke()
+        assert len(instance.batches) == ran
