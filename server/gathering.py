@@ -51,7 +51,7 @@ class GatherTarget:
             self.rows = min(self.limit, queued_rows)
             self._ceiling = None
         elif held:  # exactly the rows it waited for came: try one more
-            if self._ceiling is None or self.rows < self._ceiling:
+            if self._ceiling is None:
                 self.rows = min(self.limit, self.rows + 1)
                 return
             self._at_ceiling += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import numpy as np
 import pytest
@@ -709,6 +709,20 @@ async def test_no_inline_run_for_slow_models_or_when_turned_off() -> None:
 # -- gathering (no queue delay, a fast model) -------------------------------------------
 
 
+def gathering(
+    instance: FakeInstance,
+    clock: FakeClock | None = None,
+    *,
+    step_ns: int = 1_000,
+    adaptive_delay_s: float = 0.001,
+) -> AbstractAsyncContextManager[ModelScheduler]:
+    """A scheduler whose batches each measure `step_ns`, with the adaptive delay on."""
+    return serving(
+        instance, clock=clock or FakeClock(), timer=FakeTimer(step_ns=step_ns),
+        adaptive_delay_s=adaptive_delay_s,
+    )
+
+
 async def burst_then_lone(
     scheduler: ModelScheduler, burst: int
 ) -> asyncio.Future[Tensors]:
@@ -726,9 +740,7 @@ async def burst_then_lone(
 async def test_after_a_burst_a_fast_models_lone_request_waits_for_the_rows_expected() -> None:
     clock = FakeClock()
     instance = LoopSafeInstance()
-    async with serving(
-        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
-    ) as scheduler:
+    async with gathering(instance, clock) as scheduler:
         assert scheduler.gather_target == 1
         lone = await burst_then_lone(scheduler, 4)
         assert scheduler.gather_target == 4
@@ -752,9 +764,7 @@ async def test_after_a_burst_a_fast_models_lone_request_waits_for_the_rows_expec
 @pytest.mark.asyncio
 async def test_a_held_request_runs_at_once_when_the_model_drains() -> None:
     instance = LoopSafeInstance()
-    async with serving(
-        instance, clock=FakeClock(), timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
-    ) as scheduler:
+    async with gathering(instance) as scheduler:
         lone = await burst_then_lone(scheduler, 4)
         assert not lone.done()
         closing = asyncio.ensure_future(scheduler.close(grace_s=SAFETY_S))
@@ -767,9 +777,7 @@ async def test_a_held_request_runs_at_once_when_the_model_drains() -> None:
 async def test_a_model_whose_batches_run_on_threads_never_holds_a_request() -> None:
     instance = LoopSafeInstance()
     # 500 us per batch: over the 200 us under which batches run on the loop under load.
-    async with serving(
-        instance, clock=FakeClock(), timer=FakeTimer(step_ns=500_000), adaptive_delay_s=0.001
-    ) as scheduler:
+    async with gathering(instance, step_ns=500_000) as scheduler:
         lone = await burst_then_lone(scheduler, 4)
         assert (await result(lone))["double"].tolist() == [[200]]  # the clock never moved
 
@@ -777,9 +785,7 @@ async def test_a_model_whose_batches_run_on_threads_never_holds_a_request() -> N
 @pytest.mark.asyncio
 async def test_without_an_adaptive_delay_nothing_is_held() -> None:
     instance = LoopSafeInstance()
-    async with serving(
-        instance, clock=FakeClock(), timer=FakeTimer(step_ns=1_000)
-    ) as scheduler:
+    async with gathering(instance, adaptive_delay_s=0.0) as scheduler:
         lone = await burst_then_lone(scheduler, 4)
         assert (await result(lone))["double"].tolist() == [[200]]
         assert scheduler.gather_target == 1
@@ -789,9 +795,7 @@ async def test_without_an_adaptive_delay_nothing_is_held() -> None:
 async def test_a_held_request_still_expires_at_its_deadline() -> None:
     clock = FakeClock()
     instance = LoopSafeInstance()
-    async with serving(
-        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
-    ) as scheduler:
+    async with gathering(instance, clock) as scheduler:
         await burst_then_lone(scheduler, 4)  # teaches the target; its lone request is held
         short = send(scheduler, rows(9), deadline_s=clock.now + 0.0005)
         scheduler.poke()
@@ -808,9 +812,7 @@ async def test_a_held_request_still_expires_at_its_deadline() -> None:
 async def test_a_cancelled_held_request_leaves_the_queue_and_never_runs() -> None:
     clock = FakeClock()
     instance = LoopSafeInstance()
-    async with serving(
-        instance, clock=clock, timer=FakeTimer(step_ns=1_000), adaptive_delay_s=0.001
-    ) as scheduler:
+    async with gathering(instance, clock) as scheduler:
         lone = await burst_then_lone(scheduler, 4)
         ran = len(instance.batches)
         lone.cancel()
