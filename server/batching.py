@@ -25,8 +25,9 @@ Rules, in Triton's vocabulary:
   largest one that can), when the oldest request has waited `max_queue_delay_s`, or at
   once when that delay is 0: an idle server adds no wait. With delay 0 and
   `adaptive_delay_s`, a batch the caller lets gather (`take_batch(gather=True)`) waits
-  for the rows its `GatherTarget` expects, at most `adaptive_delay_s` after its oldest
-  request arrived; the target starts at one row, so a lone caller never waits.
+  for the requests its `GatherTarget` expects, at most `adaptive_delay_s` after its
+  oldest request arrived, and never past a queued request's deadline; the target starts
+  at one request, so a lone caller never waits.
 - Priority level 1 is the highest. A request that has waited `priority_aging_s` is
   served ahead of every level, oldest first, so low levels are never starved.
 - Expired requests are removed before any batch forms and handed back to the caller.
@@ -48,6 +49,11 @@ from .padding import LengthBuckets
 
 P = TypeVar("P")
 
+# How late a wake-up may come: the event loops count timers in whole milliseconds
+# (server.event_loop.timer_delay rounds up). A held batch whose requests could expire
+# within that of the end of the hold is not held.
+HOLD_DEADLINE_MARGIN_S = 0.001
+
 
 @dataclass(frozen=True, slots=True)
 class BatchPolicy:
@@ -60,7 +66,7 @@ class BatchPolicy:
     priority_levels: int = 1
     priority_aging_s: float | None = None
     padding: LengthBuckets | None = None  # None: only equal shapes share a batch
-    # With max_queue_delay_s 0: the longest a batch may wait for the rows it expects
+    # With max_queue_delay_s 0: the longest a batch may wait for the requests it expects
     # (server.gathering); 0 never waits.
     adaptive_delay_s: float = 0.0
 
@@ -123,8 +129,12 @@ class BatchQueue(Generic[P]):
         # the next wake-up scans the whole queue on every dispatch.
         self._deadlines: list[tuple[float, int, PendingRequest[P]]] = []
         gathers = policy.max_queue_delay_s == 0 and policy.adaptive_delay_s > 0
-        self._gather = GatherTarget(policy.max_batch_size) if gathers else None
+        most = policy.max_batch_size
+        if policy.max_queue_size:
+            most = min(most, policy.max_queue_size)
+        self._gather = GatherTarget(most) if gathers else None
         self._holding = False  # the head was held for the gather target
+        self._hold_until = 0.0  # while holding: when the held batch goes anyway
 
     def __len__(self) -> int:
         return self._count
@@ -135,8 +145,8 @@ class BatchQueue(Generic[P]):
 
     @property
     def gather_target(self) -> int:
-        """The rows a batch that may gather waits for (1 when the policy never waits)."""
-        return self._gather.rows if self._gather is not None else 1
+        """The requests a batch that may gather waits for (1 when the policy never waits)."""
+        return self._gather.requests if self._gather is not None else 1
 
     def submit(self, request: PendingRequest[P]) -> None:
         """Queue a request, or raise FerryError if it can never run or there is no room."""
@@ -176,6 +186,7 @@ class BatchQueue(Generic[P]):
         except ValueError:
             return False
         self._forget(request)
+        self._left_while_holding()
         return True
 
     def expire(self, now: float) -> list[PendingRequest[P]]:
@@ -196,12 +207,14 @@ class BatchQueue(Generic[P]):
             self._levels[index] = keep
         for request in expired:
             self._forget(request)
+        if expired:
+            self._left_while_holding()
         return expired
 
     def take_batch(self, now: float, gather: bool = False) -> Batch[P] | None:
         """The batch to run now that an executor is free, or None to wait.
 
-        `gather`: the caller lets a batch with no queue delay wait for the rows its
+        `gather`: the caller lets a batch with no queue delay wait for the requests its
         target expects (the policy's `adaptive_delay_s` at most). Call `expire(now)`
         first: this method does not look at deadlines.
         """
@@ -227,19 +240,24 @@ class BatchQueue(Generic[P]):
                 rows += request.rows
 
         take = 0
-        queued_rows = self._rows
+        joining = len(candidate)
         target = self._gather if gather else None
         if rows == policy.max_batch_size or blocked:
-            take = len(candidate)
+            take = joining
         elif policy.max_queue_delay_s == 0:
-            if (
-                target is not None
-                and target.wants_more(queued_rows)
-                and now < head.arrival_s + policy.adaptive_delay_s
-            ):
-                self._holding = True
-                return None
-            take = len(candidate)
+            if target is not None and target.wants_more(joining):
+                until = min(r.arrival_s for r in candidate) + policy.adaptive_delay_s
+                if now >= until:
+                    self._holding = True  # it waited the whole delay: what came is all
+                elif self._deadline_before(until):
+                    # A request would expire while held: the batch goes now, and says
+                    # nothing about how many callers there are.
+                    target = None
+                else:
+                    self._holding = True
+                    self._hold_until = until
+                    return None
+            take = joining
         else:
             take = self._preferred_prefix(candidate)
             # Compared as next_wakeup computes it, so that waking at that time always
@@ -253,7 +271,7 @@ class BatchQueue(Generic[P]):
             self._levels[request.priority - 1].remove(request)
             self._forget(request)
         if target is not None:
-            target.batch_formed(queued_rows, self._holding)
+            target.batch_formed(joining, self._holding)
         self._holding = False
         return Batch(requests=chosen, rows=sum(r.rows for r in chosen), formed_s=now)
 
@@ -265,11 +283,11 @@ class BatchQueue(Generic[P]):
         deadline = self.next_deadline()
         if deadline is not None:
             times.append(deadline)
-        head = next(self._in_order(now))
-        delay = self.policy.max_queue_delay_s
-        if self._holding and delay == 0:
-            delay = self.policy.adaptive_delay_s
-        times.append(head.arrival_s + delay)
+        if self._holding:
+            times.append(self._hold_until)
+        else:
+            head = next(self._in_order(now))
+            times.append(head.arrival_s + self.policy.max_queue_delay_s)
         aging = self.policy.priority_aging_s
         if aging is not None and len(self._levels) > 1:
             # A lower-level request that ages into first place may change the next batch;
@@ -299,6 +317,20 @@ class BatchQueue(Generic[P]):
         self._count = self._rows = self._with_deadline = 0
         self._holding = False
         return everything
+
+    def _deadline_before(self, until: float) -> bool:
+        """Whether a queued request's deadline comes before a batch held until `until`
+        would go (its timer may fire up to HOLD_DEADLINE_MARGIN_S late)."""
+        deadline = self.next_deadline()
+        return deadline is not None and deadline <= until + HOLD_DEADLINE_MARGIN_S
+
+    def _left_while_holding(self) -> None:
+        """Requests left the queue (cancelled or expired): if a batch was held and the
+        queue is now empty, the requests it waited for are not coming."""
+        if self._holding and not self._count:
+            self._holding = False
+            if self._gather is not None:
+                self._gather.abandoned(0)
 
     def _forget(self, request: PendingRequest[P]) -> None:
         request.queued = False

@@ -32,11 +32,14 @@ DEFAULT_MODEL_FILENAME = "model.onnx"
 # config parameter "priority_aging_microseconds".
 DEFAULT_PRIORITY_AGING_S = 1.0
 _PRIORITY_AGING_PARAMETER = "priority_aging_microseconds"
-# With max_queue_delay 0, how long a fast model's batch may wait for the rows it expects
-# (server.gathering); Ferry's own setting, the parameter "adaptive_queue_delay_microseconds"
-# (0 turns it off).
+MAX_PRIORITY_AGING_US = 86_400_000_000  # a day
+# With max_queue_delay 0, how long a fast model's batch may wait for the requests it
+# expects (server.gathering); Ferry's own setting, the parameter
+# "adaptive_queue_delay_microseconds" (0 turns it off). It serves models whose batches
+# take microseconds: a second is far past any use.
 DEFAULT_ADAPTIVE_QUEUE_DELAY_S = 0.001
 _ADAPTIVE_QUEUE_DELAY_PARAMETER = "adaptive_queue_delay_microseconds"
+MAX_ADAPTIVE_QUEUE_DELAY_US = 1_000_000
 # Ferry's own parameters for GPU execution (see the README's GPU section).
 _BATCH_BUCKETS_PARAMETER = "batch_buckets"  # "1,2,4,8": allowed batch sizes
 _IO_BINDING_PARAMETER = "io_binding"  # "true" / "false"
@@ -486,10 +489,13 @@ def _queue_settings(
         "default_timeout_s": timeout_us / 1e6 if timeout_us else None,
         "allow_timeout_override": policy.allow_timeout_override or not timeout_us,
         "priority_aging_s": _microseconds_parameter(
-            config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S
+            config, _PRIORITY_AGING_PARAMETER, DEFAULT_PRIORITY_AGING_S, MAX_PRIORITY_AGING_US
         ),
         "adaptive_queue_delay_s": _microseconds_parameter(
-            config, _ADAPTIVE_QUEUE_DELAY_PARAMETER, DEFAULT_ADAPTIVE_QUEUE_DELAY_S
+            config,
+            _ADAPTIVE_QUEUE_DELAY_PARAMETER,
+            DEFAULT_ADAPTIVE_QUEUE_DELAY_S,
+            MAX_ADAPTIVE_QUEUE_DELAY_US,
         ),
     }
 
@@ -665,17 +671,29 @@ def _warmup_sample(
     return WarmupSample(entry.name or "warmup", batch_size, tuple(samples), max(1, entry.count))
 
 
-def _microseconds_parameter(config: mc.ModelConfig, key: str, default_s: float) -> float:
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _microseconds_parameter(
+    config: mc.ModelConfig, key: str, default_s: float, most_us: int
+) -> float:
+    """A whole number of microseconds, 0 to `most_us`, in a `parameters` entry."""
     if key not in config.parameters:
         return default_s
     text = config.parameters[key].string_value
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"parameter {key} must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise ConfigError(f"parameter {key} must be >= 0, got {value}")
-    return value / 1e6
+    # ASCII digits only: int() would also take signs, spaces, "1_000" and other scripts'
+    # digits, and any number of them.
+    if not _DIGITS.fullmatch(text):
+        raise ConfigError(
+            f"parameter {key} must be a whole number of microseconds (0 to {most_us}), "
+            f"got {text[:40]!r}"
+        )
+    if len(text) > len(str(most_us)) or int(text) > most_us:
+        raise ConfigError(
+            f"parameter {key} must be at most {most_us} microseconds, got {text[:40]}"
+            + ("..." if len(text) > 40 else "")
+        )
+    return int(text) / 1e6
 
 
 def _merge_tensors(

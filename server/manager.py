@@ -125,22 +125,23 @@ class ModelManager:
             try:
                 source = self.repository.locate(name).with_config(config_override)
                 loaded = await load_versions(source, self._load_options)
-            except (FerryError, ConfigError, OSError, RuntimeError, ValueError) as exc:
-                detail = exc.message if isinstance(exc, FerryError) else str(exc)
+            except asyncio.CancelledError:
+                # The caller went away (a load RPC cancelled): the model is as before.
+                self._settle_unloaded(name)
+                raise
+            except Exception as exc:
                 where = self.repository.location_of(name)
-                log.error("model '%s' (%s) failed to load: %s", name, where, detail)
+                if isinstance(exc, (FerryError, ConfigError, OSError, RuntimeError, ValueError)):
+                    detail = exc.message if isinstance(exc, FerryError) else str(exc)
+                    log.error("model '%s' (%s) failed to load: %s", name, where, detail)
+                    kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
+                else:  # a bug of Ferry's: say so, keep the traceback in the log
+                    detail = f"internal error: {type(exc).__name__}"
+                    log.exception("model '%s' (%s) failed to load", name, where)
+                    kind = ErrorKind.INTERNAL
                 # callers see paths relative to the repository, and no others
                 reason = public_message(detail, self.repository.path)
-                if name in self._models:
-                    self._states[name] = ModelState.READY
-                elif name in self.repository.model_names():
-                    self._failures[name] = reason
-                    self._states[name] = ModelState.UNAVAILABLE
-                else:
-                    # not a model of the repository (a typo, '../x'): it leaves no trace,
-                    # neither in the index nor in the server's readiness
-                    self._states.pop(name, None)
-                kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
+                self._settle_unloaded(name, reason)
                 await self._changed()
                 raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc
             previous = self._models.get(name, {})
@@ -151,6 +152,20 @@ class ModelManager:
             for model in previous.values():
                 self._retire(model)
         await self._changed()
+
+    def _settle_unloaded(self, name: str, reason: str | None = None) -> None:
+        """After a load that did not happen: the versions that served keep serving; a
+        model of the repository that had none is UNAVAILABLE (for `reason`, if given)."""
+        if name in self._models:
+            self._states[name] = ModelState.READY
+        elif name in self.repository.model_names():
+            if reason is not None:
+                self._failures[name] = reason
+            self._states[name] = ModelState.UNAVAILABLE
+        else:
+            # not a model of the repository (a typo, '../x'): it leaves no trace,
+            # neither in the index nor in the server's readiness
+            self._states.pop(name, None)
 
     async def unload(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())

@@ -135,7 +135,7 @@ class ModelScheduler:
 
     @property
     def gather_target(self) -> int:
-        """The rows a batch waits for while the model may gather (`server.gathering`)."""
+        """The requests a batch waits for while the model may gather (`server.gathering`)."""
         return self._queue.gather_target
 
     @property
@@ -288,7 +288,7 @@ class ModelScheduler:
         self._notify_if_idle()
 
     def _may_gather(self) -> bool:
-        """Whether a batch with no queue delay may wait for the rows it expects
+        """Whether a batch with no queue delay may wait for the requests it expects
         (`server.gathering`): only for a model fast enough to run its batches on the
         loop, where each batch's fixed cost is most of a request's, and never while the
         model drains."""

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from ferry.server.batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from ferry.server.errors import ErrorKind, FerryError
+from ferry.server.padding import LengthBuckets
 
 LONG = 100.0  # a queue delay no test reaches unless it means to
 
@@ -154,7 +155,7 @@ def test_a_lone_request_is_never_held() -> None:
     assert q.gather_target == 1
 
 
-def test_after_a_burst_a_batch_waits_for_the_rows_the_queue_expects() -> None:
+def test_after_a_burst_a_batch_waits_for_the_requests_the_queue_expects() -> None:
     q = gathering()
     submit(q, req("a"), req("b"), req("c"))
     assert names(q.take_batch(0.0, gather=True)) == ["a", "b", "c"]
@@ -204,6 +205,117 @@ def test_a_queue_delay_keeps_its_meaning_and_the_adaptive_delay_is_unused() -> N
     assert q.next_wakeup(1.0) == pytest.approx(1.5)
     assert names(q.take_batch(1.5, gather=True)) == ["a"]
 
+
+
+def teach(q: BatchQueue[str], requests: int, at: float = 0.0) -> None:
+    """A burst of `requests` one-row requests arriving together: the target rises to it."""
+    submit(q, *(req(f"burst{i}", at) for i in range(requests)))
+    assert len(names(q.take_batch(at, gather=True))) == requests
+    assert q.gather_target == requests
+
+
+def test_a_lone_caller_whose_requests_change_size_is_never_held() -> None:
+    """The target counts requests, not rows: one caller alternating 2-row and 1-row
+    requests is alone, and a lone caller never waits."""
+    q = gathering()
+    for turn in range(20):
+        now = 1.0 + turn * 0.01
+        submit(q, req(str(turn), now, rows=2 if turn % 2 == 0 else 1))
+        assert names(q.take_batch(now, gather=True)) == [str(turn)]
+    assert q.gather_target == 1
+
+
+def test_one_callers_many_rows_do_not_make_another_lone_caller_wait() -> None:
+    q = gathering()
+    for turn in range(10):
+        now = 1.0 + turn * 0.01
+        submit(q, req(f"a{turn}", now, rows=7))
+        assert names(q.take_batch(now, gather=True)) == [f"a{turn}"]
+        submit(q, req(f"b{turn}", now + 0.005))
+        assert names(q.take_batch(now + 0.005, gather=True)) == [f"b{turn}"]
+
+
+def test_requests_of_another_shape_never_hold_a_batch_back() -> None:
+    """They can never join it: the target counts the requests that could."""
+    q = gathering()
+    submit(q, req("x1", shape="x"), req("y1", shape="y"), req("x2", shape="x"))
+    submit(q, req("y2", shape="y"))
+    assert names(q.take_batch(0.0, gather=True)) == ["x1", "x2"]
+    assert names(q.take_batch(0.0, gather=True)) == ["y1", "y2"]
+
+
+def test_padded_requests_that_cannot_share_a_batch_never_hold_each_other_back() -> None:
+    q = gathering(padding=LengthBuckets(max_padding_ratio=1.5))
+    for name, length in (("s1", 2), ("l1", 64), ("s2", 2), ("l2", 64)):
+        request = req(name)
+        request.length = length
+        submit(q, request)
+    assert names(q.take_batch(0.0, gather=True)) == ["s1", "s2"]
+    assert names(q.take_batch(0.0, gather=True)) == ["l1", "l2"]
+
+
+def test_the_target_never_exceeds_what_the_queue_can_hold() -> None:
+    """With room for 2 requests a target of 3 would hold a full queue with the instance
+    free, and refuse the next caller QUEUE_FULL."""
+    q = gathering(max_queue_size=2)
+    teach(q, 2)
+    submit(q, req("c", 1.0))
+    assert q.take_batch(1.0, gather=True) is None  # held for a second request
+    submit(q, req("d", 1.0001))
+    assert names(q.take_batch(1.0001, gather=True)) == ["c", "d"]
+    submit(q, req("e", 2.0), req("f", 2.0))
+    assert names(q.take_batch(2.0, gather=True)) == ["e", "f"]
+    assert q.gather_target == 2
+
+
+def test_a_held_batch_waits_the_delay_from_its_oldest_request_whatever_its_priority() -> None:
+    """A higher-priority arrival becomes the head; it must not restart the hold of the
+    lower-priority request that came first."""
+    q = gathering(priority_levels=2)
+    teach(q, 4)
+    submit(q, req("low", 1.0, priority=2))
+    assert q.take_batch(1.0, gather=True) is None
+    submit(q, req("high", 1.0009, priority=1))
+    assert q.take_batch(1.0009, gather=True) is None
+    assert q.next_wakeup(1.0009) == pytest.approx(1.001)
+    assert names(q.take_batch(1.001, gather=True)) == ["high", "low"]
+
+
+def test_a_request_whose_deadline_comes_before_the_hold_ends_is_not_held() -> None:
+    """An instance is free: holding it would fail it for company that may not come. The
+    margin covers a timer that fires up to a millisecond late."""
+    q = gathering()
+    teach(q, 4)
+    submit(q, req("short", 1.0, deadline=1.0015))
+    assert names(q.take_batch(1.0, gather=True)) == ["short"]
+    submit(q, req("patient", 2.0, deadline=2.0025))
+    assert q.take_batch(2.0, gather=True) is None
+
+
+def test_a_held_request_that_leaves_lowers_the_target_and_ends_the_hold() -> None:
+    """Its caller cancelled (or it expired) while held: the next batch, which formed at
+    once, must not be booked as held, and the next lone request must not wait."""
+    q = gathering()
+    teach(q, 4)
+    lone = req("lone", 1.0)
+    submit(q, lone)
+    assert q.take_batch(1.0, gather=True) is None
+    assert q.discard(lone)
+    assert q.gather_target == 1
+    submit(q, req("next", 2.0))
+    assert names(q.take_batch(2.0, gather=True)) == ["next"]
+    submit(q, *(req(name, 3.0) for name in "abcd"))
+    assert len(names(q.take_batch(3.0, gather=True))) == 4
+    assert q.gather_target == 4  # risen to what came, not booked as held and reached
+
+
+def test_a_held_request_that_expires_lowers_the_target() -> None:
+    q = gathering()
+    teach(q, 4)
+    submit(q, req("lone", 1.0, deadline=5.0))
+    assert q.take_batch(1.0, gather=True) is None
+    assert [r.payload for r in q.expire(6.0)] == ["lone"]
+    assert q.gather_target == 1
 
 # -- preferred sizes --------------------------------------------------------------------
 

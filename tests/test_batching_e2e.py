@@ -486,16 +486,36 @@ async def test_callers_that_wait_for_answers_each_get_their_own_rows_from_gather
 def test_a_lone_caller_of_a_fast_model_is_never_held(
     ferry_process: Callable[..., FerryProcess], mlp_file: Path
 ) -> None:
-    """One caller at a time: the gather target stays at one row, so no request waits for
-    rows that are not coming (a held request would queue for the 1 ms adaptive delay)."""
+    """One caller at a time, its requests of 1 and 2 rows in turn: the gather target
+    counts requests, so it stays at one and no request waits for company that is not
+    coming (a held request would queue for the 1 ms adaptive delay)."""
     server = ferry_process(mlp_file.parents[2])
     reference = Reference(mlp_file)
     with tc.InferenceServerClient(server.address) as client:
         for turn in range(40):
-            x = rows_of(seed=turn, rows=1)
+            x = rows_of(seed=turn, rows=1 + turn % 2)
             assert_answer(client.infer("mlp", [fp32_input("x", x)]), reference({"x": x}))
         stats = statistics(client, "mlp")
-    assert stats.execution_count == stats.inference_count == 40
+    assert stats.execution_count == 40 and stats.inference_count == 60
     queue = stats.inference_stats.queue
     assert queue.count == 40
     assert queue.ns / queue.count < 500_000, f"mean queue time {queue.ns / queue.count} ns"
+
+
+def test_a_lone_caller_with_short_timeouts_is_not_failed_by_gathering(
+    ferry_process: Callable[..., FerryProcess], mlp_file: Path
+) -> None:
+    """After a request of many rows, requests with a 500 us queue timeout on an idle
+    server: none may wait for company and expire (an instance is free)."""
+    server = ferry_process(mlp_file.parents[2])
+    with tc.InferenceServerClient(server.address) as client:
+        for turn in range(20):  # the model's batch cost is learnt: its batches run inline
+            client.infer("mlp", [fp32_input("x", rows_of(seed=turn, rows=1))])
+        client.infer("mlp", [fp32_input("x", rows_of(seed=99, rows=8))])
+        failed = []
+        for turn in range(10):
+            try:
+                client.infer("mlp", [fp32_input("x", rows_of(seed=turn, rows=1))], timeout=500)
+            except InferenceServerException as error:
+                failed.append(f"{error.status()}: {error.message()}")
+    assert failed == []

@@ -477,17 +477,47 @@ def test_a_model_without_a_queue_delay_gathers_for_up_to_a_millisecond_by_defaul
     ).adaptive_queue_delay_s == 0.0025
 
 
+WHOLE_ADAPTIVE = (
+    "parameter adaptive_queue_delay_microseconds must be a whole number of microseconds "
+    "(0 to 1000000), got "
+)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("-1", "parameter adaptive_queue_delay_microseconds must be >= 0, got -1"),
-        ("1ms", "parameter adaptive_queue_delay_microseconds must be a whole number, got '1ms'"),
+        ("-1", WHOLE_ADAPTIVE + "'-1'"),
+        ("1ms", WHOLE_ADAPTIVE + "'1ms'"),
+        ("+5", WHOLE_ADAPTIVE + "'+5'"),
+        (" 7 ", WHOLE_ADAPTIVE + "' 7 '"),
+        ("1_000", WHOLE_ADAPTIVE + "'1_000'"),
+        ("\uff17", WHOLE_ADAPTIVE + "'\uff17'"),  # a full-width 7: int() would take it
+        ("", WHOLE_ADAPTIVE + "''"),
+        ("1000001", "must be at most 1000000 microseconds, got 1000001"),
+        # Past a float: must be refused by name, not raise OverflowError.
+        ("1" + "0" * 400, "must be at most 1000000 microseconds, got 1" + "0" * 39 + "..."),
     ],
 )
 def test_a_bad_adaptive_queue_delay_is_refused_by_name(value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         settings(
             'parameters { key: "adaptive_queue_delay_microseconds" '
+            f'value {{ string_value: "{value}" }} }}'
+        )
+
+
+def test_the_longest_adaptive_queue_delay_is_a_second() -> None:
+    model = settings(
+        'parameters { key: "adaptive_queue_delay_microseconds" value { string_value: "1000000" } }'
+    )
+    assert model.adaptive_queue_delay_s == 1.0
+
+
+@pytest.mark.parametrize("value", ["86400000001", "9" * 400, "-3"])
+def test_a_bad_priority_aging_is_refused_by_name(value: str) -> None:
+    with pytest.raises(ConfigError, match="parameter priority_aging_microseconds must be"):
+        settings(
+            'parameters { key: "priority_aging_microseconds" '
             f'value {{ string_value: "{value}" }} }}'
         )
 

@@ -239,12 +239,19 @@ def test_failed_models_are_reported_and_the_others_serve(
     write_config(
         tmp_path / "toobig", "max_batch_size: 4\ndynamic_batching { preferred_batch_size: [ 9 ] }\n"
     )
+    mlp_model(tmp_path / "hugedelay" / "1" / "model.onnx")
+    write_config(  # past a float: refused by name, not an OverflowError that stops the start
+        tmp_path / "hugedelay",
+        'parameters { key: "adaptive_queue_delay_microseconds" '
+        f'value {{ string_value: "1{"0" * 400}" }} }}\n',
+    )
     (tmp_path / "empty").mkdir()
     reasons = {
         "corrupt": "model.onnx",
         "badsyntax": "config.pbtxt",
         "badinput": "nope",
         "toobig": "preferred_batch_size 9",
+        "hugedelay": "adaptive_queue_delay_microseconds must be at most 1000000",
         "empty": "no version folder",
     }
 

@@ -726,7 +726,7 @@ def gathering(
 async def burst_then_lone(
     scheduler: ModelScheduler, burst: int
 ) -> asyncio.Future[Tensors]:
-    """Teach the scheduler a load of `burst` rows, then send one more request alone."""
+    """Teach the scheduler a load of `burst` requests, then send one more alone."""
     assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
     together = [send(scheduler, rows(value)) for value in range(burst)]
     for value, future in enumerate(together):
@@ -792,20 +792,70 @@ async def test_without_an_adaptive_delay_nothing_is_held() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_held_request_still_expires_at_its_deadline() -> None:
+async def test_a_request_whose_deadline_would_pass_while_held_runs_at_once() -> None:
+    """An instance is free: holding a request past its deadline would fail it for nothing,
+    so a batch with such a request goes now, the held request with it."""
     clock = FakeClock()
     instance = LoopSafeInstance()
     async with gathering(instance, clock) as scheduler:
-        await burst_then_lone(scheduler, 4)  # teaches the target; its lone request is held
+        lone = await burst_then_lone(scheduler, 4)  # teaches the target; lone is held
+        assert not lone.done()
         short = send(scheduler, rows(9), deadline_s=clock.now + 0.0005)
         scheduler.poke()
-        assert not short.done()
-        clock.advance(0.0005)  # its deadline, before the adaptive delay ends
+        assert (await result(short))["double"].tolist() == [[18]]
+        assert (await result(lone))["double"].tolist() == [[200]]
+        assert instance.batch_rows[-1] == 2
+
+
+@pytest.mark.asyncio
+async def test_a_request_with_a_distant_deadline_is_still_held() -> None:
+    clock = FakeClock()
+    instance = LoopSafeInstance()
+    async with gathering(instance, clock) as scheduler:
+        await burst_then_lone(scheduler, 4)
+        patient = send(scheduler, rows(9), deadline_s=clock.now + 1.0)
         scheduler.poke()
-        assert (await error_of(short)).kind is ErrorKind.DEADLINE_EXCEEDED
-        clock.advance(0.0005)
+        assert not patient.done() and scheduler.queue_depth == 2
+        clock.advance(0.001)  # the adaptive delay
         scheduler.poke()
-        assert instance.batch_rows[-1] == 1  # the held request ran without it
+        assert (await result(patient))["double"].tolist() == [[18]]
+
+
+@pytest.mark.asyncio
+async def test_a_held_batch_waits_without_spinning() -> None:
+    """The loop's timer fires about once a millisecond while a batch is held and the
+    clock stands still: a wake-up time in the past would spin the loop."""
+    clock = CountingClock()
+    instance = LoopSafeInstance()
+    async with gathering(instance, clock) as scheduler:
+        held = await burst_then_lone(scheduler, 4)
+        assert not held.done()
+        reads = clock.reads
+        # Real time on purpose: what is under test is how often the loop's timer fires.
+        await asyncio.sleep(0.02)
+        assert not held.done()
+        assert clock.reads - reads <= 40, f"{clock.reads - reads} wake-ups in 20 ms"
+        clock.advance(0.001)
+        scheduler.poke()
+        assert (await result(held))["double"].tolist() == [[200]]
+
+
+@pytest.mark.asyncio
+async def test_a_caller_with_short_timeouts_is_never_failed_by_a_hold() -> None:
+    """After a burst, one caller whose requests carry a 500 us timeout: each runs at
+    once on the free instance instead of being held until it expires."""
+    clock = FakeClock()
+    instance = LoopSafeInstance()
+    async with gathering(instance, clock) as scheduler:
+        assert (await result(send(scheduler, rows(1))))["double"].tolist() == [[2]]
+        burst = [send(scheduler, rows(value)) for value in range(4)]
+        await asyncio.gather(*(result(future) for future in burst))
+        assert scheduler.gather_target == 4
+        for turn in range(5):
+            clock.advance(0.01)
+            short = send(scheduler, rows(turn), deadline_s=clock.now + 0.0005)
+            scheduler.poke()
+            assert (await result(short))["double"].tolist() == [[2 * turn]]
 
 
 @pytest.mark.asyncio

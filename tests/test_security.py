@@ -291,6 +291,14 @@ def test_config_override_when_allowed(repo: Path, start_server: StartServer) -> 
         assert code == "PERMISSION_DENIED" and "file:1/model.onnx" in message
         code, message = code_of(lambda: client.load_model("m", config="{not json"))
         assert code == "INVALID_ARGUMENT" and "config" in message
+        for delay in ("-5", "1.5", "1" + "0" * 400):
+            override = json.dumps(
+                {"parameters": {"adaptive_queue_delay_microseconds": {"string_value": delay}}}
+            )
+            code, message = code_of(lambda o=override: client.load_model("m", config=o))
+            assert code == "INVALID_ARGUMENT", (delay, code, message)
+            assert "parameter adaptive_queue_delay_microseconds must" in message
+        assert client.is_model_ready("m")  # the loaded version served on
         # a load without the override goes back to the repository's config
         client.load_model("m")
         assert client.get_model_config("m").config.max_batch_size != 2
