@@ -14,6 +14,7 @@ included, reports back, so the scheduler can settle every caller of the batch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,8 @@ from typing import NamedTuple, Protocol
 
 from .padding import PaddingSettings
 from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadded
+
+log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -67,9 +70,11 @@ class BatchItem(NamedTuple):  # built per request or batch: a tuple is cheapest
 
 
 class ExecutedBatch(NamedTuple):  # built per request or batch: a tuple is cheapest
-    """Each request's own outputs, in the order of the batch, and what the run cost."""
+    """Each request's own outputs, in the order of the batch, and what the run cost. A
+    request whose part failed on its own (a padded batch re-run one request at a time)
+    has its exception in place of its outputs."""
 
-    outputs: list[Tensors]
+    outputs: Sequence[Tensors | BaseException]
     padded_rows: int
     input_ns: int
     infer_ns: int
@@ -96,6 +101,12 @@ class InstanceExecutor:
     its outputs are returned whole. With `padding`, the requests' padded inputs are first
     padded to the bucket of the longest, and the outputs that follow that axis are cut
     back to each request's length. `timer` measures the stages (nanoseconds).
+
+    A padded batch that fails is run again one request at a time, each at its own length,
+    so that one caller's request (too long for the model, say) fails alone, and a bucket
+    past the model's longest sequence (48 positions padded to 64) costs one failed run:
+    when every request then ran alone, that padded length is too long for the model, and
+    later batches that would reach it are padded only to their longest request.
     """
 
     def __init__(
@@ -110,6 +121,8 @@ class InstanceExecutor:
         self.batchable = batchable
         self.padding = padding if batchable else None
         self._timer = timer
+        # The shortest padded length a batch failed at while its requests ran alone.
+        self._too_long: int | None = None
 
     @property
     def may_run_on_loop(self) -> bool:
@@ -142,12 +155,20 @@ class InstanceExecutor:
         lengths = [item.length for item in items]
         row_counts = [item.rows for item in items]
         rows = sum(row_counts)
-        target = padding.buckets.padded_length(max(lengths))
+        longest = max(lengths)
+        target = padding.buckets.padded_length(longest)
+        if self._too_long is not None and target >= self._too_long:
+            target = longest
         inputs = gather_padded(
             [item.inputs for item in items], lengths, target, padding.axis, padding.inputs
         )
         t1 = timer()
-        outputs, padded_rows = self.runner.run_batch([inputs], rows, output_names)
+        try:
+            outputs, padded_rows = self.runner.run_batch([inputs], rows, output_names)
+        except Exception:
+            if len(items) == 1 and target == longest:
+                raise  # what the request would meet alone: the scheduler reports it
+            return self._each_alone(padding, items, output_names, target, t0)
         t2 = timer()
         results = scatter_unpadded(
             outputs, row_counts, lengths, target, [i.outputs for i in items],
@@ -158,6 +179,44 @@ class InstanceExecutor:
         return ExecutedBatch(
             results, padded_rows, t1 - t0, t2 - t1, t3 - t2, real, rows * target
         )
+
+    def _each_alone(
+        self,
+        padding: PaddingSettings,
+        items: Sequence[BatchItem],
+        output_names: Sequence[str],
+        failed_at: int,
+        t0: int,
+    ) -> ExecutedBatch:
+        """After a padded batch failed: each request at its own length, on its own."""
+        timer = self._timer
+        t1 = timer()
+        results: list[Tensors | BaseException] = []
+        padded_rows = 0
+        for item in items:
+            try:
+                outputs, item_rows = self.runner.run_batch([item.inputs], item.rows, output_names)
+                results.extend(
+                    scatter_unpadded(
+                        outputs, [item.rows], [item.length], item.length, [item.outputs],
+                        padding.outputs or {},
+                    )
+                )
+                padded_rows += item_rows
+            except Exception as exc:
+                results.append(exc)
+        ran_alone = not any(isinstance(result, BaseException) for result in results)
+        if ran_alone and (self._too_long is None or failed_at < self._too_long):
+            self._too_long = failed_at
+            log.warning(
+                "a padded batch failed at length %d while each of its requests ran "
+                "alone; batches that would be padded to %d or more are padded only to "
+                "their longest request from now on",
+                failed_at, failed_at,
+            )
+        t2 = timer()
+        real = sum(item.rows * item.length for item in items)
+        return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, 0, real, real)
 
 
 Outcome = ExecutedBatch | BaseException

@@ -9,6 +9,7 @@ the model's config.pbtxt asks for it.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -54,10 +55,10 @@ class LengthBuckets:
                 f"parameter {LENGTH_BUCKETS_PARAMETER} must be distinct positive lengths, "
                 f"got {list(self.lengths)}"
             )
-        if not self.max_padding_ratio >= 1.0:
+        if not 1.0 <= self.max_padding_ratio < math.inf:
             raise PaddingConfigError(
-                f"parameter {MAX_PADDING_RATIO_PARAMETER} must be >= 1 (padded elements per "
-                f"real element), got {self.max_padding_ratio}"
+                f"parameter {MAX_PADDING_RATIO_PARAMETER} must be a finite number >= 1 "
+                f"(padded elements per real element), got {self.max_padding_ratio}"
             )
 
     def padded_length(self, length: int) -> int:
@@ -156,6 +157,11 @@ def parse_padding(
                 f"parameter {PADDING_INPUTS_PARAMETER}: '{name}' is not an input of the model, "
                 f"whose inputs are {', '.join(repr(n) for n in by_name)}"
             )
+        if name in pad_values:
+            raise PaddingConfigError(
+                f"parameter {PADDING_INPUTS_PARAMETER}: input '{name}' is named twice; "
+                "give each padded input one pad value"
+            )
         datatype, dims = by_name[name]
         _check_axis(f"input '{name}'", dims, axis, PADDING_INPUTS_PARAMETER)
         pad_values[name] = _pad_value(name, datatype, value_text)
@@ -171,7 +177,7 @@ def parse_padding(
                     f"parameter {PADDING_OUTPUTS_PARAMETER}: '{name}' is not an output of the "
                     f"model, whose outputs are {', '.join(repr(n) for n in output_dims)}"
                 )
-            if not axis_text.isdigit():
+            if not _is_whole(axis_text):
                 raise PaddingConfigError(
                     f"parameter {PADDING_OUTPUTS_PARAMETER}: output '{name}' needs a whole "
                     f"axis number, got {axis_text!r}"
@@ -280,9 +286,14 @@ def _pairs(text: str, key: str, form: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _is_whole(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _whole_number(parameters: Mapping[str, str], key: str, default: int) -> int:
     text = parameters.get(key, str(default)).strip()
-    if not text.isdigit():
+    if not _is_whole(text):
         raise PaddingConfigError(f"parameter {key} must be a whole number, got {text!r}")
     return int(text)
 

@@ -370,6 +370,8 @@ class ModelScheduler:
             padded_rows = outcome.padded_rows
             real_elements, padded_elements = outcome.real_elements, outcome.padded_elements
             for pending, result in zip(requests, outcome.outputs, strict=True):
+                if isinstance(result, BaseException):  # its part failed on its own
+                    result = self._execution_error(result)
                 _resolve(pending.payload.future, result)
         self._free.append(running.lane)
         record = BatchTimings(

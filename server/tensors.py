@@ -20,6 +20,7 @@ from ferry.proto.codec import CONTENTS_FIELDS, NUMPY_DTYPES, BytesFormatError, f
 
 from .config import ModelSettings, TensorSpec
 from .errors import ErrorKind, FerryError, invalid_input
+from .padding import PaddingSettings
 
 Array = npt.NDArray[np.generic]
 
@@ -75,6 +76,8 @@ def decode_request(
         arrays = _decode_inputs(request, model, limits)
     outputs = _requested_outputs(request, model)
     length, shape_key = batch_key(arrays, model)
+    if model.padding is not None:
+        _check_padded_size(arrays, model.padding, length, limits)
     rows = next(iter(arrays.values())).shape[0] if model.batchable else 1
     if not request.parameters:
         return DecodedRequest(arrays, outputs, rows, shape_key, length=length)
@@ -187,6 +190,31 @@ def _decode_inputs(
                 f"outside 1..{model.max_batch_size}, the max_batch_size of model '{model.name}'"
             )
     return arrays
+
+
+def _check_padded_size(
+    arrays: Mapping[str, Array], padding: PaddingSettings, length: int, limits: TensorLimits
+) -> None:
+    """The tensor limits hold for each padded input at the length it may be padded to: a
+    request of length 0 has no element to count, yet padded to its bucket its other axes
+    count in full ([16, 0, 250000] would become 4 million elements)."""
+    padded_length = padding.buckets.padded_length(length)
+    if padded_length <= length:
+        return  # past the largest bucket, or exactly one: as sent, already checked
+    axis = padding.axis
+    for name in padding.inputs:
+        array = arrays.get(name)
+        if array is None:
+            continue
+        shape = (*array.shape[:axis], padded_length, *array.shape[axis + 1 :])
+        elements = math.prod(shape)
+        if elements > limits.max_elements or elements * array.itemsize > limits.max_bytes:
+            raise invalid_input(
+                f"input '{name}' {list(array.shape)} is padded along axis {axis} to "
+                f"{list(shape)}, {elements * array.itemsize} bytes, more than the limit per "
+                f"tensor ({limits.max_elements} elements, {limits.max_bytes} bytes: "
+                "--max-tensor-elements, --max-tensor-bytes)"
+            )
 
 
 def batch_key(

@@ -69,7 +69,10 @@ def test_listed_length_buckets_are_used_and_a_longer_request_keeps_its_length() 
     [
         ({"lengths": (8, 4)}, "must be distinct positive lengths, got [8, 4]"),
         ({"lengths": (0, 4)}, "must be distinct positive lengths"),
-        ({"max_padding_ratio": 0.5}, "max_padding_ratio must be >= 1"),
+        ({"max_padding_ratio": 0.5}, "max_padding_ratio must be a finite number >= 1"),
+        # inf would turn off the bound that keeps a short request from a long one's batch
+        ({"max_padding_ratio": float("inf")}, "max_padding_ratio must be a finite number >= 1"),
+        ({"max_padding_ratio": float("nan")}, "max_padding_ratio must be a finite number >= 1"),
     ],
 )
 def test_bad_length_buckets_are_refused(fields: dict[str, object], message: str) -> None:
@@ -281,6 +284,19 @@ parameters { key: "padding_outputs" value { string_value: "token_states=1" } }
             {"padding_inputs": "input_ids=0", "max_padding_ratio": "lots"},
             "max_padding_ratio must be a number >= 1, got 'lots'",
         ),
+        # str.isdigit() takes a superscript two, which int() refuses
+        (
+            {"padding_inputs": "input_ids=0", "padding_axis": "\u00b2"},
+            "parameter padding_axis must be a whole number, got '\u00b2'",
+        ),
+        (
+            {"padding_inputs": "input_ids=0", "padding_outputs": "token_states=\u00b2"},
+            "output 'token_states' needs a whole axis number, got '\u00b2'",
+        ),
+        (
+            {"padding_inputs": "input_ids=0,attention_mask=0,input_ids=1"},
+            "input 'input_ids' is named twice",
+        ),
     ],
 )
 def test_bad_padding_settings_are_refused_naming_input_and_axis(
@@ -418,3 +434,57 @@ def test_executor_pads_runs_and_cuts_back_exactly(encoder_file: Path, io_binding
             items = [BatchItem(encoder_inputs(rng, n), 1, ("pooled",), n) for n in lengths]
             executor.execute(items, ["pooled"])
         assert counters.bindings == bindings
+
+
+class ShortModel:
+    """Takes sequences of at most `longest` positions, like a model with a position table
+    of that size; records the length of every run."""
+
+    may_run_on_loop = True
+
+    def __init__(self, longest: int) -> None:
+        self.longest = longest
+        self.runs: list[int] = []
+
+    def run_batch(
+        self, parts: list[dict[str, np.ndarray]], rows: int, output_names: list[str]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        ids = np.concatenate([part["ids"] for part in parts])
+        self.runs.append(ids.shape[1])
+        if ids.shape[1] > self.longest:
+            raise RuntimeError(f"length {ids.shape[1]} is past the model's {self.longest}")
+        return {"states": ids * 2}, 0
+
+
+def items_of(*lengths: int) -> list[BatchItem]:
+    return [
+        BatchItem({"ids": np.full((1, n), n, np.int64)}, 1, ("states",), n) for n in lengths
+    ]
+
+
+def test_a_bucket_past_the_models_longest_sequence_costs_one_failed_run() -> None:
+    """48 positions, power-of-two buckets: the batch padded to 64 fails, its requests run
+    alone and are answered, and later batches stop at their longest request."""
+    model = ShortModel(longest=48)
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets(), {"states": 1})
+    executor = InstanceExecutor(model, padding=padding)
+    first = executor.execute(items_of(40, 38), ["states"])
+    assert [r["states"].shape for r in first.outputs] == [(1, 40), (1, 38)]  # type: ignore[index]
+    assert model.runs == [64, 40, 38]
+    second = executor.execute(items_of(45, 33), ["states"])
+    assert model.runs[3:] == [45]  # one padded run, to the longest request
+    assert second.outputs[1]["states"].tolist() == [[66] * 33]  # type: ignore[index]
+    executor.execute(items_of(20, 30), ["states"])
+    assert model.runs[4:] == [32]  # buckets below the failed length still apply
+
+
+def test_one_request_the_model_refuses_fails_alone_and_teaches_nothing() -> None:
+    model = ShortModel(longest=64)
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets(), {"states": 1})
+    executor = InstanceExecutor(model, padding=padding)
+    batch = executor.execute(items_of(64, 65, 10), ["states"])
+    good, bad, short = batch.outputs
+    assert isinstance(bad, RuntimeError) and "length 65" in str(bad)
+    assert good["states"].shape == (1, 64) and short["states"].shape == (1, 10)  # type: ignore[index]
+    executor.execute(items_of(60, 50), ["states"])
+    assert model.runs[-1] == 64  # the bucket of 64 still pads: it was not what failed

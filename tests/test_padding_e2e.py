@@ -14,7 +14,7 @@ import asyncio
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from ferry.server.executor import Runner
+from ferry.server.security import SecurityOptions
 from tests.conftest import EXPLICIT_MODEL_CONTROL, GatedInstance, RunningServer
-from tests.models import masked_encoder_model, write_config
+from tests.models import identity_model, masked_encoder_model, write_config
 from tests.test_batching_e2e import send_async
+from tests.workers import Workers
 
 MAX_LENGTH = 64
 VOCAB = 64
@@ -268,3 +270,154 @@ def test_the_readme_config_example_serves_the_encoder(
     arrays = request_of(seed=5, length=37)
     with tc.InferenceServerClient(server.address) as client:
         assert_equal_to_alone(client.infer("encoder", infer_inputs(arrays)), reference(arrays))
+
+
+# Hostile callers and models -------------------------------------------------------
+
+
+def drained(gate: GatedInstance) -> GatedInstance:
+    """Forget the entries of runs made at load (the probe, warm-up)."""
+    while gate.entered.acquire(blocking=False):
+        pass
+    return gate
+
+
+def test_a_request_the_model_runs_alone_is_not_padded_past_the_models_own_length(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """A model whose longest sequence is not a power of two (48 positions here; CLIP's
+    text encoder has 77, RoBERTa 514): a request of length 40 runs alone in onnxruntime,
+    but Ferry pads it to the power-of-two bucket 64, past the model's position table, and
+    the caller gets INTERNAL. Same for any length 33..48."""
+    repo = tmp_path / "repo"
+    masked_encoder_model(repo / "encoder" / "1" / "model.onnx", vocab=VOCAB, max_length=48)
+    write_config(repo / "encoder", PADDING)
+    server = start_server(repo)
+    reference = Reference(repo / "encoder" / "1" / "model.onnx")
+    arrays = request_of(seed=3, length=40)
+    expected = reference(arrays)  # the model takes it alone
+    with tc.InferenceServerClient(server.address) as client:
+        result = client.infer("encoder", infer_inputs(arrays))
+    assert_equal_to_alone(result, expected)
+
+
+def test_a_request_too_long_for_the_model_does_not_fail_the_callers_padded_with_it(
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], tmp_path: Path
+) -> None:
+    """Without padding, [1, 65] and [1, 64] never share a batch. With it, a caller's length
+    65 (one past the model's 64 positions, which the model refuses alone) joins a valid
+    length-64 request (2 x 128 <= 2 x 129 padded elements), the batch fails in
+    onnxruntime, and the valid caller gets INTERNAL for a request it sent correctly."""
+    repo = encoder_repo(tmp_path)
+    server = start_server(repo, wrap_instance=gated)
+    gate = drained(gated.instances[0])  # type: ignore[attr-defined]
+    reference = Reference(repo / "encoder" / "1" / "model.onnx")
+    valid = request_of(seed=1, length=MAX_LENGTH)
+    too_long = request_of(seed=2, length=MAX_LENGTH + 1)
+    with pytest.raises(Exception):  # noqa: B017 - onnxruntime's own error type
+        reference(too_long)
+    with tc.InferenceServerClient(server.address) as client:
+        gate.hold()
+        blocker = submit(client, request_of(seed=0, length=5))
+        assert gate.entered.acquire(timeout=20)
+        good = submit(client, valid)
+        bad = submit(client, too_long)
+        wait_for_queue(server, 2)
+        gate.release()
+        blocker.result(timeout=30)
+        with pytest.raises(InferenceServerException):
+            bad.result(timeout=30)
+        assert_equal_to_alone(good.result(timeout=30), reference(valid))
+
+
+def test_a_zero_length_request_cannot_make_the_server_allocate_past_the_tensor_limit(
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], tmp_path: Path
+) -> None:
+    """A padded input [batch, time, features] with features variable: shape
+    [16, 0, 250000] has no element, so --max-tensor-elements/--max-tensor-bytes (checked
+    on math.prod(shape) == 0) let it through, and the padding pads time 0 to the bucket 1:
+    the server fills and runs a 16 MB tensor for a request of 0 bytes, 16x the 1 MiB
+    per-tensor limit. Any `features` passes the check, so the allocation is unbounded."""
+    repo = tmp_path / "repo"
+    identity_model(repo / "frames" / "1" / "model.onnx", "FP32", ("batch", "time", "features"))
+    write_config(
+        repo / "frames",
+        'max_batch_size: 16\n'
+        'parameters { key: "padding_inputs" value { string_value: "INPUT0=0" } }\n',
+    )
+    limit = 1 << 20
+    server = start_server(
+        repo, wrap_instance=gated, security=SecurityOptions(max_tensor_bytes=limit)
+    )
+    gate: GatedInstance = gated.instances[0]  # type: ignore[attr-defined]
+    already = len(gate.batches)
+    sent = np.zeros((16, 0, 250_000), np.float32)
+    tensor = tc.InferInput("INPUT0", list(sent.shape), "FP32")
+    tensor.set_data_from_numpy(sent)
+    with tc.InferenceServerClient(server.address) as client:
+        try:
+            client.infer("frames", [tensor])
+        except InferenceServerException as error:  # a refusal is a fine answer
+            assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+            assert "INPUT0" in (error.message() or ""), error
+    ran = [(batch["INPUT0"].nbytes, list(batch["INPUT0"].shape))
+           for batch in gate.batches[already:]]
+    nbytes, shape = max(ran, default=(0, []))
+    assert nbytes <= limit, (
+        f"a request of {sent.nbytes} bytes made the model run on INPUT0 {shape} "
+        f"({nbytes} bytes), over the {limit}-byte tensor limit"
+    )
+
+
+def test_length_zero_is_answered_as_onnxruntime_answers_it_alone_and_in_a_batch(
+    start_server: StartServer, gated: Callable[[str, Runner], GatedInstance], tmp_path: Path
+) -> None:
+    repo = encoder_repo(tmp_path)
+    server = start_server(repo, wrap_instance=gated)
+    gate: GatedInstance = gated.instances[0]  # type: ignore[attr-defined]
+    reference = Reference(repo / "encoder" / "1" / "model.onnx")
+    empty = request_of(seed=1, length=0, rows=2)
+    with tc.InferenceServerClient(server.address) as client:
+        assert_equal_to_alone(client.infer("encoder", infer_inputs(empty)), reference(empty))
+        drained(gate).hold()
+        blocker = submit(client, request_of(seed=0, length=5))
+        assert gate.entered.acquire(timeout=20)
+        sent = [request_of(seed=2, length=4), empty, request_of(seed=3, length=3)]
+        pending = [submit(client, arrays) for arrays in sent]
+        wait_for_queue(server, len(sent))
+        gate.release()
+        blocker.result(timeout=30)
+        for arrays, future in zip(sent, pending, strict=True):
+            assert_equal_to_alone(future.result(timeout=30), reference(arrays))
+
+
+def test_padding_across_two_frontends_gives_each_caller_its_own_answer(tmp_path: Path) -> None:
+    """`--workers 2`: the frontends compute each request's length, the executor pads;
+    mismatched lengths are refused by the frontend, and padding happened."""
+    masked_encoder_model(tmp_path / "encoder" / "1" / "model.onnx", vocab=VOCAB,
+                         max_length=MAX_LENGTH)
+    write_config(tmp_path / "encoder", PADDING)
+    reference = Reference(tmp_path / "encoder" / "1" / "model.onnx")
+    server = Workers(tmp_path, 2)
+    try:
+        def one(i: int) -> bool:
+            arrays = request_of(seed=i, length=1 + (7 * i) % MAX_LENGTH, rows=1 + i % 2)
+            with tc.InferenceServerClient(server.address) as client:
+                assert_equal_to_alone(client.infer("encoder", infer_inputs(arrays)),
+                                      reference(arrays))
+            return True
+
+        with ThreadPoolExecutor(12) as pool:
+            assert all(pool.map(one, range(48)))
+        assert server.metric("ferry_padded_elements_total") > 0
+        assert server.metric("ferry_batches_total") < 48
+        arrays = request_of(seed=1, length=8)
+        arrays["attention_mask"] = np.ones((1, 7), np.int64)
+        with tc.InferenceServerClient(server.address) as client:
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("encoder", infer_inputs(arrays))
+            assert "must have the same length along axis 1" in (info.value.message() or "")
+            parameters = client.get_model_config("encoder").config.parameters
+            assert parameters["padding_outputs"].string_value == "token_states=1"
+    finally:
+        assert server.stop() == 0
