@@ -1,5 +1,5 @@
 """Logging: the text and JSON line formats, the opt-in access log, and the rate-limited
-report of rejected requests.
+reports of rejected requests and of malformed HTTP.
 
 Successful requests log nothing by default; a flood of bad requests logs one line per
 kind of rejection (model and status code) per interval, not one per request.
@@ -13,6 +13,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import Status
 from .outcomes import RequestOutcome
@@ -155,3 +157,48 @@ class RejectionLog:
             model or "(unknown)", code, more, printable(message) or "(no detail)",
             extra={"fields": {"model": model, "code": code, "suppressed": suppressed}},
         )
+
+
+class MalformedHttpLog(logging.Filter):
+    """For the logger of aiohttp's server: a request that is not valid HTTP (a bad chunk
+    size, a request line over the limit) is the client's error, already answered 400.
+    aiohttp logs each at ERROR with a traceback, about ten lines a request; this reports
+    each kind once per `interval_s` on one line, with how many it did not report. Any
+    other record passes unchanged: an error of the server's own keeps its traceback."""
+
+    def __init__(
+        self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._clock = clock
+        self._classes: dict[str, _Class] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        kind = type(error).__name__
+        now = self._clock()
+        seen = self._classes.get(kind)
+        if seen is not None and now - seen.reported_at < self._interval_s:
+            seen.suppressed += 1
+            return False
+        more = (
+            f" ({seen.suppressed} more since the last report {now - seen.reported_at:.0f} s ago)"
+            if seen is not None
+            else ""
+        )
+        self._classes[kind] = _Class(reported_at=now)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = "malformed HTTP request answered %d (%s)%s: %s"
+        record.args = (error.code, kind, more, printable(error.message or ""))
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_malformed_http(logger_name: str = "aiohttp.server") -> None:
+    """Install MalformedHttpLog on aiohttp's server logger, once per process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, MalformedHttpLog) for f in logger.filters):
+        logger.addFilter(MalformedHttpLog())

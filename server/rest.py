@@ -15,6 +15,7 @@ restricted API without its key, 403 a refused load/unload, 404 unknown model or 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -31,6 +32,7 @@ from .config import ModelSettings
 from .dataplane import DataPlane
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
+from .logs import quiet_malformed_http
 from .ports import bare_host, host_port, socket_family
 from .repository import ModelControl
 from .rest_codec import (
@@ -51,6 +53,11 @@ from .servicer import EXTENSIONS, SERVER_NAME
 from .tensors import DecodedRequest, TensorLimits
 
 log = logging.getLogger(__name__)
+
+# A body must arrive within this long, plus a second per MIN_UPLOAD_BYTES_PER_S it
+# declares: an upload that stalls gives back its connection and what it buffered.
+BODY_GRACE_S = 10.0
+MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -139,6 +146,10 @@ class RestFrontDoor:
                     f"the '{group.value}' API is restricted: send its key in the "
                     f"'{key[0]}' header",
                 )
+            if request.can_read_body:
+                # A request counts against the limit once it has arrived, as a gRPC call
+                # does: an upload still coming in must not hold a place.
+                await self._body(request)
             if limit is not None and self._in_flight >= limit:
                 return error_response(
                     503, f"too many concurrent requests: the limit is {limit} "
@@ -160,6 +171,19 @@ class RestFrontDoor:
         return handle
 
     async def no_route(self, request: web.Request) -> web.Response:
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            match, methods = await resource.resolve(request)
+            if match is None:  # the path is this resource's when methods is not empty
+                allowed |= methods
+        allowed.discard("*")
+        if allowed:
+            methods_text = ", ".join(sorted(allowed))
+            response = error_response(
+                405, f"{request.path} takes {methods_text}, not {request.method}"
+            )
+            response.headers["Allow"] = methods_text
+            return response
         return error_response(
             404, f"no endpoint {request.method} {request.path}; see the /v2 paths of the "
             "Open Inference Protocol's REST binding"
@@ -252,7 +276,7 @@ class RestFrontDoor:
         body = await self._body(request)
         header_length = request.headers.get(HEADER_LENGTH)
         json_length = len(body)
-        if header_length is not None and header_length.isdigit():
+        if header_length is not None and header_length.isascii() and header_length.isdigit():
             json_length = min(json_length, int(header_length))
         self._check_json(json_length)
         limits = self._limits
@@ -298,8 +322,24 @@ class RestFrontDoor:
             )
 
     async def _body(self, request: web.Request) -> bytes:
+        """The request's body (read once, then kept by aiohttp), within the time it may
+        take: BODY_GRACE_S plus a second per MIN_UPLOAD_BYTES_PER_S of what it declares."""
+        size = request.content_length or self._max_body_bytes
+        allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
         try:
-            return await request.read()
+            if request.content.is_eof():  # all there (the common case): no timer to arm
+                return await request.read()
+            async with asyncio.timeout(allowed_s):
+                return await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=dumps({
+                    "error": f"the request body did not arrive within {allowed_s:.0f} s "
+                    f"({BODY_GRACE_S:g} s, plus a second per "
+                    f"{MIN_UPLOAD_BYTES_PER_S // 1024} KiB it declares)"
+                }).decode(),
+                content_type=JSON_TYPE,
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=self._max_body_bytes,
@@ -312,9 +352,11 @@ class RestFrontDoor:
             ) from None
 
 
-# Decoding JSON costs up to about 20 times its size (a Python object per number, then
-# arrays), so JSON may use only this share of --max-message-size; binary data, about its
-# own size to decode, may use all of it.
+
+# Decoding JSON costs 16-20 times its size for flat numbers (a Python object per number,
+# then arrays) and up to about 45 times for data nested as small as JSON allows, so JSON
+# may use only this share of --max-message-size; binary data, about its own size to
+# decode, may use all of it.
 JSON_SHARE = 16
 MIN_JSON_BYTES = 64 * 1024
 
@@ -360,6 +402,7 @@ class RestServer:
         """Listen on host:port (0: a free port); returns the bound port. `reuse_port`: share
         it with the other frontends of `--workers`; a lone server binds it alone."""
         listener = _listening_socket(host, port, reuse_port)
+        quiet_malformed_http()
         self._runner = web.AppRunner(
             self._app,
             handle_signals=False,

@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from ferry.server.errors import Status
-from ferry.server.logs import AccessLog, JsonFormatter, RejectionLog
+from ferry.server.logs import AccessLog, JsonFormatter, MalformedHttpLog, RejectionLog
 from ferry.server.metrics import LATENCY_BUCKETS_S, ServerMetrics, batch_size_bounds
 from ferry.server.outcomes import RequestOutcome
 from ferry.server.scheduler import BatchTimings
@@ -334,6 +335,41 @@ def test_rejections_are_logged_once_per_class_and_interval(
     lines = [r.getMessage() for r in caplog.records if r.name == "ferry.rejections"]
     assert len(lines) == 3
     assert "4 more" in lines[2]
+
+
+def malformed_http_record(error: BaseException) -> logging.LogRecord:
+    """A record as aiohttp's server logs a request it could not parse."""
+    return logging.LogRecord(
+        "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+        ("127.0.0.1",), (type(error), error, None),
+    )
+
+
+def test_malformed_http_is_reported_once_per_kind_and_interval_on_one_line() -> None:
+    clock = FakeClock()
+    quiet = MalformedHttpLog(interval_s=60.0, clock=clock)
+    kept = [
+        record
+        for record in (
+            malformed_http_record(BadHttpMessage("bad chunk size")) for _ in range(5)
+        )
+        if quiet.filter(record)
+    ]
+    line_too_long = malformed_http_record(LineTooLong("request line", "8190", "9000"))
+    assert quiet.filter(line_too_long)
+    assert len(kept) == 1
+    record = kept[0]
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == (
+        "malformed HTTP request answered 400 (BadHttpMessage): bad chunk size"
+    )
+    clock.now += 61
+    again = malformed_http_record(BadHttpMessage("bad chunk size"))
+    assert quiet.filter(again)
+    assert "4 more since the last report 61 s ago" in again.getMessage()
+    # A failure of the server's own keeps its traceback.
+    bug = malformed_http_record(ZeroDivisionError("oops"))
+    assert quiet.filter(bug) and bug.exc_info is not None and bug.levelno == logging.ERROR
 
 
 def test_logged_error_messages_cannot_forge_log_lines(caplog: pytest.LogCaptureFixture) -> None:
