@@ -5,10 +5,11 @@ grpc.aio server, and runs its start-up and drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -415,5 +416,30 @@ def leave_if_a_batch_still_runs(models: _Joinable, timeout_s: float = BATCH_JOIN
     if models.join_threads(timeout_s):
         return
     log.warning("a batch is still running after the stop; exiting without it")
+    logging.shutdown()
+    os._exit(0)
+
+
+async def start_unless_stopped(
+    start: Coroutine[Any, Any, object], stop: asyncio.Event
+) -> asyncio.Future[object] | None:
+    """Run a server's start-up unless a stop comes first (models loading, a frontend
+    waiting for its executor): then the start is cancelled and None returned. Otherwise
+    the finished start, whose result() raises what the start raised."""
+    starting = asyncio.ensure_future(start)
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if starting.done():
+        return starting
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return None
+
+
+def leave_after_a_stop_during_start_up() -> None:
+    """A model still loading or warming up holds a worker thread that cannot be
+    interrupted; the server never took a request, so leave without waiting for it."""
     logging.shutdown()
     os._exit(0)

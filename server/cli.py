@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +16,9 @@ from .app import (
     MAX_GRPC_LISTENERS,
     FerryServer,
     ServerOptions,
+    leave_after_a_stop_during_start_up,
     leave_if_a_batch_still_runs,
+    start_unless_stopped,
 )
 from .device_plan import executor_devices, model_devices
 from .event_loop import EVENT_LOOPS, default_event_loop
@@ -37,7 +37,7 @@ from .security import (
 )
 from .streams import DEFAULT_MAX_STREAM_PENDING, DEFAULT_MAX_STREAM_PENDING_BYTES, StreamLimits
 from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
-from .workers import EXECUTOR, FRONTEND, Supervisor, socket_address
+from .workers import ABORT_SIGNAL, EXECUTOR, FRONTEND, Supervisor, socket_address
 
 log = logging.getLogger("ferry")
 
@@ -327,39 +327,44 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
 
     def on_signal(signum: int) -> None:
         nonlocal signals
+        if signals and frontend is not None:
+            # A frontend may get one stop twice (from the supervisor, and from a service
+            # manager that signals every process): the supervisor sends ABORT_SIGNAL to
+            # stop at once.
+            return
         signals += 1
         if signals == 1:
             log.info("%s received: draining (send it again to stop at once)",
                      signal.Signals(signum).name)
             stop.set()
         else:
-            log.warning("second signal: answering queued requests UNAVAILABLE and stopping")
-            server.abort("server is stopping")
+            abort()
+
+    def abort() -> None:
+        nonlocal signals
+        signals = 2
+        log.warning("second signal: answering queued requests UNAVAILABLE and stopping")
+        server.abort("server is stopping")
+        stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    if frontend is not None:
+        loop.add_signal_handler(ABORT_SIGNAL, abort)
     # A signal during start-up (models loading, a frontend waiting for its executor) ends
     # it there: the start is cancelled and what did start is stopped.
-    starting = asyncio.ensure_future(server.start())
-    stopping = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if not starting.done():
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
+    started = await start_unless_stopped(server.start(), stop)
+    if started is None:
         await server.stop(0.0)
         log.info("stopped during start-up")
-        # A model still loading or warming up holds a worker thread that cannot be
-        # interrupted; the server never took a request, so leave without waiting for it.
-        logging.shutdown()
-        os._exit(0)
+        leave_after_a_stop_during_start_up()
+        return 0
     try:
-        starting.result()
+        started.result()
     except OSError as exc:
-        stopping.cancel()
         log.error("cannot start: %s", exc)
         return 1
-    await stopping
+    await stop.wait()
     await server.stop()
     # After a second signal, no waiting at all for a batch still running.
     leave_if_a_batch_still_runs(server.manager, BATCH_JOIN_TIMEOUT_S if signals < 2 else 0.0)

@@ -19,13 +19,21 @@ import contextlib
 import logging
 import os
 import pickle
+import signal
 import socket
 from collections.abc import Sequence
 from functools import partial
 from itertools import count
 from typing import Any
 
-from .app import ServerOptions, StartupError, leave_if_a_batch_still_runs
+from .app import (
+    BATCH_JOIN_TIMEOUT_S,
+    ServerOptions,
+    StartupError,
+    leave_after_a_stop_during_start_up,
+    leave_if_a_batch_still_runs,
+    start_unless_stopped,
+)
 from .device_plan import model_devices, models_on
 from .errors import ErrorKind, FerryError, Status
 from .handoff import (
@@ -55,6 +63,7 @@ from .metrics_merge import MergedRegistry, PeerFamiliesServer, peer_metrics_addr
 from .outcomes import OutcomeObserver, RequestOutcome
 from .repository import ModelRepository
 from .rows import Tensors
+from .workers import ABORT_SIGNAL
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +164,7 @@ class FrontendSession:
             future.cancel()
         self.request_region.close()
         self.response_region.close()
-        self.service.sessions.discard(self)
-        self.service.flushed(self, None)
+        self.service.session_ended(self)
 
 
 class ExecutorService:
@@ -199,6 +207,8 @@ class ExecutorService:
             drain_grace_s=options.shutdown_grace_s,
         )
         self.sessions: set[FrontendSession] = set()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -273,8 +283,19 @@ class ExecutorService:
             connection.close()
             return
         self.sessions.add(session)
+        self._no_sessions.clear()
         session.channel.send(self.catalog())
         log.info("frontend %d connected%s", index, self.where)
+
+    def session_ended(self, session: FrontendSession) -> None:
+        self.sessions.discard(session)
+        self.flushed(session, None)
+        if not self.sessions:
+            self._no_sessions.set()
+
+    async def frontends_gone(self) -> None:
+        """Until no frontend is connected."""
+        await self._no_sessions.wait()
 
     def catalog(self) -> tuple[Any, ...]:
         manager = self.manager
@@ -330,14 +351,14 @@ class ExecutorService:
     def _statistics(self) -> list[bytes]:
         return [m.stats.to_proto().SerializeToString() for m in self.manager.loaded()]
 
-    async def stop(self, grace_s: float) -> None:
+    async def stop(self, grace_s: float, join_timeout_s: float = BATCH_JOIN_TIMEOUT_S) -> None:
         """After the frontends have drained: finish what is queued, then close."""
         if self._accepting is not None:
             self._accepting.cancel()
         if self._listener is not None:
             self._listener.close()
         await self.manager.close(grace_s)
-        leave_if_a_batch_still_runs(self.manager)
+        leave_if_a_batch_still_runs(self.manager, join_timeout_s)
         for session in list(self.sessions):
             session.channel.close()
         self._metrics_endpoint.close()
@@ -352,16 +373,44 @@ async def run_executor(
     device: str | None = None,
     metrics_peers: Sequence[str] = (),
 ) -> int:
-    """The executor process's main: serve until SIGTERM/SIGINT, then drain."""
-    import signal
+    """The executor process's main: serve until told to stop, then drain.
 
+    SIGTERM or SIGINT, from the supervisor when its drain begins or from anyone else (a
+    service manager signals every process of the server): no batch is held back for
+    requests to come any more, the models serve on until the frontends, which drain
+    first, are gone (at most --shutdown-grace), then finish what is queued. Any number
+    of them means the same. ABORT_SIGNAL, from the supervisor on a second signal: queued
+    and running requests are answered UNAVAILABLE and the process leaves at once. A stop
+    during start-up ends it there."""
     service = ExecutorService(options, address, device, metrics_peers)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    aborted = asyncio.Event()
+
+    def on_stop(signum: int) -> None:
+        if stop.is_set():
+            return  # the same drain, told again (the supervisor and a service manager)
+        log.info("%s received: executor draining%s", signal.Signals(signum).name, service.where)
+        stop.set()
+        service.manager.stop_gathering()
+
+    def on_abort() -> None:
+        log.warning("told to stop at once: answering queued requests UNAVAILABLE")
+        aborted.set()
+        stop.set()
+        service.manager.abort("server is stopping")
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(ABORT_SIGNAL, on_abort)
+    started = await start_unless_stopped(service.start(), stop)
+    if started is None:
+        await service.stop(0.0, join_timeout_s=0.0)
+        log.info("executor stopped during start-up")
+        leave_after_a_stop_during_start_up()
+        return 0
     try:
-        await service.start()
+        started.result()
     except OSError as exc:
         log.error("the executor cannot start: %s", exc)
         await service.stop(0.0)
@@ -372,7 +421,20 @@ async def run_executor(
             os.write(ready_fd, b"ready\n")
         os.close(ready_fd)
     await stop.wait()
-    log.info("executor draining")
-    await service.stop(options.shutdown_grace_s)
+    if not aborted.is_set():
+        # The frontends drain first: what they accepted still comes here.
+        waiting = {
+            asyncio.ensure_future(service.frontends_gone()),
+            asyncio.ensure_future(aborted.wait()),
+        }
+        _, pending = await asyncio.wait(
+            waiting, timeout=options.shutdown_grace_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+    if aborted.is_set():
+        await service.stop(0.0, join_timeout_s=0.0)
+    else:
+        await service.stop(options.shutdown_grace_s)
     log.info("executor stopped")
     return 0

@@ -199,6 +199,11 @@ class ModelManager:
             *(model.scheduler.close(grace_s) for model in closing), *self._draining
         )
 
+    def stop_gathering(self) -> None:
+        """A drain has begun: no model holds a batch back for requests to come."""
+        for model in self.loaded():
+            model.scheduler.stop_gathering()
+
     def abort(self, reason: str) -> None:
         """Answer everything queued or running, in every version (retiring ones included),
         UNAVAILABLE at once."""

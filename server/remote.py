@@ -357,6 +357,9 @@ class RemoteScheduler:
     def abort(self, reason: str) -> None:
         return None
 
+    def stop_gathering(self) -> None:
+        return None  # the executor gathers; the supervisor tells it of the drain
+
     def join_threads(self, timeout_s: float | None = None) -> bool:
         return True
 

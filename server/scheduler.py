@@ -121,6 +121,7 @@ class ModelScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._accepting = True
+        self._gathering = True  # off once a drain has begun: no more requests are coming
         self._aborted = False
         self._idle_event = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop
@@ -182,6 +183,12 @@ class ModelScheduler:
             self._dispatch_pending = True
             self._loop.call_soon(self._deferred_dispatch)
         return future
+
+    def stop_gathering(self) -> None:
+        """A drain has begun (the requests it lets in still come, but no more after them):
+        a batch held for more requests goes now, and none is held again."""
+        self._gathering = False
+        self._dispatch()
 
     def _deferred_dispatch(self) -> None:
         self._dispatch_pending = False
@@ -293,7 +300,8 @@ class ModelScheduler:
         loop, where each batch's fixed cost is most of a request's, and never while the
         model drains."""
         return (
-            self._accepting
+            self._gathering
+            and self._accepting
             and self._inline_capable
             and self._recent_infer_s <= self._inline_busy_max_s
         )
@@ -353,6 +361,7 @@ class ModelScheduler:
         """Back on the loop: answer every request of the batch, whatever happened."""
         self._inflight.pop(id(running), None)
         requests = running.batch.requests
+        counted = requests  # the requests the statistics count: those answered
         failed = True
         timings = (0, 0, 0)
         padded_rows = real_elements = padded_elements = 0
@@ -369,15 +378,24 @@ class ModelScheduler:
             timings = (outcome.input_ns, outcome.infer_ns, outcome.output_ns)
             padded_rows = outcome.padded_rows
             real_elements, padded_elements = outcome.real_elements, outcome.padded_elements
+            partly = False
             for pending, result in zip(requests, outcome.outputs, strict=True):
                 if isinstance(result, BaseException):  # its part failed on its own
                     result = self._execution_error(result)
+                    partly = True
                 _resolve(pending.payload.future, result)
+            if partly:  # a padded batch run again one request at a time
+                counted = [
+                    r for r, result in zip(requests, outcome.outputs, strict=True)
+                    if not isinstance(result, BaseException)
+                ]
+                failed = not counted
+                real_elements = padded_elements = sum(r.rows * r.length for r in counted)
         self._free.append(running.lane)
         record = BatchTimings(
-            running.batch.rows,
-            len(requests),
-            tuple(running.start_ns - r.payload.arrival_ns for r in requests),
+            running.batch.rows if counted is requests else sum(r.rows for r in counted),
+            len(counted),
+            tuple(running.start_ns - r.payload.arrival_ns for r in counted),
             *timings,
             failed=failed,
             padded_rows=padded_rows,

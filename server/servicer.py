@@ -31,6 +31,10 @@ SERVER_NAME = "ferry"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # A stream's reply wraps the ModelInferResponse: a field tag and a length of up to 5 bytes.
 STREAM_FRAMING_BYTES = 6
+# An error message may quote what the caller sent (a model name): it is cut to this many
+# characters, so that it fits gRPC's status metadata (8 KiB by default on the client) and
+# a stream's reply.
+MAX_ERROR_MESSAGE_CHARS = 2048
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
 
 
@@ -175,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
                 reply = pb.ModelStreamInferResponse(infer_response=response)
             except FerryError as error:
-                reply = _error_reply(error.message, request)
+                reply = _error_reply(error.message, request, self._max_response)
             replies.put(reply, reply.ByteSize())
 
         async def read_all() -> None:
@@ -237,7 +241,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
 
     async def _abort(self, context: Any, error: FerryError) -> None:
-        await context.abort(status_code(error), error.message)
+        await context.abort(status_code(error), bounded_message(error.message))
 
     # Extensions Ferry does not implement ------------------------------------------
 
@@ -271,15 +275,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._unimplemented(context, "logging")
 
 
+def bounded_message(message: str) -> str:
+    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+        return message
+    return message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+
+
 def _error_reply(
-    message: str, request: pb.ModelInferRequest | None = None
+    message: str,
+    request: pb.ModelInferRequest | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> pb.ModelStreamInferResponse:
-    """A stream's answer to one request that failed; the stream goes on."""
+    """A stream's answer to one request that failed; the stream goes on. It names the
+    request (model, version, id) so the caller can match it, unless those alone would
+    make it too large to send: then it carries the error alone."""
+    message = bounded_message(message)
     if request is None:
         return pb.ModelStreamInferResponse(error_message=message)
-    return pb.ModelStreamInferResponse(
+    reply = pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         ),
     )
+    if reply.ByteSize() + STREAM_FRAMING_BYTES > max_bytes:
+        return pb.ModelStreamInferResponse(error_message=message)
+    return reply

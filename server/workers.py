@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 EXECUTOR = "executor"
 FRONTEND = "frontend"
+# What the supervisor sends its children on a second SIGTERM/SIGINT: stop at once. Apart
+# from the stop signals, which a child may get twice for one stop (from the supervisor,
+# and from a service manager that signals every process of the server).
+ABORT_SIGNAL = signal.SIGUSR1
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
 
@@ -181,13 +185,16 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         if not self._start_executors(range(len(self.devices))):
-            log.error("an executor process failed to start")
             # The others have served nothing yet: no need to wait for their loads.
             started = list(self._children.values())
             self._children.clear()
             for each in started:
                 each.process.kill()
                 each.process.wait()
+            if self._stopping and self._signals:
+                log.info("stopped during start-up")
+                return 0  # told to stop while loading: the executor left, as asked
+            log.error("an executor process failed to start")
             return 1
         for index in range(self.workers):
             if not self._stopping:
@@ -215,7 +222,7 @@ class Supervisor:
         if self._stopping:
             # Ended by the signal it was sent (before it could handle it: a process
             # still starting) counts as a clean stop.
-            if code not in (-signal.SIGTERM, -signal.SIGINT):
+            if code not in (-signal.SIGTERM, -signal.SIGINT, -ABORT_SIGNAL):
                 self._worst = max(self._worst, abs(code))
             if child.role == FRONTEND and not self._frontends():
                 self._signal_executor(signal.SIGTERM)
@@ -303,13 +310,16 @@ class Supervisor:
                 child.process.send_signal(signum)
 
     def _stop(self, signum: int) -> None:
-        """Frontends first; the executor once they are gone (see _exited)."""
+        """The frontends drain; the executor, told at once, stops holding batches back and
+        closes once they are gone (see run_executor). A second signal: everyone at once."""
         self._stopping = True
-        frontends = self._frontends()
-        for child in frontends:
+        if self._signals > 1:
+            for child in self._children.values():
+                child.process.send_signal(ABORT_SIGNAL)
+            return
+        for child in self._frontends():
             child.process.send_signal(signum)
-        if not frontends or self._signals > 1:
-            self._signal_executor(signum)
+        self._signal_executor(signum)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1

@@ -161,6 +161,20 @@ def spin_model(path: Path, offset: float = 0.0, features: int = 4) -> Path:
     return _save(graph, path)
 
 
+def slow_start_repository(root: Path) -> Path:
+    """A repository whose one model `m` (spin_model) warms up for minutes: a server
+    stays in its start-up for as long as a test needs."""
+    spin_model(root / "m" / "1" / "model.onnx")
+    write_config(root / "m", """
+        max_batch_size: 1
+        model_warmup [ { name: "long" batch_size: 1 inputs { key: "x" value {
+            data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "spin" } } } ]
+    """)
+    (root / "m" / "warmup").mkdir()
+    (root / "m" / "warmup" / "spin").write_bytes(np.full(4, 1e9, np.float32).tobytes())
+    return root
+
+
 def masked_encoder_model(
     path: Path,
     vocab: int = 64,

@@ -325,9 +325,15 @@ def test_a_request_too_long_for_the_model_does_not_fail_the_callers_padded_with_
         wait_for_queue(server, 2)
         gate.release()
         blocker.result(timeout=30)
-        with pytest.raises(InferenceServerException):
+        with pytest.raises(InferenceServerException) as info:
             bad.result(timeout=30)
+        assert info.value.status() == "StatusCode.INTERNAL"
         assert_equal_to_alone(good.result(timeout=30), reference(valid))
+        # The statistics count what was answered: the blocker and the valid request.
+        stats = client.get_inference_statistics("encoder").model_stats[0]
+    assert stats.inference_count == 2 and stats.execution_count == 2
+    assert stats.inference_stats.success.count == 2 and stats.inference_stats.fail.count == 1
+    assert stats.inference_stats.compute_infer.count == 2
 
 
 def test_a_zero_length_request_cannot_make_the_server_allocate_past_the_tensor_limit(

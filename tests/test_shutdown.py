@@ -19,7 +19,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import GatedInstance, RunningServer
-from tests.models import mlp_model, spin_model, write_config
+from tests.models import mlp_model, slow_start_repository, spin_model, write_config
 from tests.process import FerryProcess, infer, metric
 from tests.waiting import wait_until
 
@@ -293,15 +293,7 @@ def test_a_signal_during_start_up_stops_at_once(
 ) -> None:
     """SIGTERM while a model's warm-up still runs (here: one that would spin for minutes)
     stops the server at once, exit 0, instead of waiting for the start-up to end."""
-    repo = tmp_path / "slow-start"
-    spin_model(repo / "m" / "1" / "model.onnx")
-    write_config(repo / "m", """
-        max_batch_size: 1
-        model_warmup [ { name: "long" batch_size: 1 inputs { key: "x" value {
-            data_type: TYPE_FP32 dims: [ 4 ] input_data_file: "spin" } } } ]
-    """)
-    (repo / "m" / "warmup").mkdir()
-    (repo / "m" / "warmup" / "spin").write_bytes(np.full(4, 1e9, np.float32).tobytes())
+    repo = slow_start_repository(tmp_path / "slow-start")
     server = ferry_process(repo, wait_ready=False)
     server.wait_for(r"plain text")  # the process is up and binding its ports
     signalled = time.monotonic()
