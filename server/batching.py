@@ -219,7 +219,6 @@ class BatchQueue(Generic[P]):
         first: this method does not look at deadlines.
         """
         if not self._count:
-            self._holding = False
             return None
         policy = self.policy
         ordered = self._in_order(now)
@@ -330,7 +329,7 @@ class BatchQueue(Generic[P]):
         if self._holding and not self._count:
             self._holding = False
             if self._gather is not None:
-                self._gather.abandoned(0)
+                self._gather.abandoned()
 
     def _forget(self, request: PendingRequest[P]) -> None:
         request.queued = False

@@ -64,7 +64,7 @@ class GatherTarget:
                 self._at_ceiling = 0
                 self.requests = min(self.limit, self.requests + 1)
 
-    def abandoned(self, left: int) -> None:
-        """A held batch's requests left before it formed (cancelled or expired), `left`
-        of them still queued: the requests it waited for did not come."""
-        self.batch_formed(left, held=True)
+    def abandoned(self) -> None:
+        """A held batch's requests all left before it formed (cancelled or expired): the
+        requests it waited for did not come."""
+        self.batch_formed(0, held=True)

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from aiohttp.http_exceptions import HttpProcessingError
@@ -124,6 +124,30 @@ class _Class:
     suppressed: int = 0
 
 
+class _Throttle:
+    """Lets the first report of each kind through, then at most one per `interval_s`,
+    counting those it holds back."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float]) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._classes: dict[Hashable, _Class] = {}
+
+    def report(self, key: Hashable) -> tuple[int, str] | None:
+        """None to hold this one back; else how many were held back since the last
+        report of its kind, and a note that says so ("" for the first)."""
+        now = self._clock()
+        seen = self._classes.get(key)
+        if seen is not None and now - seen.reported_at < self._interval_s:
+            seen.suppressed += 1
+            return None
+        self._classes[key] = _Class(reported_at=now)
+        if seen is None:
+            return 0, ""
+        note = f" ({seen.suppressed} more since the last report {now - seen.reported_at:.0f} s ago)"
+        return seen.suppressed, note
+
+
 class RejectionLog:
     """An OutcomeObserver that reports each kind of failed request (model, code) at once,
     then at most once per `interval_s`, with how many it did not report in between."""
@@ -131,27 +155,16 @@ class RejectionLog:
     def __init__(
         self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._interval_s = interval_s
-        self._clock = clock
-        self._classes: dict[tuple[str, str], _Class] = {}
+        self._throttle = _Throttle(interval_s, clock)
 
     def request_finished(self, outcome: RequestOutcome) -> None:
         if outcome.status in QUIET_STATUSES:
             return
         model, code, message = outcome.model, outcome.status.name, outcome.message
-        now = self._clock()
-        key = (model, code)
-        seen = self._classes.get(key)
-        if seen is not None and now - seen.reported_at < self._interval_s:
-            seen.suppressed += 1
+        reported = self._throttle.report((model, code))
+        if reported is None:
             return
-        suppressed = seen.suppressed if seen is not None else 0
-        self._classes[key] = _Class(reported_at=now)
-        more = (
-            f" ({suppressed} more since the last report {now - seen.reported_at:.0f} s ago)"
-            if seen is not None
-            else ""
-        )
+        suppressed, more = reported
         rejection_log.warning(
             "requests to model '%s' fail with %s%s: %s",
             model or "(unknown)", code, more, printable(message) or "(no detail)",
@@ -170,29 +183,19 @@ class MalformedHttpLog(logging.Filter):
         self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__()
-        self._interval_s = interval_s
-        self._clock = clock
-        self._classes: dict[str, _Class] = {}
+        self._throttle = _Throttle(interval_s, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, HttpProcessingError):
             return True
         kind = type(error).__name__
-        now = self._clock()
-        seen = self._classes.get(kind)
-        if seen is not None and now - seen.reported_at < self._interval_s:
-            seen.suppressed += 1
+        reported = self._throttle.report(kind)
+        if reported is None:
             return False
-        more = (
-            f" ({seen.suppressed} more since the last report {now - seen.reported_at:.0f} s ago)"
-            if seen is not None
-            else ""
-        )
-        self._classes[kind] = _Class(reported_at=now)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "malformed HTTP request answered %d (%s)%s: %s"
-        record.args = (error.code, kind, more, printable(error.message or ""))
+        record.args = (error.code, kind, reported[1], printable(error.message or ""))
         record.exc_info = record.exc_text = None
         return True
 

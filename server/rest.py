@@ -324,11 +324,11 @@ class RestFrontDoor:
     async def _body(self, request: web.Request) -> bytes:
         """The request's body (read once, then kept by aiohttp), within the time it may
         take: BODY_GRACE_S plus a second per MIN_UPLOAD_BYTES_PER_S of what it declares."""
-        size = request.content_length or self._max_body_bytes
-        allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
         try:
             if request.content.is_eof():  # all there (the common case): no timer to arm
                 return await request.read()
+            size = request.content_length or self._max_body_bytes
+            allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
             async with asyncio.timeout(allowed_s):
                 return await request.read()
         except TimeoutError:
@@ -350,7 +350,6 @@ class RestFrontDoor:
                 }).decode(),
                 content_type=JSON_TYPE,
             ) from None
-
 
 
 # Decoding JSON costs 16-20 times its size for flat numbers (a Python object per number,

@@ -224,8 +224,6 @@ class Supervisor:
             # still starting) counts as a clean stop.
             if code not in (-signal.SIGTERM, -signal.SIGINT, -ABORT_SIGNAL):
                 self._worst = max(self._worst, abs(code))
-            if child.role == FRONTEND and not self._frontends():
-                self._signal_executor(signal.SIGTERM)
             return
         log.error("%s process %s exited with %d; restarting it",
                   child.role, child.process.pid, code)
@@ -313,13 +311,9 @@ class Supervisor:
         """The frontends drain; the executor, told at once, stops holding batches back and
         closes once they are gone (see run_executor). A second signal: everyone at once."""
         self._stopping = True
-        if self._signals > 1:
-            for child in self._children.values():
-                child.process.send_signal(ABORT_SIGNAL)
-            return
-        for child in self._frontends():
-            child.process.send_signal(signum)
-        self._signal_executor(signum)
+        stop = ABORT_SIGNAL if self._signals > 1 else signum
+        for child in self._children.values():
+            child.process.send_signal(stop)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1

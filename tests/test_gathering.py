@@ -84,7 +84,7 @@ def test_a_held_batch_whose_requests_left_brings_the_target_down() -> None:
     it waited for are not coming, and the next lone request must not wait for them."""
     target = GatherTarget(limit=32)
     target.batch_formed(6, held=False)
-    target.abandoned(0)
+    target.abandoned()
     assert target.requests == 1
     assert not target.wants_more(1)
 
