@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from ferry.proto import grpc_service_pb2 as pb
@@ -26,6 +25,7 @@ from .dataplane import DataPlane, ModelLookup
 from .errors import Status
 from .event_loop import loop_name
 from .grpc_status import shield_servicer
+from .healthcheck import HealthService, add_health_service
 from .loading import InstanceWrapper, LoadOptions
 from .logs import AccessLog, RejectionLog
 from .manager import ModelManager
@@ -34,7 +34,7 @@ from .outcomes import OutcomeObserver
 from .poller import RepositoryPoller
 from .ports import host_port, port_is_free
 from .providers import GpuFallback
-from .reflection import ReflectionPool
+from .reflection import ReflectionPool, add_reflection_service
 from .repository import ModelControlMode, ModelRepository
 from .rest import RestFrontDoor, RestServer
 from .security import ApiGroup, SecurityOptions, api_group, api_keys
@@ -208,7 +208,7 @@ class FerryServer:
         self._draining = False
         self._aborted = False
         self._poller: RepositoryPoller | None = None
-        self.health = HealthServicer()
+        self.health = HealthService()
         self.servicer = InferenceServicer(
             self.dataplane,
             is_ready=self.is_ready,
@@ -218,7 +218,9 @@ class FerryServer:
             stream_limits=options.stream_limits,
         )
         # One RPC limit for every listener, not one each.
-        interceptors = options.security.interceptors(self._refused)
+        # One count of calls in flight for the gRPC listeners and the REST port together.
+        slots = options.security.call_slots()
+        interceptors = options.security.interceptors(self._refused, slots)
         self._servers = [
             self._grpc_server(interceptors)
             for _ in range(options.grpc_listeners or DEFAULT_GRPC_LISTENERS)
@@ -232,7 +234,7 @@ class FerryServer:
                 model_control=options.security.model_control,
                 api_keys=api_keys(options.security.restricted_apis),
                 max_body_bytes=options.max_message_bytes,
-                max_concurrent=options.security.max_concurrent_rpcs,
+                max_concurrent=slots,
             )
         )
         self.http_port = 0  # the bound REST port, once started (0: none)
@@ -263,12 +265,12 @@ class FerryServer:
             self._refused,
         )
         add_inference_service(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health_service(self.health, server)
         _register_in_pool(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-        reflection.enable_server_reflection(
+        add_reflection_service(
             [INFERENCE_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME],
             server,
-            pool=ReflectionPool(POOL),
+            ReflectionPool(POOL),
         )
         return server
 
@@ -378,12 +380,15 @@ class FerryServer:
         """Keep the health service and the metrics in step with the models."""
         if self._draining:
             return
-        for name in self.manager.known_names():
-            ready = self.manager.is_loaded(name)
-            await self.health.set(name, SERVING if ready else NOT_SERVING)
+        # Every status at once: a model gone from the repository is named by no one, and
+        # `report` turns it NOT_SERVING.
+        statuses = {
+            name: SERVING if self.manager.is_loaded(name) else NOT_SERVING
+            for name in self.manager.known_names()
+        }
         overall = SERVING if self.is_ready() else NOT_SERVING
-        await self.health.set("", overall)
-        await self.health.set(INFERENCE_SERVICE, overall)
+        statuses[""] = statuses[INFERENCE_SERVICE] = overall
+        await self.health.report(statuses)
         self._update_metrics(ready=True)
 
     def _update_metrics(self, *, ready: bool) -> None:

@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+
+# gRPC's C core logs at INFO unless told otherwise, among it a line for every failed TLS
+# handshake: a port scanner or a plain-text client would flood the log. It reads this
+# when grpc is first imported (by the imports below); an operator's own setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from . import __version__, event_loop, logs
 from .app import (

@@ -43,6 +43,15 @@ MAX_ADAPTIVE_QUEUE_DELAY_US = 1_000_000
 # Ferry's own parameters for GPU execution (see the README's GPU section).
 _BATCH_BUCKETS_PARAMETER = "batch_buckets"  # "1,2,4,8": allowed batch sizes
 _IO_BINDING_PARAMETER = "io_binding"  # "true" / "false"
+# Bounds on what one config may ask of the server: each level is a queue, each instance a
+# session and a thread, each warm-up run a full inference before the model is ready. A
+# load request (with --allow-load-overrides) sends any config it likes, so a number far
+# past any use is refused by name rather than allocated.
+MAX_PRIORITY_LEVELS = 1000
+MAX_INSTANCES = 256
+MAX_WARMUP_COUNT = 1000
+# As the default --max-tensor-bytes: a warm-up input no request could send is refused.
+MAX_WARMUP_TENSOR_BYTES = 64 * 1024 * 1024
 # Parameters of the "tensorrt" gpu_execution_accelerator, as in Triton's onnxruntime
 # backend, and the onnxruntime provider options they become.
 _TENSORRT_PARAMETERS = ("precision_mode", "max_workspace_size_bytes", "trt_engine_cache_path")
@@ -273,12 +282,21 @@ def parse_config_json(text: str) -> ParsedConfig:
         config = json_format.Parse(text, mc.ModelConfig())
     except json_format.ParseError as exc:
         raise ConfigError(f"load parameter 'config' is not a JSON ModelConfig: {exc}") from exc
+    except RecursionError:  # json.loads of deeply nested lists
+        raise ConfigError(
+            "load parameter 'config' is not a JSON ModelConfig: it is nested too deeply"
+        ) from None
     return ParsedConfig(config, {f.name for f, _ in config.ListFields()}, [])
 
 
 def read_config_file(path: Path) -> ParsedConfig:
     """Parse config.pbtxt: the message, the top-level fields set, and warnings."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     set_fields, unknown, known_text = _written_fields(text)
     config = mc.ModelConfig()
     try:
@@ -286,7 +304,8 @@ def read_config_file(path: Path) -> ParsedConfig:
         # value is a list of messages (`batch_input [ {...} ]`), common in Triton configs.
         text_format.Parse(known_text, config, allow_unknown_field=True)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{path.name}: {exc}") from exc
+        # protobuf quotes the whole line, which may be the whole (huge) file
+        raise ConfigError(f"{path.name}: {_cut(str(exc))}") from exc
     # One warning names them all: those the parser does not know and those it reads but
     # Ferry does not act on.
     ignored = [
@@ -392,7 +411,9 @@ def settings_from(
     """Merge a model's graph and its optional config into validated settings."""
     config = config or mc.ModelConfig()
     if config.name and config.name != name:
-        raise ConfigError(f"config names the model '{config.name}' but its folder is '{name}'")
+        raise ConfigError(
+            f"config names the model '{_cut(config.name)}' but its folder is '{name}'"
+        )
     max_batch_size = _max_batch_size(graph, config, set_fields)
     batching = max_batch_size > 0
     inputs = _merge_tensors("input", graph.inputs, config.input, batching)
@@ -425,6 +446,8 @@ def settings_from(
             2 if devices["cuda_graphs"] else 1,
             _padded_lengths(padding),
         )
+    for sample in warmup:
+        _check_warmup_size(sample)
     return ModelSettings(
         name=name,
         max_batch_size=max_batch_size,
@@ -471,6 +494,11 @@ def _queue_settings(
             raise ConfigError(
                 f"preferred_batch_size {size} is outside 1..{max_batch_size} (max_batch_size)"
             )
+    if db.priority_levels > MAX_PRIORITY_LEVELS:
+        raise ConfigError(
+            f"dynamic_batching priority_levels {db.priority_levels} is over "
+            f"{MAX_PRIORITY_LEVELS} (one queue each)"
+        )
     priority_levels = max(1, db.priority_levels)
     default_priority = db.default_priority_level or (priority_levels + 1) // 2
     if db.priority_levels and not 1 <= default_priority <= priority_levels:
@@ -504,6 +532,14 @@ def _device_settings(config: mc.ModelConfig, warnings: list[str]) -> dict[str, o
     """instance_group and optimization: where the sessions run, and how."""
     groups = list(config.instance_group) or [mc.ModelInstanceGroup()]
     kind = mc.ModelInstanceGroup.Kind.Name(groups[0].kind)
+    # a KIND_GPU group runs `count` instances on each of its GPUs
+    total = sum(max(1, g.count) * max(1, len(g.gpus)) for g in groups)
+    if total > MAX_INSTANCES:
+        counts = [g.count for g in groups]
+        raise ConfigError(
+            f"instance_group count {counts[0] if len(counts) == 1 else counts} makes "
+            f"{total} instances, over {MAX_INSTANCES} (each is a session and a thread)"
+        )
     return {
         "instance_count": sum(max(1, g.count) for g in groups),
         "instance_kind": "KIND_CPU" if kind == "KIND_AUTO" else kind,
@@ -668,10 +704,35 @@ def _warmup_sample(
         else:
             fill = "random" if choice == "random_data" else "zero"
             samples.append((name, WarmupInput(datatype, dims, fill)))
+    if entry.count > MAX_WARMUP_COUNT:
+        raise ConfigError(f"{label}: count {entry.count} is over {MAX_WARMUP_COUNT}")
     return WarmupSample(entry.name or "warmup", batch_size, tuple(samples), max(1, entry.count))
 
 
+def _check_warmup_size(sample: WarmupSample) -> None:
+    """Refuse a warm-up input larger than any request may be (before it is allocated)."""
+    for name, warm in sample.inputs:
+        shape = (sample.batch_size, *warm.dims) if sample.batch_size else warm.dims
+        elements = 1
+        for dim in shape:
+            elements *= dim
+        # BYTES inputs are arrays of object pointers
+        size = elements * (8 if warm.datatype == "BYTES" else NUMPY_DTYPES[warm.datatype].itemsize)
+        if size > MAX_WARMUP_TENSOR_BYTES:
+            raise ConfigError(
+                f"model_warmup '{sample.name}': input '{name}' {warm.datatype} {list(shape)} "
+                f"is {size} bytes, over the {MAX_WARMUP_TENSOR_BYTES} a warm-up input may have"
+            )
+
+
 _DIGITS = re.compile(r"[0-9]+")
+_QUOTED_CHARS = 300
+
+
+def _cut(text: str) -> str:
+    """Text from a config quoted in a message: cut when long (it becomes a load's reason,
+    kept for the repository index, and a log line)."""
+    return text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "..."
 
 
 def _microseconds_parameter(
@@ -726,6 +787,11 @@ def _merge_tensors(
                     f"but the graph has {CONFIG_TYPE_NAMES[datatype]}"
                 )
         dims = tuple(entry.dims) or graph_dims
+        if any(d < -1 for d in dims):
+            raise ConfigError(
+                f"config {role} '{entry.name}' has dims {list(dims)}: each is -1 (variable) "
+                "or a size of at least 0"
+            )
         if len(dims) != len(graph_dims) or any(
             g != -1 and c != g for c, g in zip(dims, graph_dims, strict=True)
         ):

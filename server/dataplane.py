@@ -129,6 +129,18 @@ class DataPlane:
                 observer.request_finished(outcome)
 
 
+def statistics_of(models: ModelLookup, name: str, version: str) -> list[LoadedModel]:
+    """The versions a statistics request asks for: every loaded version of every model
+    (no name), every loaded version of one model (a name alone: as Triton, not only the
+    newest), or one version. Raises FerryError (NOT_FOUND) as `ModelLookup.get` does."""
+    if not name:
+        return models.loaded()
+    chosen = models.get(name, version)  # refuses an unknown model or version
+    if version:
+        return [chosen]
+    return [model for model in models.loaded() if model.name == name]
+
+
 def _deadline(
     decoded: DecodedRequest, settings: ModelSettings, now: float, time_remaining: float | None
 ) -> float | None:

@@ -4,12 +4,13 @@ everyone told of its finished requests."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from .config import ModelSettings
-from .errors import not_found
+from .errors import invalid_input, not_found
 from .outcomes import OutcomeObserver
 from .rows import Tensors
 from .stats import ModelStatistics
@@ -59,14 +60,32 @@ class LoadedModel:
         return self.scheduler.queue_depth
 
 
+# A version as requests name it: a whole number in ASCII digits that fits int64 ("02" is
+# version 2), as in Triton.
+_VERSION = re.compile(r"[0-9]{1,19}")
+# A version quoted in a message is cut to this many characters: it came from a caller.
+_SHOWN_VERSION_CHARS = 40
+
+
 def pick_version(name: str, versions: Mapping[str, LoadedModel], version: str) -> LoadedModel:
     """The version a request names, or the newest when it names none."""
     if not version:
         return versions[max(versions, key=int)]
     model = versions.get(version)
+    if model is not None:  # named as the server names it: the common case
+        return model
+    shown = version
+    if len(shown) > _SHOWN_VERSION_CHARS:
+        shown = shown[:_SHOWN_VERSION_CHARS] + "..."
+    if not _VERSION.fullmatch(version):
+        raise invalid_input(
+            f"model '{name}': version '{shown}' is not a whole number (versions are "
+            "named by their folders: 1, 2, ...)"
+        )
+    model = versions.get(str(int(version)))
     if model is None:
         raise not_found(
-            f"model '{name}' has no version '{version}'; available: "
+            f"model '{name}' has no version '{shown}'; available: "
             f"{', '.join(sorted(versions, key=int))}"
         )
     return model

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ferry.proto.codec import NUMPY_DTYPES
+
 from .batching import BatchPolicy
-from .config import DEFAULT_MODEL_FILENAME, ConfigError, ModelSettings, TensorSpec, settings_from
+from .config import ConfigError, ModelSettings, TensorSpec, settings_from
 from .devices import on_device
 from .errors import FerryError
 from .executor import BatchExecutor, InstanceExecutor, Runner, RunOnly
@@ -133,11 +136,27 @@ def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings
     return dataclasses.replace(settings, padding=dataclasses.replace(padding, outputs=axes))
 
 
+# The thread calibration runs its samples some thirty times: a full batch larger than
+# this (a max_batch_size of 2**31-1, or wide dims) is cut to the rows that fit, and a
+# model whose one row is larger is not calibrated at all.
+CALIBRATION_MAX_SAMPLE_BYTES = 16 * 1024 * 1024
+
+
 def _calibration_samples(settings: ModelSettings) -> list[dict[str, Array]]:
-    """Zero inputs of one row and of a full batch; none when a non-batch dimension is
-    only known at run time (no shape to try it with)."""
+    """Zero inputs of one row and of a full batch (or as many rows as fit the bound);
+    none when a non-batch dimension is only known at run time (no shape to try it
+    with), or when one row is over the bound."""
     inputs = [(spec.name, spec.datatype, spec.dims) for spec in settings.inputs]
-    sizes = [1, settings.max_batch_size] if settings.batchable else [0]
+    if any(-1 in dims for _, _, dims in inputs):
+        return []
+    row_bytes = sum(
+        math.prod(dims) * (8 if datatype == "BYTES" else NUMPY_DTYPES[datatype].itemsize)
+        for _, datatype, dims in inputs
+    )
+    if row_bytes > CALIBRATION_MAX_SAMPLE_BYTES:
+        return []
+    rows = min(settings.max_batch_size, CALIBRATION_MAX_SAMPLE_BYTES // max(1, row_bytes))
+    sizes = [1, rows] if settings.batchable else [0]
     return [sample_arrays(sample) for sample in bucket_samples(sorted(set(sizes)), inputs)]
 
 
@@ -192,12 +211,18 @@ async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, 
     if not versions:
         raise ConfigError(
             f"no version folder with a model file in {source.folder} "
-            f"(expected {source.folder}/<version>/{DEFAULT_MODEL_FILENAME})"
+            f"(expected {source.folder}/<version>/{source.filename})"
         )
     loaded: dict[str, LoadedModel] = {}
-    for number in versions:
-        model = await _load_version(source, number, options)
-        loaded[model.version] = model
+    try:
+        for number in versions:
+            model = await _load_version(source, number, options)
+            loaded[model.version] = model
+    except BaseException:
+        # A later version failed (or the load was cancelled): the versions already built
+        # never serve, so their sessions and threads go now.
+        await asyncio.gather(*(model.scheduler.close(0) for model in loaded.values()))
+        raise
     return loaded
 
 

@@ -195,7 +195,10 @@ class MalformedHttpLog(logging.Filter):
             return False
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "malformed HTTP request answered %d (%s)%s: %s"
-        record.args = (error.code, kind, reported[1], printable(error.message or ""))
+        # The first line names the error; the lines after it quote the request (a header
+        # line, which may hold an API key).
+        what = (error.message or "").split("\n", 1)[0].rstrip(": ")
+        record.args = (error.code, kind, reported[1], printable(what))
         record.exc_info = record.exc_text = None
         return True
 

@@ -8,14 +8,15 @@ version is built is the loader's (`server.loading`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from .config import ConfigError
 from .errors import ErrorKind, FerryError, not_found, public_message
 from .loaded_model import LoadedModel, pick_version
 from .loading import LoadOptions, load_versions
-from .repository import NOT_LOADED, IndexEntry, ModelRepository, ModelState
+from .repository import NOT_LOADED, IndexEntry, ModelRepository, ModelState, shown
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class ModelManager:
         # Versions that no longer take requests but may still hold some: replaced or
         # unloaded ones, and at close every one. abort() must still reach them.
         self._retiring: set[LoadedModel] = set()
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per model name in use, with how many hold or await it: a name is
+        # forgotten when the last one leaves (names come from callers, any number of them).
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._closing = False
         # The models the start-up asked for; None until it has said (not ready before).
         self._startup: frozenset[str] | None = None
@@ -96,7 +99,7 @@ class ModelManager:
                     ErrorKind.UNAVAILABLE,
                     f"model '{name}' is not loaded: {self._failures[name]}",
                 )
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"unknown model '{shown(name)}'")
         return pick_version(name, versions, version)
 
     def index(self) -> list[IndexEntry]:
@@ -119,31 +122,30 @@ class ModelManager:
     async def load(self, name: str, config_override: str | None = None) -> None:
         """Load (or reload) a model; on failure the running versions keep serving.
         `config_override` is a JSON ModelConfig used instead of config.pbtxt."""
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._exclusive(name):
+            self._refuse_while_closing(name, "load")
             self._states[name] = ModelState.LOADING
             try:
-                source = self.repository.locate(name).with_config(config_override)
+                source = self.repository.locate(name, config_override)
                 loaded = await load_versions(source, self._load_options)
+                if self._closing:  # the server began to stop while this loaded
+                    await asyncio.gather(*(m.scheduler.close(0) for m in loaded.values()))
+                    self._refuse_while_closing(name, "load")
             except asyncio.CancelledError:
                 # The caller went away (a load RPC cancelled): the model is as before.
                 self._settle_unloaded(name)
                 raise
-            except Exception as exc:
-                where = self.repository.location_of(name)
-                if isinstance(exc, (FerryError, ConfigError, OSError, RuntimeError, ValueError)):
-                    detail = exc.message if isinstance(exc, FerryError) else str(exc)
-                    log.error("model '%s' (%s) failed to load: %s", name, where, detail)
-                    kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
-                else:  # a bug of Ferry's: say so, keep the traceback in the log
-                    detail = f"internal error: {type(exc).__name__}"
-                    log.exception("model '%s' (%s) failed to load", name, where)
-                    kind = ErrorKind.INTERNAL
-                # callers see paths relative to the repository, and no others
-                reason = public_message(detail, self.repository.path)
-                self._settle_unloaded(name, reason)
+            except FerryError as exc:
+                if exc.kind is ErrorKind.UNAVAILABLE and self._closing:
+                    self._settle_unloaded(name)
+                    raise
+                error = self._load_failed(name, exc)
                 await self._changed()
-                raise FerryError(kind, f"model '{name}' failed to load: {reason}") from exc
+                raise error from exc
+            except Exception as exc:
+                error = self._load_failed(name, exc)
+                await self._changed()
+                raise error from exc
             previous = self._models.get(name, {})
             self._models[name] = loaded
             self._latest[name] = loaded[max(loaded, key=int)]
@@ -152,6 +154,46 @@ class ModelManager:
             for model in previous.values():
                 self._retire(model)
         await self._changed()
+
+    def _refuse_while_closing(self, name: str, action: str) -> None:
+        if self._closing:
+            raise FerryError(
+                ErrorKind.UNAVAILABLE,
+                f"server is shutting down: model '{shown(name)}' cannot {action}",
+            )
+
+    def _load_failed(self, name: str, exc: Exception) -> FerryError:
+        """Log a failed load and record it for the index; the error for the caller."""
+        where = self.repository.location_of(shown(name))
+        if isinstance(exc, (FerryError, ConfigError, OSError, RuntimeError, ValueError)):
+            detail = exc.message if isinstance(exc, FerryError) else str(exc)
+            log.error("model '%s' (%s) failed to load: %s", shown(name), where, detail)
+            kind = exc.kind if isinstance(exc, FerryError) else ErrorKind.INVALID_INPUT
+        else:  # a bug of Ferry's: say so, keep the traceback in the log
+            detail = f"internal error: {type(exc).__name__}"
+            log.exception("model '%s' (%s) failed to load", shown(name), where)
+            kind = ErrorKind.INTERNAL
+        # callers see paths relative to the repository, and no others
+        reason = public_message(detail, self.repository.path)
+        self._settle_unloaded(name, reason)
+        return FerryError(kind, f"model '{shown(name)}' failed to load: {reason}")
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, name: str) -> AsyncIterator[None]:
+        """One load or unload of a model at a time."""
+        lock, users = self._locks.get(name, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[name] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[name]
+            if users == 1:
+                del self._locks[name]
+            else:
+                self._locks[name] = (lock, users - 1)
 
     def _settle_unloaded(self, name: str, reason: str | None = None) -> None:
         """After a load that did not happen: the versions that served keep serving; a
@@ -168,13 +210,13 @@ class ModelManager:
             self._states.pop(name, None)
 
     async def unload(self, name: str) -> None:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        async with self._exclusive(name):
+            self._refuse_while_closing(name, "unload")
             versions = self._models.pop(name, None)
             self._latest.pop(name, None)
             self._failures.pop(name, None)
             if versions is None:
-                raise not_found(f"model '{name}' is not loaded")
+                raise not_found(f"model '{shown(name)}' is not loaded")
             self._states[name] = ModelState.UNAVAILABLE
             for model in versions.values():
                 self._retire(model)

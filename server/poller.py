@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import FerryError
 from .manager import ModelManager
+from .repository import is_model_name
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,18 @@ def snapshot(repository: Path) -> dict[str, Fingerprint]:
     if repository.is_file():
         stat = repository.stat()
         return {repository.stem: ((repository.name, stat.st_size, stat.st_mtime_ns),)}
+    root = repository.resolve()
     return {
         child.name: fingerprint(child)
         for child in sorted(repository.iterdir())
-        if child.is_dir() and not child.name.startswith(".")
+        if is_model_name(child.name) and child.is_dir() and _inside(child, root)
     }
+
+
+def _inside(folder: Path, root: Path) -> bool:
+    """Whether a model folder is not a link out of the repository: such a model never
+    loads (`ModelRepository`), and walking it (a link to "/") could take minutes a poll."""
+    return folder.resolve().parent == root
 
 
 class RepositoryPoller:

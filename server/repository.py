@@ -9,8 +9,8 @@ callers may load and unload them.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,41 @@ class ModelState(enum.Enum):
 
 # The reason of a model of the repository that nobody asked to load.
 NOT_LOADED = "not loaded"
+# A version folder is named by a whole number in ASCII digits that fits int64, as in
+# Triton; str.isdigit() would also take "²" (which int() refuses) and other scripts'
+# digits (an Arabic-Indic one is read as 1).
+_VERSION_FOLDER = re.compile(r"[0-9]{1,19}")
+_MAX_VERSION = 2**63 - 1
+# Most file systems' limit on one name, in bytes.
+_MAX_NAME_BYTES = 255
+# A name quoted in a message or log line is cut to this many characters: it came from a
+# caller, and may be megabytes long.
+_SHOWN_NAME_CHARS = 100
+
+
+def shown(name: str) -> str:
+    """A model name as messages quote it: cut when it is long."""
+    return name if len(name) <= _SHOWN_NAME_CHARS else name[:_SHOWN_NAME_CHARS] + "..."
+
+
+def is_model_name(name: str) -> bool:
+    """Whether a folder of the repository may be served as a model: not hidden, and
+    named in UTF-8 (no client could name it otherwise, nor could the index list it)."""
+    if name.startswith("."):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, as os.fsdecode escapes them
+        return False
+    return True
+
+
+def version_number(folder_name: str) -> int | None:
+    """The version a folder holds, or None when its name is not a version."""
+    if not _VERSION_FOLDER.fullmatch(folder_name):
+        return None
+    number = int(folder_name)
+    return number if number <= _MAX_VERSION else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +91,11 @@ class ModelSource:
     config: ParsedConfig | None  # None: no config.pbtxt, everything from the graph
     versions: dict[int, Path]  # version -> model file
 
-    def with_config(self, config_json: str | None) -> ModelSource:
-        """This source with its config replaced by a JSON override (Triton's load
-        parameter 'config'); itself when there is none."""
-        if config_json is None:
-            return self
-        return dataclasses.replace(self, config=parse_config_json(config_json))
+    @property
+    def filename(self) -> str:
+        """The model file's name in each version folder."""
+        message = self.config.message if self.config is not None else None
+        return (message.default_model_filename if message else "") or DEFAULT_MODEL_FILENAME
 
     def selected_versions(self) -> list[int]:
         """The versions its version_policy serves (latest 1 by default)."""
@@ -80,31 +114,33 @@ class ModelRepository:
     def model_names(self) -> list[str]:
         if self.single_file:
             return [self.path.stem]
-        return sorted(
-            p.name for p in self.path.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
+        return sorted(p.name for p in self.path.iterdir() if is_model_name(p.name) and p.is_dir())
 
     def location_of(self, name: str) -> Path:
         """Where a model's files are, for a log line: its folder, or the single file."""
         return self.path if self.single_file else self.path / name
 
-    def locate(self, name: str) -> ModelSource:
+    def locate(self, name: str, config_json: str | None = None) -> ModelSource:
+        """A model's files and config: config.pbtxt, or `config_json`, a JSON override
+        in its place (Triton's load parameter 'config'), whose default_model_filename
+        then names the files too."""
+        override = parse_config_json(config_json) if config_json is not None else None
         if self.single_file:
             if name != self.path.stem:
                 raise not_found(f"unknown model '{name}'")
-            return ModelSource(name, self.path.parent, None, {1: self.path})
+            return ModelSource(name, self.path.parent, override, {1: self.path})
         folder = self._model_folder(name)
         config_path = folder / "config.pbtxt"
         self._check_inside(name, config_path)
-        filename = DEFAULT_MODEL_FILENAME
-        config = read_config_file(config_path) if config_path.is_file() else None
-        if config is not None:
-            filename = config.message.default_model_filename or filename
-        versions = {
-            int(p.name): p / filename
-            for p in folder.iterdir()
-            if p.is_dir() and p.name.isdigit() and (p / filename).is_file()
-        }
+        config = override
+        if config is None and config_path.is_file():
+            config = read_config_file(config_path)
+        filename = ModelSource(name, folder, config, {}).filename
+        versions: dict[int, Path] = {}
+        for entry in folder.iterdir():
+            number = version_number(entry.name)
+            if number is not None and entry.is_dir() and (entry / filename).is_file():
+                versions[number] = entry / filename
         for path in versions.values():
             self._check_inside(name, path)
         return ModelSource(name, folder, config, versions)
@@ -114,14 +150,20 @@ class ModelRepository:
         if path.exists() and not path.resolve().is_relative_to(self.path):
             raise FerryError(
                 ErrorKind.INVALID_INPUT,
-                f"model '{name}': {path.relative_to(self.path)} resolves outside the "
+                f"model '{shown(name)}': {path.relative_to(self.path)} resolves outside the "
                 "model repository",
             )
 
     def _model_folder(self, name: str) -> Path:
         """The folder of a model, refusing names that would leave the repository."""
         if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-            raise FerryError(ErrorKind.INVALID_INPUT, f"invalid model name {name!r}")
+            raise FerryError(ErrorKind.INVALID_INPUT, f"invalid model name {shown(name)!r}")
+        if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+            raise FerryError(
+                ErrorKind.INVALID_INPUT,
+                f"invalid model name '{shown(name)}': longer than the {_MAX_NAME_BYTES} "
+                "bytes of a folder name",
+            )
         folder = self.path / name
         resolved = folder.resolve()
         if resolved.parent != self.path:
@@ -141,10 +183,16 @@ def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list
     if choice == "all":
         return available
     if choice == "specific":
-        missing = [v for v in policy.specific.versions if v not in source.versions]
+        # each version once: a list that names one a million times loads it once
+        wanted = sorted(set(policy.specific.versions))
+        missing = [v for v in wanted if v not in source.versions]
         if missing:
-            raise ConfigError(f"version_policy names versions {missing} that have no model file")
-        return sorted(policy.specific.versions)
+            shown_missing = ", ".join(str(v) for v in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise ConfigError(
+                f"version_policy names versions [{shown_missing}]{more} that have no model file"
+            )
+        return wanted
     count = policy.latest.num_versions if choice == "latest" else 1
     return available[-max(1, count) :]
 

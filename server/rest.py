@@ -23,13 +23,13 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from ferry.proto import grpc_service_pb2 as pb
 
 from . import __version__
 from .config import ModelSettings
-from .dataplane import DataPlane
+from .dataplane import DataPlane, statistics_of
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
 from .logs import quiet_malformed_http
@@ -48,7 +48,7 @@ from .rest_codec import (
     set_parameters,
 )
 from .rows import Tensors
-from .security import ApiGroup
+from .security import ApiGroup, CallSlots
 from .servicer import EXTENSIONS, SERVER_NAME
 from .tensors import DecodedRequest, TensorLimits
 
@@ -98,7 +98,7 @@ class RestFrontDoor:
         model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
         api_keys: Mapping[ApiGroup, tuple[str, bytes]] | None = None,
         max_body_bytes: int = 64 * 1024 * 1024,
-        max_concurrent: int | None = None,
+        max_concurrent: int | CallSlots | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._models = dataplane.models
@@ -108,54 +108,86 @@ class RestFrontDoor:
         self._api_keys = dict(api_keys or {})
         self._max_body_bytes = max_body_bytes
         self._max_json_bytes = json_limit(max_body_bytes)
-        self._max_concurrent = max_concurrent
-        self._in_flight = 0
+        # The places of --max-concurrent-rpcs: the server's, shared with gRPC, or (given a
+        # number) the REST port's own.
+        self._slots = (
+            CallSlots(max_concurrent) if isinstance(max_concurrent, int) else max_concurrent
+        )
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body_bytes)
-        add = app.router.add_route
+
+        def add(
+            method: str, path: str, group: ApiGroup, handler: Handler, limited: bool = True
+        ) -> None:
+            app.router.add_route(
+                method,
+                path,
+                self._endpoint(group, handler, limited=limited),
+                expect_handler=self._expect_continue(group),
+            )
+
         health, metadata, config = ApiGroup.HEALTH, ApiGroup.METADATA, ApiGroup.MODEL_CONFIG
         inference, stats, repo = ApiGroup.INFERENCE, ApiGroup.STATISTICS, ApiGroup.MODEL_REPOSITORY
-        add("GET", "/v2/health/live", self._endpoint(health, self.live))
-        add("GET", "/v2/health/ready", self._endpoint(health, self.ready))
-        add("GET", "/v2", self._endpoint(metadata, self.server_metadata))
+        # The probes' paths (these two and a model's /ready) are answered even at
+        # --max-concurrent-rpcs, as their gRPC calls are (security.UNLIMITED_METHODS).
+        add("GET", "/v2/health/live", health, self.live, limited=False)
+        add("GET", "/v2/health/ready", health, self.ready, limited=False)
+        add("GET", "/v2", metadata, self.server_metadata)
         # Before /v2/models/{model}, which would take "stats" for a model name.
-        add("GET", "/v2/models/stats", self._endpoint(stats, self.statistics))
+        add("GET", "/v2/models/stats", stats, self.statistics)
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            add("GET", model, self._endpoint(metadata, self.model_metadata))
-            add("GET", model + "/ready", self._endpoint(health, self.model_ready))
-            add("GET", model + "/config", self._endpoint(config, self.model_config))
-            add("GET", model + "/stats", self._endpoint(stats, self.statistics))
-            add("POST", model + "/infer", self._endpoint(inference, self.infer))
-        add("POST", "/v2/repository/index", self._endpoint(repo, self.repository_index))
-        add("POST", "/v2/repository/models/{model}/load", self._endpoint(repo, self.load))
-        add("POST", "/v2/repository/models/{model}/unload", self._endpoint(repo, self.unload))
-        add("*", "/{path:.*}", self.no_route)
+            add("GET", model, metadata, self.model_metadata)
+            add("GET", model + "/ready", health, self.model_ready, limited=False)
+            add("GET", model + "/config", config, self.model_config)
+            add("GET", model + "/stats", stats, self.statistics)
+            add("POST", model + "/infer", inference, self.infer)
+        add("POST", "/v2/repository/index", repo, self.repository_index)
+        add("POST", "/v2/repository/models/{model}/load", repo, self.load)
+        add("POST", "/v2/repository/models/{model}/unload", repo, self.unload)
+        app.router.add_route("*", "/{path:.*}", self.no_route)
         return app
 
-    def _endpoint(self, group: ApiGroup, handler: Handler) -> Handler:
-        """The handler behind the API-key check and the concurrency limit, with every
-        error turned into a JSON body and its HTTP status."""
+    def _expect_continue(
+        self, group: ApiGroup
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+        """The answer to `Expect: 100-continue`: a request without its group's key gets
+        its 401 before it is invited to send its body (aiohttp's default invites every
+        body, which a restricted route then reads and throws away)."""
         key = self._api_keys.get(group)
-        limit = self._max_concurrent
+
+        async def expect(request: web.Request) -> web.StreamResponse | None:
+            if key is not None and not _has_key(request, *key):
+                return _unauthorized(group, key[0])
+            if request.version != HttpVersion11:
+                return None
+            if request.headers.get("Expect", "").lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers['Expect']}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper starts after it
+            return None
+
+        return expect
+
+    def _endpoint(self, group: ApiGroup, handler: Handler, *, limited: bool = True) -> Handler:
+        """The handler behind the API-key check and the concurrency limit (unless not
+        `limited`), with every error turned into a JSON body and its HTTP status."""
+        key = self._api_keys.get(group)
+        slots = self._slots if limited else None
 
         async def handle(request: web.Request) -> web.StreamResponse:
             if key is not None and not _has_key(request, *key):
-                return error_response(
-                    401,
-                    f"the '{group.value}' API is restricted: send its key in the "
-                    f"'{key[0]}' header",
-                )
+                return _unauthorized(group, key[0])
             if request.can_read_body:
                 # A request counts against the limit once it has arrived, as a gRPC call
                 # does: an upload still coming in must not hold a place.
                 await self._body(request)
-            if limit is not None and self._in_flight >= limit:
+            if slots is not None and not slots.take():
                 return error_response(
-                    503, f"too many concurrent requests: the limit is {limit} "
-                    "(--max-concurrent-rpcs)"
+                    503,
+                    f"too many concurrent requests: the limit is {slots.limit} "
+                    "(--max-concurrent-rpcs)",
                 )
-            self._in_flight += 1
             try:
                 return await handler(request)
             except FerryError as error:
@@ -166,7 +198,8 @@ class RestFrontDoor:
                 log.exception("unexpected error in %s %s", request.method, request.path)
                 return error_response(500, "internal error (details are in the server log)")
             finally:
-                self._in_flight -= 1
+                if slots is not None:
+                    slots.give_back()
 
         return handle
 
@@ -232,8 +265,8 @@ class RestFrontDoor:
         return json_response(message_json(self._model(request).settings.to_proto()))
 
     async def statistics(self, request: web.Request) -> web.Response:
-        one = "model" in request.match_info
-        models = [self._model(request)] if one else self._models.loaded()
+        info = request.match_info
+        models = statistics_of(self._models, info.get("model", ""), info.get("version", ""))
         return json_response({"model_stats": [_statistics_json(m) for m in models]})
 
     # Repository ---------------------------------------------------------------------
@@ -370,6 +403,12 @@ def _statistics_json(model: LoadedModel) -> dict[str, Any]:
     stats.inference_stats.cache_hit.SetInParent()
     stats.inference_stats.cache_miss.SetInParent()
     return message_json(stats)
+
+
+def _unauthorized(group: ApiGroup, header: str) -> web.Response:
+    return error_response(
+        401, f"the '{group.value}' API is restricted: send its key in the '{header}' header"
+    )
 
 
 def _has_key(request: web.Request, header: str, expected: bytes) -> bool:

@@ -7,8 +7,10 @@ them are declared in `server.cli`.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hmac
+import inspect
 import ipaddress
 import logging
 import re
@@ -158,6 +160,12 @@ class RestrictedApi:
             raise ValueError(
                 f"the key of restricted header {self.header!r} must be non-empty printable ASCII"
             )
+        if self.value != self.value.strip():
+            # HTTP drops the spaces around a header value: no REST client could send it.
+            raise ValueError(
+                f"the key of restricted header {self.header!r} starts or ends with a space, "
+                "which HTTP drops from header values"
+            )
 
     @classmethod
     def parse(cls, text: str) -> RestrictedApi:
@@ -274,20 +282,54 @@ def _refusing(
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+# Calls that a full server still answers: the probes (grpc.health.v1's Check, as
+# deploy/kubernetes uses it, and the protocol's own liveness and readiness calls). They
+# cost next to nothing, and a liveness probe refused because inference is busy would
+# restart a pod that is only working. Triton has no such limit and answers health
+# whatever inference is doing.
+UNLIMITED_METHODS = frozenset({
+    "/grpc.health.v1.Health/Check",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+})
+
+
+class CallSlots:
+    """The places of `--max-concurrent-rpcs`: one count for the whole server, which the
+    gRPC listeners and the REST port share. Used on the event loop only."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max concurrent RPCs must be >= 1, got {limit}")
+        self.limit = limit
+        self.in_use = 0
+
+    def take(self) -> bool:
+        """Take a place; False when there is none."""
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def give_back(self) -> None:
+        self.in_use -= 1
+
+
 class ConcurrentRpcLimit(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """At most `limit` RPCs running in the whole server; more get RESOURCE_EXHAUSTED.
     gRPC's own `maximum_concurrent_rpcs` refuses inside gRPC, where Ferry cannot count
     the refusal. A call holds its place while its behaviour runs (a call that ends before
-    that, say cancelled while its request was on the way, never takes one)."""
+    that, say cancelled while its request was on the way, never takes one); a stream holds
+    one for as long as it is open. `UNLIMITED_METHODS` neither take one nor are refused."""
 
-    def __init__(self, limit: int, on_refusal: RefusalHook | None = None) -> None:
-        self._limit = limit
-        self._active = 0
+    def __init__(self, limit: int | CallSlots, on_refusal: RefusalHook | None = None) -> None:
+        self._slots = limit if isinstance(limit, CallSlots) else CallSlots(limit)
         self._on_refusal = on_refusal
 
     @property
     def active(self) -> int:
-        return self._active
+        return self._slots.in_use
 
     async def intercept_service(
         self,
@@ -295,13 +337,13 @@ class ConcurrentRpcLimit(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        if handler is None:
+        if handler is None or handler_call_details.method in UNLIMITED_METHODS:
             return handler
         return self._limited(handler, handler_call_details.method)
 
     def _refuse(self, method: str) -> str:
         message = (
-            f"the server is at its limit of {self._limit} concurrent RPCs "
+            f"the server is at its limit of {self._slots.limit} concurrent RPCs "
             "(--max-concurrent-rpcs); retry later"
         )
         if self._on_refusal is not None:
@@ -316,30 +358,32 @@ class ConcurrentRpcLimit(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         )
         behaviour = getattr(handler, kind)
         exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-        if handler.response_streaming:
+        slots = self._slots
+        # A streaming behaviour either yields its responses or, as the standard health
+        # service's Watch, writes them with `context.write` and returns.
+        if inspect.isasyncgenfunction(behaviour):
 
             async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if self._active >= self._limit:
+                if not slots.take():
                     await context.abort(exhausted, self._refuse(method))
-                self._active += 1
                 try:
-                    async for response in behaviour(request, context):
-                        yield response
+                    async with contextlib.aclosing(behaviour(request, context)) as responses:
+                        async for response in responses:
+                            yield response
                 finally:
-                    self._active -= 1
+                    slots.give_back()
 
             return handler._replace(**{kind: streaming})  # type: ignore[attr-defined, no-any-return]
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if self._active >= self._limit:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if not slots.take():
                 await context.abort(exhausted, self._refuse(method))
-            self._active += 1
             try:
                 return await behaviour(request, context)
             finally:
-                self._active -= 1
+                slots.give_back()
 
-        return handler._replace(**{kind: unary})  # type: ignore[attr-defined, no-any-return]
+        return handler._replace(**{kind: call})  # type: ignore[attr-defined, no-any-return]
 
 
 # All the settings ------------------------------------------
@@ -385,12 +429,23 @@ class SecurityOptions:
             ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
         ]
 
+    def call_slots(self) -> CallSlots | None:
+        """The places of `--max-concurrent-rpcs` (None: no limit), to give to both the
+        gRPC interceptors and the REST port, so that it is one limit for the server."""
+        if self.max_concurrent_rpcs is None:
+            return None
+        return CallSlots(self.max_concurrent_rpcs)
+
     def interceptors(
-        self, on_refusal: RefusalHook | None = None
+        self, on_refusal: RefusalHook | None = None, slots: CallSlots | None = None
     ) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """The server interceptors; `slots`: those of `call_slots()`, shared with the REST
+        port (without them, gRPC calls get places of their own)."""
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
-        if self.max_concurrent_rpcs is not None:
-            interceptors.append(ConcurrentRpcLimit(self.max_concurrent_rpcs, on_refusal))
+        if slots is None:
+            slots = self.call_slots()
+        if slots is not None:
+            interceptors.append(ConcurrentRpcLimit(slots, on_refusal))
         if self.restricted_apis:
             interceptors.append(RestrictedApiInterceptor(self.restricted_apis, on_refusal))
         return interceptors

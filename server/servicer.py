@@ -16,7 +16,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .dataplane import DataPlane
+from .dataplane import DataPlane, statistics_of
 from .errors import FerryError, Status
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
@@ -35,6 +35,10 @@ STREAM_FRAMING_BYTES = 6
 # characters, so that it fits gRPC's status metadata (8 KiB by default on the client) and
 # a stream's reply.
 MAX_ERROR_MESSAGE_CHARS = 2048
+# The status message travels percent-encoded: printable ASCII but '%' as one byte, any
+# other byte of its UTF-8 as three. 2,048 ASCII characters never take more than this; a
+# message with other characters is cut to it as well.
+MAX_ERROR_MESSAGE_WIRE_BYTES = 3 * MAX_ERROR_MESSAGE_CHARS
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
 
 
@@ -107,10 +111,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._models.refresh_statistics()
         except FerryError as error:
             await self._abort(context, error)
-        if request.name:
-            models = [await self._model(request.name, request.version, context)]
-        else:
-            models = self._models.loaded()
+        try:
+            models = statistics_of(self._models, request.name, request.version)
+        except FerryError as error:
+            await self._abort(context, error)
         for model in models:
             response.model_stats.append(model.stats.to_proto())
         return response
@@ -276,9 +280,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def bounded_message(message: str) -> str:
-    if len(message) <= MAX_ERROR_MESSAGE_CHARS:
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        message = message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    if message.isascii():
         return message
-    return message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    wire_bytes = 0
+    for index, char in enumerate(message):
+        wire_bytes += 1 if " " <= char <= "~" and char != "%" else 3 * _utf8_length(char)
+        if wire_bytes > MAX_ERROR_MESSAGE_WIRE_BYTES - 3:
+            return message[:index] + "..."
+    return message
+
+
+def _utf8_length(char: str) -> int:
+    # From the code point: a lone surrogate (a file name decoded with surrogateescape)
+    # cannot be encoded, and gRPC sends it as the three bytes of its code point.
+    code = ord(char)
+    return 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4
 
 
 def _error_reply(

@@ -94,17 +94,24 @@ def _fill(
             f"warm-up input '{name}': {WARMUP_FOLDER}/{spec.data_file} resolves outside "
             "the model's folder",
         )
+    # Like Triton, the file holds the sample's values once; a batch repeats them.
+    one = shape[1:] if len(shape) > len(spec.dims) else shape
+    need = int(np.prod(one, dtype=np.int64)) * dtype.itemsize
+    if path.exists() and not path.is_file():
+        # a FIFO would block the load (and the model's lock) for good, a device never end
+        raise FerryError(
+            ErrorKind.INVALID_INPUT,
+            f"warm-up input '{name}': {WARMUP_FOLDER}/{spec.data_file} is not a regular file",
+        )
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(need)  # only what the sample needs, however large the file
     except OSError as exc:
         raise FerryError(
             ErrorKind.INVALID_INPUT,
             f"warm-up input '{name}': cannot read {WARMUP_FOLDER}/{spec.data_file}: "
             f"{exc.strerror}",
         ) from exc
-    # Like Triton, the file holds the sample's values once; a batch repeats them.
-    one = shape[1:] if len(shape) > len(spec.dims) else shape
-    need = int(np.prod(one, dtype=np.int64)) * dtype.itemsize
     if len(raw) < need:
         raise FerryError(
             ErrorKind.INVALID_INPUT,

@@ -178,6 +178,19 @@ def gated() -> Iterator[Callable[[str, Runner], GatedInstance]]:
         gate.release()
 
 
+def one_place_server(
+    repo: Path, start_server: Callable[..., RunningServer], gated: Callable[..., GatedInstance]
+) -> tuple[RunningServer, GatedInstance]:
+    """A server with --max-concurrent-rpcs 1 whose model holds every batch until the gate
+    (held already) is released."""
+    server = start_server(
+        repo, wrap_instance=gated, security=SecurityOptions(max_concurrent_rpcs=1)
+    )
+    gate: GatedInstance = gated.instances[0]  # type: ignore[attr-defined]
+    gate.hold()
+    return server, gate
+
+
 @pytest.fixture
 def ferry_process() -> Iterator[Callable[..., FerryProcess]]:
     """Factory: ferry_process(model_path, *flags) -> a ready `ferry serve` child process

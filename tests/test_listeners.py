@@ -150,7 +150,7 @@ def test_the_concurrent_rpc_limit_is_one_limit_for_all_listeners(
     assert gate.entered.acquire(timeout=30)
     for stub in stubs[1:]:  # spread over the listeners: a limit of each would let some in
         with pytest.raises(grpc.RpcError) as refused:
-            stub.ServerLive(pb.ServerLiveRequest(), timeout=10)
+            stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
         error: Any = refused.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     gate.release()

@@ -409,6 +409,26 @@ def test_statistics_and_explicit_load_unload(repo: Path, start_server: StartServ
         assert {e["name"] for e in ready if e["state"] == "READY"} == {"m"}
 
 
+def test_statistics_of_a_model_cover_every_version(
+    repo: Path, start_server: StartServer
+) -> None:
+    """As in Triton (and the gRPC call): a model's /stats without a version lists each
+    of its versions; a version that is not a whole number is 400, one not loaded 404."""
+    mlp_model(repo / "v" / "1" / "model.onnx")
+    mlp_model(repo / "v" / "2" / "model.onnx", seed=2)
+    write_config(repo / "v", "version_policy: { all: {} }\n")
+    server = start_server(repo)
+    with http_client(server) as client:
+        stats = client.get_inference_statistics("v")["model_stats"]
+        assert sorted((e["name"], e["version"]) for e in stats) == [("v", "1"), ("v", "2")]
+        stats = client.get_inference_statistics("v", model_version="02")["model_stats"]
+        assert [(e["name"], e["version"]) for e in stats] == [("v", "2")]
+        status, message = rest_error(lambda: client.get_inference_statistics("v", "x1"))
+        assert status == "400" and "version 'x1' is not a whole number" in message, message
+        status, message = rest_error(lambda: client.get_inference_statistics("v", "3"))
+        assert status == "404" and "no version '3'" in message, message
+
+
 def test_load_with_a_config_override(repo: Path, start_server: StartServer) -> None:
     server = start_server(repo, security=SecurityOptions(
         model_control=ModelControl(ModelControlMode.EXPLICIT, ("*",), True)

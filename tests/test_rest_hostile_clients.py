@@ -101,6 +101,23 @@ def test_uploads_still_arriving_do_not_take_the_places_of_the_concurrency_limit(
             connection.close()
 
 
+def rest_port(process: FerryProcess) -> int:
+    found = re.search(r"REST binding on https?://[^\s]+:(\d+)", process.log)
+    assert found is not None, process.log
+    return int(found.group(1))
+
+
+def wait_for_the_log_so_far(process: FerryProcess, port: int) -> None:
+    """Send a request whose outcome Ferry logs, and wait for its line: then the lines of
+    everything sent before it are in the log too."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        body = valid_body()
+        connection.sendall(b"POST /v2/models/no_such_model/infer HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert connection.recv(100).startswith(b"HTTP/1.1 404")
+    process.wait_for("unknown model 'no_such_model'")
+
+
 def test_malformed_http_does_not_flood_the_log(tmp_path: Path) -> None:
     """aiohttp logs each malformed request line or body (a bad chunk size, a 9 KB request
     line) at ERROR with a 10-line traceback: 40 such requests, under 3 KB sent, wrote
@@ -108,8 +125,7 @@ def test_malformed_http_does_not_flood_the_log(tmp_path: Path) -> None:
     most once a minute."""
     mlp_model(tmp_path / "m" / "1" / "model.onnx")
     with FerryProcess(tmp_path, "--http-port", "0") as process:
-        port = int(re.search(r"REST binding on https?://[^\s]+:(\d+)", process.log)
-                   .group(1))  # type: ignore[union-attr]
+        port = rest_port(process)
         before = len(process.log.splitlines())
         bad = [b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\n"
                b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
@@ -118,14 +134,7 @@ def test_malformed_http_does_not_flood_the_log(tmp_path: Path) -> None:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
                 connection.sendall(data)
                 assert connection.recv(100).startswith(b"HTTP/1.")  # a 400 came back
-        # A request whose outcome Ferry logs once: when its line is there, so are the
-        # lines of everything before it.
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
-            body = valid_body()
-            connection.sendall(b"POST /v2/models/no_such_model/infer HTTP/1.1\r\nHost: x\r\n"
-                               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            assert connection.recv(100).startswith(b"HTTP/1.1 404")
-        process.wait_for("unknown model 'no_such_model'")
+        wait_for_the_log_so_far(process, port)
         added = process.log.splitlines()[before:]
         assert len(added) <= 5, f"{len(added)} log lines for 40 malformed requests:\n" + (
             "\n".join(added[:15])
@@ -240,3 +249,17 @@ def test_a_stalled_upload_does_not_hold_up_other_callers(server: RunningServer) 
     finally:
         for connection in held:
             connection.close()
+
+
+def test_the_malformed_http_log_does_not_quote_the_request(tmp_path: Path) -> None:
+    """aiohttp's message for a bad header quotes the raw header line: a key header with a
+    NUL in it put the key in the server's log. The log names the kind of error only."""
+    mlp_model(tmp_path / "m" / "1" / "model.onnx")
+    with FerryProcess(tmp_path, "--http-port", "0") as process:
+        port = rest_port(process)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Key: s3cret-value\x00\r\n\r\n")
+            assert connection.recv(100).startswith(b"HTTP/1.0 400")
+        wait_for_the_log_so_far(process, port)
+        assert "malformed HTTP request answered 400" in process.log
+        assert "s3cret" not in process.log, process.log

@@ -264,6 +264,17 @@ def test_inference_statistics_of_all_models(client: tc.InferenceServerClient) ->
     assert "NOT_FOUND" in status_of(caught.value)
 
 
+def test_inference_statistics_of_a_model_cover_every_version(
+    client: tc.InferenceServerClient,
+) -> None:
+    """As in Triton: a model named without a version gives the statistics of each of its
+    versions, not only the newest."""
+    stats = client.get_inference_statistics("versioned").model_stats
+    assert sorted((s.name, s.version) for s in stats) == [("versioned", "1"), ("versioned", "2")]
+    stats = client.get_inference_statistics("versioned", model_version="1").model_stats
+    assert [(s.name, s.version) for s in stats] == [("versioned", "1")]
+
+
 def test_repository_index(client: tc.InferenceServerClient) -> None:
     index = client.get_model_repository_index()
     entries = {(m.name, m.version): m.state for m in index.models if m.name != "scratch"}
@@ -350,6 +361,23 @@ def test_infer_of_a_named_version(client: tc.InferenceServerClient) -> None:
     assert latest.get_response().model_version == "2"
     assert not np.allclose(one.as_numpy("logits"), two.as_numpy("logits"))
     np.testing.assert_array_equal(latest.as_numpy("logits"), two.as_numpy("logits"))
+
+
+def test_a_version_is_a_whole_number(client: tc.InferenceServerClient) -> None:
+    """As in Triton: a version that is not a whole number is INVALID_ARGUMENT (not a
+    version that happens to be missing), and "02" names version 2."""
+    x = features(1, seed=3)
+    padded = client.infer("versioned", [infer_input(x)], model_version="02")
+    assert padded.get_response().model_version == "2"
+    for version in ("abc", "1.0", "-1", "²", "1" * 40):
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("versioned", [infer_input(x)], model_version=version)
+        assert "INVALID_ARGUMENT" in status_of(caught.value), (version, caught.value)
+        assert f"version '{version[:20]}" in str(caught.value.message()), caught.value
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("versioned", [infer_input(x)], model_version="3")
+    assert "NOT_FOUND" in status_of(caught.value)
+    assert client.is_model_ready("versioned", model_version="abc") is False
 
 
 def test_async_infer(

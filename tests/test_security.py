@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,7 +35,7 @@ from ferry.server.security import (
     api_group,
 )
 from tests.certificates import Identity, Pki
-from tests.conftest import GatedInstance, RunningServer
+from tests.conftest import GatedInstance, RunningServer, one_place_server
 from tests.models import mlp_model
 
 StartServer = Callable[..., RunningServer]
@@ -276,6 +277,31 @@ def test_load_overrides_are_refused_unless_allowed(repo: Path, start_server: Sta
         assert not client.is_model_ready("m")
 
 
+def test_a_config_override_may_name_another_model_file(
+    repo: Path, start_server: StartServer
+) -> None:
+    """As in Triton, the override's default_model_filename picks the file each version
+    folder serves (it was ignored: the files were found with config.pbtxt's name)."""
+    mlp_model(repo / "m" / "1" / "other.onnx", seed=7)
+    x = features(1)
+    expected = ort.InferenceSession(str(repo / "m" / "1" / "other.onnx")).run(
+        ["probs"], {"x": x}
+    )[0]
+    control = ModelControl(ModelControlMode.EXPLICIT, allow_load_overrides=True)
+    server = start_server(repo, security=SecurityOptions(model_control=control))
+    with tc.InferenceServerClient(server.address) as client:
+        client.load_model("m", config='{"default_model_filename": "other.onnx"}')
+        probs = client.infer("m", [infer_input(x)]).as_numpy("probs")
+        np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+        code, message = code_of(
+            lambda: client.load_model("m", config='{"default_model_filename": "none.onnx"}')
+        )
+        assert code == "INVALID_ARGUMENT" and "none.onnx" in message, message
+        np.testing.assert_allclose(  # the running version keeps serving
+            client.infer("m", [infer_input(x)]).as_numpy("probs"), expected, rtol=1e-5, atol=1e-6
+        )
+
+
 def test_config_override_when_allowed(repo: Path, start_server: StartServer) -> None:
     control = ModelControl(ModelControlMode.EXPLICIT, allow_load_overrides=True)
     server = start_server(repo, security=SecurityOptions(model_control=control))
@@ -479,16 +505,14 @@ def test_oversized_tensor_is_refused_and_the_server_stays_up(
 def test_max_concurrent_rpcs(
     repo: Path, start_server: StartServer, gated: Callable[..., GatedInstance]
 ) -> None:
-    server = start_server(
-        repo, wrap_instance=gated, security=SecurityOptions(max_concurrent_rpcs=1)
-    )
-    gate: GatedInstance = gated.instances[0]  # type: ignore[attr-defined]
-    gate.hold()
+    server, gate = one_place_server(repo, start_server, gated)
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         held = stub.ModelInfer.future(infer_request(features(1)), timeout=30)
         assert gate.entered.acquire(timeout=30)
-        code, _ = rpc_error(lambda: stub.ServerLive(pb.ServerLiveRequest(), timeout=10))
+        code, _ = rpc_error(
+            lambda: stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10)
+        )
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         gate.release()
         assert len(held.result().outputs) == 2

@@ -386,3 +386,24 @@ def test_a_unary_call_naming_a_huge_model_gets_not_found_in_a_status_it_can_read
     assert info.value.code() is grpc.StatusCode.NOT_FOUND, info.value.details()
     details = info.value.details() or ""
     assert details.startswith("unknown model 'mmm") and len(details) <= 2048
+
+
+def test_an_error_quoting_a_long_non_ascii_name_gets_a_status_the_client_can_read(
+    start_server: StartServer, repo: Path
+) -> None:
+    """The status message travels percent-encoded: a non-ASCII character of three UTF-8
+    bytes takes nine. 2,048 characters of "€" quoted from an input's name would be about
+    18 KiB of metadata, past the client's limit, and the client would see
+    RESOURCE_EXHAUSTED instead of the error about its input."""
+    server = start_server(repo)
+    x = rows(1)
+    message = pb.ModelInferRequest(model_name="mlp", id="euro")
+    message.inputs.add(name="€" * 5000, datatype="FP32", shape=list(x.shape))
+    message.raw_input_contents.append(x.tobytes())
+    with (
+        grpc.insecure_channel(server.address) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        stub(channel).ModelInfer(message, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "€€€" in (info.value.details() or "")
