@@ -85,6 +85,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.server.idle_timeout_s)
 
     def do_GET(self) -> None:
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def _answer(self, *, with_body: bool) -> None:
         asked_at = self.server.exposition.clock()
         self.server.answering(self.connection)
         if urlsplit(self.path).path != "/metrics":
@@ -95,7 +101,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", CONTENT_TYPE_LATEST)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if with_body:
+            self.wfile.write(body)
+
+    def _not_allowed(self) -> None:
+        """A method HTTP knows that the endpoint does not take (http.server answers 501,
+        which says the server knows no such method)."""
+        self.server.answering(self.connection)
+        self.send_response(405, "Method Not Allowed")
+        self.send_header("Allow", "GET, HEAD")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # scrapes are not worth a log line each

@@ -12,6 +12,7 @@ import asyncio
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -511,3 +512,25 @@ def test_a_model_removed_from_a_polled_repository_turns_not_serving_on_the_real_
         assert next(watcher).status == NOT_SERVING
         assert status_of("m") == SERVING
         watcher.cancel()
+
+
+def test_other_methods_on_metrics_get_405_and_head_gets_the_headers(
+    tmp_path: Path, start_server: Callable[..., RunningServer]
+) -> None:
+    """A method the endpoint knows but does not take is 405 with `Allow` (it was 501, "not
+    implemented", which tells a client the server knows no such method); HEAD answers the
+    headers of a GET, as HTTP asks of a server that serves GET."""
+    server = start_server(_repository(tmp_path))
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+        request = urllib.request.Request(url, data=b"" if method != "OPTIONS" else None,
+                                         method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=STEP_S)
+        assert caught.value.code == 405, method
+        assert caught.value.headers["Allow"] == "GET, HEAD", method
+    request = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(request, timeout=STEP_S) as answer:
+        assert answer.status == 200
+        assert int(answer.headers["Content-Length"]) > 0
+        assert answer.read() == b""
