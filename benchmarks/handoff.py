@@ -97,6 +97,7 @@ async def _remote(repo: Path, points: list[tuple[int, int]], seconds: float) -> 
     read_end, write_end = os.pipe()
     executor = subprocess.Popen(
         [sys.executable, "-m", "ferry.server.cli", "serve", str(repo), "--metrics-port", "-1",
+         "--shutdown-grace", "2",
          "--log-level", "WARNING", "--process-role", "executor", "--executor-socket", name,
          "--ready-fd", str(write_end)],
         pass_fds=(write_end,),
@@ -110,7 +111,7 @@ async def _remote(repo: Path, points: list[tuple[int, int]], seconds: float) -> 
         async def nothing() -> None:
             return None
 
-        models = RemoteModels(link, (), nothing)
+        models = RemoteModels((link,), (), nothing)
         await models.load_all()
         model = models.get(OVERHEAD_BOUND.name)
 

@@ -5,6 +5,7 @@ Shared by the sync and asyncio clients so that both read the wire the same way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,6 +55,14 @@ def infer_request(
             datatype = codec.datatype_of(array)
         except ValueError as error:
             raise TypeError(f'input "{name}": {error}') from None
+        if array.dtype.kind == "O" and not all(
+            isinstance(element, (str, bytes, bytearray, memoryview)) for element in array.flat
+        ):
+            # bytes(3) is three zero bytes: an int would travel as that, unnoticed.
+            raise TypeError(
+                f'input "{name}": an object array travels as BYTES, whose elements must be '
+                "str or bytes"
+            )
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(codec.to_raw(array))
     for name in outputs or ():
@@ -70,20 +79,41 @@ def _typed_contents(output: Any) -> npt.NDArray[Any]:
     field = codec.CONTENTS_FIELDS.get(datatype)
     if field is None:
         raise _malformed(f'output "{output.name}": {datatype} cannot travel as typed contents')
-    values = list(getattr(output.contents, field))
+    values = getattr(output.contents, field)
     shape = tuple(output.shape)
+    # Exact (no int64 product that wraps around to the count sent), and before any copy.
+    if min(shape, default=0) < 0 or len(values) != math.prod(shape):
+        raise _malformed(f'output "{output.name}": {len(values)} elements for shape {list(shape)}')
     if datatype == "BYTES":
         array = np.empty(len(values), dtype=object)
-        array[:] = values
-    else:
-        array = np.array(values, dtype=codec.NUMPY_DTYPES[datatype])
-    if array.size != int(np.prod(shape, dtype=np.int64)):
-        raise _malformed(f'output "{output.name}": {array.size} elements for shape {list(shape)}')
-    return array.reshape(shape)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:  # typed fields are wider than some datatypes (UINT8 travels as uint32)
+        return np.array(values, dtype=codec.NUMPY_DTYPES[datatype]).reshape(shape)
+    except (OverflowError, ValueError) as error:
+        raise _malformed(f'output "{output.name}": {datatype} values: {error}') from None
 
 
-def infer_outputs(response: pb.ModelInferResponse) -> dict[str, npt.NDArray[Any]]:
-    """The response's outputs by name; numeric arrays are read-only views of the message."""
+def infer_outputs(
+    response: pb.ModelInferResponse, requested: Iterable[str] | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """The response's outputs by name (`requested`: those the request named, each of
+    which must be there); numeric arrays are read-only views of the message."""
+    results = _outputs(response)
+    if len(results) != len(response.outputs):
+        names = [output.name for output in response.outputs]
+        twice = next(name for name in names if names.count(name) > 1)
+        raise _malformed(f'output "{twice}" appears more than once')
+    missing = [name for name in requested or () if name not in results]
+    if missing:
+        raise _malformed(
+            "the requested output " + ", ".join(f'"{name}"' for name in missing)
+            + " is missing; the response has " + (", ".join(f'"{n}"' for n in results) or "none")
+        )
+    return results
+
+
+def _outputs(response: pb.ModelInferResponse) -> dict[str, npt.NDArray[Any]]:
     raw = response.raw_output_contents
     if raw and len(raw) != len(response.outputs):
         raise _malformed(f"{len(raw)} raw contents for {len(response.outputs)} outputs")

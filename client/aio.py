@@ -18,7 +18,7 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import _convert
 from ._channel import CHANNEL_OPTIONS, DEFAULT_URL, call_metadata, credentials
-from .errors import from_rpc_error
+from .errors import FerryClientError, from_rpc_error
 from .metadata import ModelMetadata, ServerMetadata
 
 
@@ -66,11 +66,12 @@ class AsyncFerryClient:
         parameters: Mapping[str, _convert.ParameterValue] | None = None,
     ) -> dict[str, npt.NDArray[Any]]:
         """Run `model` on `inputs` and return the requested outputs (all when None)."""
+        outputs = None if outputs is None else list(outputs)  # read once, checked after
         request = _convert.infer_request(
             model, inputs, outputs, version=version, request_id=request_id, parameters=parameters
         )
         response: pb.ModelInferResponse = await self._call(self._stub.ModelInfer, request, timeout)
-        return _convert.infer_outputs(response)
+        return _convert.infer_outputs(response, outputs)
 
     async def is_server_live(self, *, timeout: float | None = None) -> bool:
         response: pb.ServerLiveResponse = await self._call(
@@ -122,6 +123,11 @@ class AsyncFerryClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=timeout, metadata=self._metadata)
+            response = await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        if response is None:  # grpc.aio's answer to bytes that do not parse (sync raises)
+            raise FerryClientError(
+                grpc.StatusCode.INTERNAL, "malformed response: not a valid protobuf message"
+            )
+        return response

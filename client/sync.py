@@ -62,11 +62,12 @@ class FerryClient:
         parameters: Mapping[str, _convert.ParameterValue] | None = None,
     ) -> dict[str, npt.NDArray[Any]]:
         """Run `model` on `inputs` and return the requested outputs (all when None)."""
+        outputs = None if outputs is None else list(outputs)  # read once, checked after
         request = _convert.infer_request(
             model, inputs, outputs, version=version, request_id=request_id, parameters=parameters
         )
         response: pb.ModelInferResponse = self._call(self._stub.ModelInfer, request, timeout)
-        return _convert.infer_outputs(response)
+        return _convert.infer_outputs(response, outputs)
 
     def is_server_live(self, *, timeout: float | None = None) -> bool:
         response: pb.ServerLiveResponse = self._call(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,6 +47,14 @@ from .tensors import DEFAULT_MAX_TENSOR_ELEMENTS
 from .workers import ABORT_SIGNAL, EXECUTOR, FRONTEND, Supervisor, socket_address
 
 log = logging.getLogger("ferry")
+
+# gRPC takes its message, stream and ping settings as C ints: a larger value fails the
+# start with a traceback from deep inside grpc.
+MAX_GRPC_INT = 2**31 - 1
+# Far above any useful count, far below one that brings the machine down: each worker is
+# a process, each session thread a thread that onnxruntime starts at load.
+MAX_WORKERS = 256
+MAX_SESSION_THREADS = 1024
 
 
 
@@ -269,6 +278,47 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
                        "(default: %(default)s, 16 MiB)")
 
 
+def check_values(args: argparse.Namespace) -> None:
+    """What argparse's types let through and the server cannot use: NaN and infinite
+    seconds, sizes past gRPC's C ints, counts that would start a process or a thread per
+    unit. Raises ValueError naming the flag and what it takes."""
+
+    def within(flag: str, value: int | None, low: int, high: int, unit: str = "") -> None:
+        if value is not None and not low <= value <= high:
+            raise ValueError(
+                f"{flag} must be at least {low} and at most {high}{unit}, got {value}"
+            )
+
+    def seconds(flag: str, value: float | None, high: float | None = None) -> None:
+        # Only what the server's own checks miss: NaN passes every comparison.
+        if value is None or (math.isfinite(value) and (high is None or value <= high)):
+            return
+        bound = f" of at most {high:g}" if high is not None else ""
+        raise ValueError(f"{flag} must be a finite number of seconds{bound}, got {value}")
+
+    if args.process_role is not None and not args.executor_socket:
+        raise ValueError(
+            f"--process-role {args.process_role} needs --executor-socket (both are set by "
+            "--workers for the processes it starts)"
+        )
+    for flag, port in (("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
+        if port != -1:
+            within(flag, port, 0, 65535, " (or -1: off)")
+    within("--grpc-port", args.grpc_port, 0, 65535)
+    within("--max-message-size", args.max_message_size, 1024, MAX_GRPC_INT, " bytes")
+    within("--session-threads", args.session_threads, 0, MAX_SESSION_THREADS)
+    within("--workers", args.workers, 1, MAX_WORKERS)
+    within("--max-concurrent-streams", args.max_concurrent_streams, 1, MAX_GRPC_INT)
+    within("--max-ping-strikes", args.max_ping_strikes, 0, MAX_GRPC_INT)
+    within("--max-tensor-elements", args.max_tensor_elements, 1, 2**63 - 1)
+    within("--max-tensor-bytes", args.max_tensor_bytes, 1, 2**63 - 1, " bytes")
+    within("--max-stream-pending", args.max_stream_pending, 1, 2**63 - 1)
+    within("--max-stream-pending-bytes", args.max_stream_pending_bytes, 1, 2**63 - 1, " bytes")
+    seconds("--shutdown-grace", args.shutdown_grace)
+    seconds("--poll-repository", args.poll_repository)
+    seconds("--min-ping-interval", args.min_ping_interval, high=MAX_GRPC_INT / 1000)
+
+
 def security_options(args: argparse.Namespace) -> SecurityOptions:
     """Validate the security flags; raises ValueError with a message for the user."""
     tls = None
@@ -382,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
+        check_values(args)
         options = ServerOptions(
             model_path=args.model_path,
             host=args.host,

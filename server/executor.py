@@ -275,3 +275,6 @@ class ExecutionLane:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             job()
+            # Its batch (inputs, outputs: possibly views of a frontend's shared memory)
+            # goes now, not when the next batch replaces it.
+            del job

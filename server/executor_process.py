@@ -49,9 +49,9 @@ from .handoff import (
     STATISTICS,
     STATISTICS_REPLY,
     SUBMIT,
+    BlockAllocator,
     Channel,
     Region,
-    RingAllocator,
     peer_is_related,
     read_tensors,
     write_tensors,
@@ -86,7 +86,7 @@ class FrontendSession:
         self.index = index
         self.request_region = request_region
         self.response_region = response_region
-        self.response_blocks = RingAllocator(response_region.size)
+        self.response_blocks = BlockAllocator(response_region.size)
         self.channel = Channel(self._on_messages, self._on_lost, RELEASED)
         self.pending: dict[int, asyncio.Future[Tensors]] = {}
 
@@ -116,10 +116,11 @@ class FrontendSession:
         _, request_id, name, version, descriptors, block, outputs, rows, shape_key, deadline_s, \
             priority, length = message
         try:
-            model = self.service.manager.get(name, version)
+            # Read first: the views give the block back when they go, however this ends.
             inputs = read_tensors(
                 self.request_region, descriptors, block, self.channel.release_later
             )
+            model = self.service.manager.get(name, version)
             future = model.scheduler.submit(
                 inputs, outputs, rows=rows, shape_key=shape_key, deadline_s=deadline_s,
                 priority=priority,
@@ -134,12 +135,18 @@ class FrontendSession:
                                "internal error in the executor process"))
             return
         self.pending[request_id] = future
-        future.add_done_callback(partial(self._answer, request_id))
+        future.add_done_callback(partial(self._answer, request_id, inputs))
 
-    def _answer(self, request_id: int, future: asyncio.Future[Tensors]) -> None:
+    def _answer(self, request_id: int, inputs: Tensors, future: asyncio.Future[Tensors]) -> None:
         del self.pending[request_id]
-        if future.cancelled() or self.channel.closed:
-            return  # the frontend has forgotten this request
+        if future.cancelled():
+            return  # the frontend has forgotten it; a running batch may still read it
+        # Its batch is over: drop its views of the frontend's region now, so that the
+        # block goes back at once, whoever still holds the request (an execution lane
+        # keeps its latest batch until the next one).
+        inputs.clear()
+        if self.channel.closed:
+            return  # the frontend has gone
         error = future.exception()
         if error is None:
             try:
@@ -158,12 +165,12 @@ class FrontendSession:
 
     def _on_lost(self) -> None:
         """The frontend went away: its queued requests leave the queues; the regions go
-        once nothing here maps them any more."""
+        at once, or with the last view of them (a batch still running)."""
         log.info("frontend %d disconnected%s", self.index, self.service.where)
         for future in list(self.pending.values()):
             future.cancel()
-        self.request_region.close()
-        self.response_region.close()
+        self.request_region.unmap()
+        self.response_region.unmap()
         self.service.session_ended(self)
 
 

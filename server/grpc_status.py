@@ -3,6 +3,7 @@ exception in a handler becomes INTERNAL without leaking its detail to the caller
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -94,6 +95,11 @@ def shielded(
             except grpc.aio.AbortError:
                 raise
             except Exception:
+                if context.done():
+                    # The call ended first (the caller's deadline passed, or it left), so
+                    # answering failed: no one is waiting, and nothing failed here.
+                    log.debug("%s ended before its answer", method, exc_info=True)
+                    raise asyncio.CancelledError from None
                 await _internal(context, method)
 
         return call

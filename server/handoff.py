@@ -6,7 +6,7 @@ appears in /dev/shm and the kernel frees them when the last process holding them
 `kill -9` included) and passes their file descriptors to the executor over the socket
 (SCM_RIGHTS). The frontend writes requests' inputs into the request region; the executor
 writes each request's output rows into the response region. Each region has one writer,
-which allocates from it (`RingAllocator`), and one reader, which reads the tensors in
+which allocates from it (`BlockAllocator`), and one reader, which reads the tensors in
 place and tells the writer to release a block when its last view of it dies.
 
 So a request costs one copy into shared memory each way (inputs after decoding, outputs
@@ -15,13 +15,15 @@ process. A tensor that does not fit (or holds Python objects: BYTES) travels ins
 descriptor message instead.
 
 Messages are plain tuples, pickled a list at a time: everything queued during one turn of
-the event loop goes out as one frame (a 4-byte length, then the pickle). Releases and
+the event loop goes out as one frame (an 8-byte length, then the pickle). Releases and
 outcome reports wait for the next frame (at most LAZY_FLUSH_S).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import mmap
 import os
 import pickle
@@ -64,7 +66,8 @@ LAZY_FLUSH_S = 0.005
 # memory, or (name, None, None, array) inline.
 Descriptor = tuple[str, str | None, tuple[int, ...] | None, Any]
 
-_LENGTH = struct.Struct("<I")
+# 8 bytes: a frame of large inline tensors may pass 4 GiB.
+_LENGTH = struct.Struct("<Q")
 
 
 def _aligned(nbytes: int) -> int:
@@ -109,21 +112,34 @@ class Region:
         return cls(fd, size)
 
     def close(self) -> None:
-        """Close the descriptor; the mapping goes when its last view does."""
+        """Close the descriptor; the mapping stays (and so does its memory)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
+    def unmap(self) -> None:
+        """The peer is gone: close the descriptor and let the mapping go, at once or when
+        the last view of it dies, not whenever the garbage collector next finds this
+        object in a cycle. Nothing may use the region after this."""
+        self.close()
+        mapping = self.__dict__.pop("map", None)
+        if mapping is not None:
+            with contextlib.suppress(BufferError):  # views still show it: theirs now
+                mapping.close()
 
-class RingAllocator:
-    """Blocks of one region handed out in a ring; a block may be freed in any order, and
-    space is reclaimed from the oldest block on. Not thread-safe: the event loop's."""
+
+class BlockAllocator:
+    """Blocks of one region, first fit; a block may be freed in any order, and its space is
+    free again at once, whatever is still live around it (a request held for seconds in a
+    queue must not keep everyone else's tensors out of the region). Not thread-safe: the
+    event loop's."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._head = 0
-        self._live: deque[int] = deque()  # block offsets, oldest first
-        self._freed: set[int] = set()
+        # The free gaps, sorted and never adjacent: [_starts[i], _ends[i]).
+        self._starts: list[int] = [0]
+        self._ends: list[int] = [size]
+        self._live: dict[int, int] = {}  # block offset -> its aligned length
 
     @property
     def live_blocks(self) -> int:
@@ -132,37 +148,44 @@ class RingAllocator:
     def allocate(self, nbytes: int) -> int | None:
         """The offset of a free block of `nbytes`, or None when there is no room now."""
         n = _aligned(max(nbytes, 1))
-        live = self._live
-        if not live:
-            offset = 0 if n <= self.size else None
-        else:
-            tail, head = live[0], self._head
-            if head > tail:  # live blocks in [tail, head): room after head, or before tail
-                if head + n <= self.size:
-                    offset = head
-                elif n <= tail:
-                    offset = 0
-                else:
-                    offset = None
-            else:  # wrapped: live blocks in [tail, size) and [0, head)
-                offset = head if head + n <= tail else None
-        if offset is None:
-            return None
-        live.append(offset)
-        self._head = offset + n
-        return offset
+        starts, ends = self._starts, self._ends
+        for index, start in enumerate(starts):
+            room = ends[index] - start
+            if room < n:
+                continue
+            if room == n:
+                del starts[index], ends[index]
+            else:
+                starts[index] = start + n
+            self._live[start] = n
+            return start
+        return None
 
     def free(self, offset: int) -> None:
-        self._freed.add(offset)
-        live, freed = self._live, self._freed
-        while live and live[0] in freed:
-            freed.discard(live.popleft())
-        if not live:
-            self._head = 0
+        n = self._live.pop(offset, None)
+        if n is None:
+            return  # not a live block: a release told twice changes nothing
+        end = offset + n
+        starts, ends = self._starts, self._ends
+        index = bisect.bisect_left(starts, offset)
+        joins_before = index > 0 and ends[index - 1] == offset
+        joins_after = index < len(starts) and starts[index] == end
+        if joins_before and joins_after:
+            ends[index - 1] = ends[index]
+            del starts[index], ends[index]
+        elif joins_before:
+            ends[index - 1] = end
+        elif joins_after:
+            starts[index] = offset
+        else:
+            starts.insert(index, offset)
+            ends.insert(index, end)
+
+
 
 
 def write_tensors(
-    region: Region, allocator: RingAllocator, tensors: Mapping[str, Array]
+    region: Region, allocator: BlockAllocator, tensors: Mapping[str, Array]
 ) -> tuple[tuple[Descriptor, ...], int]:
     """Copy tensors into one block of the region; returns their descriptors and the
     block (-1 when nothing went to shared memory: no room, or Python objects)."""
@@ -258,12 +281,14 @@ class Channel(asyncio.Protocol):
         buffer += data
         start = 0
         frames: list[Any] = []
-        while len(buffer) - start >= 4:
+        header = _LENGTH.size
+        while len(buffer) - start >= header:
             (length,) = _LENGTH.unpack_from(buffer, start)
-            if len(buffer) - start - 4 < length:
+            if len(buffer) - start - header < length:
                 break
-            frames.extend(pickle.loads(memoryview(buffer)[start + 4 : start + 4 + length]))
-            start += 4 + length
+            body = start + header
+            frames.extend(pickle.loads(memoryview(buffer)[body : body + length]))
+            start = body + length
         if start:
             del buffer[:start]
         if frames:
@@ -323,7 +348,8 @@ class Channel(asyncio.Protocol):
         if not messages or self._transport is None:
             return
         payload = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
-        self._transport.write(_LENGTH.pack(len(payload)) + payload)
+        # Two pieces, not their concatenation: a copy less of a large frame.
+        self._transport.writelines((_LENGTH.pack(len(payload)), payload))
 
     def close(self) -> None:
         if self._transport is not None:

@@ -73,6 +73,11 @@ class LengthBuckets:
         return rows * self.padded_length(longest) <= self.max_padding_ratio * real_elements
 
 
+# The shape key's entry for an optional input a request left out: no shape has it, so
+# requests that send different inputs never share a batch (their inputs cannot stack).
+ABSENT_INPUT = (-1,)
+
+
 @dataclass(frozen=True, slots=True)
 class PaddingSettings:
     """A model's padding, validated against its graph. Axes count the batch axis as 0."""
@@ -94,7 +99,8 @@ class PaddingSettings:
         key = []
         for name in order:
             array = arrays.get(name)
-            if array is None:
+            if array is None:  # an optional input left out keeps its place in the key
+                key.append(ABSENT_INPUT)
                 continue
             shape = array.shape
             if name in self.inputs:

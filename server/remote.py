@@ -42,9 +42,9 @@ from .handoff import (
     STATISTICS,
     STATISTICS_REPLY,
     SUBMIT,
+    BlockAllocator,
     Channel,
     Region,
-    RingAllocator,
     peer_is_related,
     read_tensors,
     write_tensors,
@@ -83,7 +83,7 @@ class ExecutorLink:
         self._channel: Channel | None = None
         self._request_region: Region | None = None
         self._response_region: Region | None = None
-        self._request_blocks = RingAllocator(region_bytes)
+        self._request_blocks = BlockAllocator(region_bytes)
         self._lost = asyncio.Event()
         self._announced = False  # the catalog of this connection has arrived
         self._closing = False
@@ -154,8 +154,10 @@ class ExecutorLink:
             sock.close()
             raise
         self._request_region, self._response_region = requests, responses
-        self._request_blocks = RingAllocator(size)
+        self._request_blocks = BlockAllocator(size)
         self._lost = asyncio.Event()
+        # A new channel counts its flushes from 0 again: the next outcome starts a list.
+        self._outbox_flush = -1
         self._channel = channel
 
     def _connection_lost(self) -> None:

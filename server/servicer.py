@@ -245,6 +245,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
 
     async def _abort(self, context: Any, error: FerryError) -> None:
+        if context.done():
+            # Over already: its deadline passed (the queue answers at the caller's own
+            # deadline) or the caller left. gRPC's core has ended it; there is no one to
+            # answer, and the call ends as a cancelled one (logged at DEBUG by grpc).
+            raise asyncio.CancelledError
         await context.abort(status_code(error), bounded_message(error.message))
 
     # Extensions Ferry does not implement ------------------------------------------

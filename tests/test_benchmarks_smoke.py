@@ -187,3 +187,17 @@ def test_missing_ghz_fails_the_smoke_run_in_ci_and_skips_it_elsewhere(
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="ghz is not installed"):
         test_smoke_run_writes_table_and_plots_for_every_server(tmp_path)
+
+
+def test_the_hand_off_benchmark_runs_against_a_real_executor(tmp_path: Path) -> None:
+    """`python -m benchmarks.handoff`, briefly: it starts a real executor process, serves
+    every point both ways and prints the table (it broke once, silently, when the
+    frontend's model lookup came to take several executors)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.handoff", "--seconds", "0.2",
+         "--work", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 6, done.stdout  # header, rule, 3 sizes x 2 concurrencies

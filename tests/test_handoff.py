@@ -1,4 +1,4 @@
-"""The shared-memory hand-off between frontends and the executor: the ring of blocks,
+"""The shared-memory hand-off between frontends and the executor: the blocks of a region,
 tensors written and read in place, blocks released when their last view dies, and the
 inline fallback."""
 
@@ -14,46 +14,49 @@ import pytest
 from ferry.server.errors import ErrorKind, FerryError
 from ferry.server.handoff import (
     ALIGN,
+    BlockAllocator,
     Channel,
     Region,
-    RingAllocator,
     read_tensors,
     write_tensors,
 )
 from ferry.server.remote import ExecutorLink, RemoteModels
 
 
-def test_ring_hands_out_disjoint_blocks_and_reuses_space_in_any_free_order() -> None:
-    ring = RingAllocator(1024)
-    a = ring.allocate(300)  # 320 after alignment
-    b = ring.allocate(300)
-    c = ring.allocate(300)
+def test_blocks_are_reused_as_soon_as_freed_in_any_order() -> None:
+    """First fit over the free gaps, neighbours joined when freed: one block held for a
+    long time (a request waiting in a queue) does not keep the space after it from being
+    reused, as a ring that reclaims only from its oldest block did."""
+    blocks = BlockAllocator(1024)
+    a, b, c = (blocks.allocate(300) for _ in range(3))  # 320 bytes each after alignment
     assert (a, b, c) == (0, 320, 640)
-    assert ring.allocate(300) is None  # 960 + 320 > 1024, and block 0 is live
-    ring.free(b)  # out of order: nothing before b is free yet
-    assert ring.allocate(300) is None
-    ring.free(a)  # now a and b are reclaimed from the front
-    assert ring.allocate(600) == 0  # wraps around to the start
-    assert ring.allocate(64) is None  # [640, 1024) is c, [0, 640) the new block
-    ring.free(c)
-    ring.free(0)
-    assert ring.live_blocks == 0
-    assert ring.allocate(1024) == 0  # empty: everything is free again
+    assert blocks.allocate(300) is None  # only [960, 1024) is free
+    blocks.free(b)  # out of order: free at once, though a is still live
+    assert blocks.allocate(300) == 320
+    blocks.free(a)
+    blocks.free(320)
+    assert blocks.allocate(600) == 0  # a's and b's space, joined
+    assert blocks.allocate(64) == 960
+    assert blocks.allocate(64) is None
+    blocks.free(c)
+    blocks.free(0)
+    blocks.free(960)
+    assert blocks.live_blocks == 0 and blocks.allocate(1024) == 0
 
 
-def test_ring_refuses_a_block_larger_than_the_region() -> None:
-    assert RingAllocator(256).allocate(257) is None
+def test_a_block_larger_than_the_region_is_refused() -> None:
+    assert BlockAllocator(256).allocate(257) is None
 
 
 def test_tensors_round_trip_through_a_region_and_release_with_their_last_view() -> None:
     region = Region.create("test", 1 << 16)
-    ring = RingAllocator(region.size)
+    blocks = BlockAllocator(region.size)
     inputs = {
         "x": np.arange(12, dtype=np.float32).reshape(3, 4),
         "ids": np.array([[1], [2], [3]], dtype=np.int64),
         "empty": np.zeros((3, 0), dtype=np.float16),
     }
-    descriptors, block = write_tensors(region, ring, inputs)
+    descriptors, block = write_tensors(region, blocks, inputs)
     assert block >= 0 and all(d[1] is not None for d in descriptors)
     assert all(d[3] % ALIGN == 0 for d in descriptors)
     # The reader maps the same memory through its own descriptor, as another process does.
@@ -70,23 +73,23 @@ def test_tensors_round_trip_through_a_region_and_release_with_their_last_view() 
     assert float(row.sum()) == 4 + 5 + 6 + 7
     del row
     assert released == [block]
-    ring.free(block)
-    assert ring.live_blocks == 0
+    blocks.free(block)
+    assert blocks.live_blocks == 0
 
 
 def test_python_objects_and_tensors_that_do_not_fit_travel_inline() -> None:
     region = Region.create("test", 4096)
-    ring = RingAllocator(region.size)
+    blocks = BlockAllocator(region.size)
     text = {"s": np.array(["a", "bc"], dtype=object)}
-    descriptors, block = write_tensors(region, ring, text)
+    descriptors, block = write_tensors(region, blocks, text)
     assert block == -1 and descriptors[0][1] is None
     assert list(read_tensors(region, descriptors, block, lambda b: None)["s"]) == ["a", "bc"]
     big = {"x": np.ones((2, 1024), dtype=np.float32)}  # 8 KiB > 4 KiB
-    descriptors, block = write_tensors(region, ring, big)
+    descriptors, block = write_tensors(region, blocks, big)
     assert block == -1
     np.testing.assert_array_equal(read_tensors(region, descriptors, block, lambda b: None)["x"],
                                   big["x"])
-    assert ring.live_blocks == 0
+    assert blocks.live_blocks == 0
 
 
 @pytest.mark.asyncio

@@ -488,3 +488,19 @@ def test_one_request_the_model_refuses_fails_alone_and_teaches_nothing() -> None
     assert good["states"].shape == (1, 64) and short["states"].shape == (1, 10)  # type: ignore[index]
     executor.execute(items_of(60, 50), ["states"])
     assert model.runs[-1] == 64  # the bucket of 64 still pads: it was not what failed
+
+
+def test_requests_that_send_different_optional_inputs_have_different_keys() -> None:
+    """A padded model with an optional input beside the padded one: a request that sends
+    it and one that leaves it out must not share a batch (their inputs could not be
+    stacked), so their shape keys differ, as in the unpadded key (`tensors.batch_key`)."""
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets())
+    ids = np.zeros((1, 5), np.int64)
+    extra = np.zeros((1, 3), np.float32)
+    order = ["ids", "extra", "more"]
+    with_extra = padding.request_key({"ids": ids, "extra": extra}, order)
+    with_more = padding.request_key({"ids": ids, "more": extra}, order)
+    alone = padding.request_key({"ids": ids}, order)
+    assert len({with_extra, with_more, alone}) == 3, (with_extra, with_more, alone)
+    longer = padding.request_key({"ids": np.zeros((1, 9)), "extra": extra}, order)
+    assert longer[1] == with_extra[1]  # another length, the same group

@@ -7,6 +7,7 @@ nothing here depends on how fast the machine is.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,6 +120,32 @@ def test_client_deadline_expires_in_queue_and_is_never_computed(
     infer(server.address, rows(3.0))  # the model keeps serving
     assert 2.0 not in markers_seen(gate)
     assert markers_seen(gate) == {1.0, 3.0}
+
+
+def test_a_deadline_the_client_and_the_queue_share_logs_no_error(
+    tmp_path: Path, start_server: Callable[..., RunningServer], gated: Callable[..., GatedInstance],
+    pool: concurrent.futures.ThreadPoolExecutor, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The queue answers a request at the caller's own deadline, the moment gRPC's core
+    ends the call: answering it then fails ("execute_batch"), which is no error of the
+    server's. It was logged as an unexpected error with a traceback, about 20 lines per
+    request that timed out: a client could fill the log by sending short deadlines."""
+    repo = make_repo(tmp_path, "max_batch_size: 8\n")
+    server, gate = start_held(start_server, gated, repo)
+    running = pool.submit(infer, server.address, rows(1.0))
+    assert gate.entered.acquire(timeout=10)
+    caplog.set_level(logging.INFO)
+    expiring = [pool.submit(infer, server.address, rows(2.0), client_timeout=0.2)
+                for _ in range(12)]
+    for future in expiring:
+        with pytest.raises(InferenceServerException) as expired:
+            future.result(30)
+        assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_until(lambda: queue_depth(server) == 0, what="the expired requests to leave the queue")
+    gate.release()
+    running.result(30)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
 
 
 def test_model_queue_timeout_answers_deadline_exceeded_from_the_server(

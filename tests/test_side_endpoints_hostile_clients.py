@@ -527,6 +527,7 @@ def test_other_methods_on_metrics_get_405_and_head_gets_the_headers(
                                          method=method)
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=STEP_S)
+        caught.value.close()  # its connection
         assert caught.value.code == 405, method
         assert caught.value.headers["Allow"] == "GET, HEAD", method
     request = urllib.request.Request(url, method="HEAD")
