@@ -57,7 +57,6 @@ MAX_WORKERS = 256
 MAX_SESSION_THREADS = 1024
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry",
@@ -497,7 +496,6 @@ def main(argv: list[str] | None = None) -> int:
             argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
         ).run()
     return event_loop.run(serve(options), args.event_loop)
-
 
 
 if __name__ == "__main__":

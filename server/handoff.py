@@ -182,8 +182,6 @@ class BlockAllocator:
             ends.insert(index, end)
 
 
-
-
 def write_tensors(
     region: Region, allocator: BlockAllocator, tensors: Mapping[str, Array]
 ) -> tuple[tuple[Descriptor, ...], int]:

@@ -398,7 +398,6 @@ def test_sound_flag_values_still_start(
     assert cli.main(argv) == 0 and len(runs) == 1
 
 
-
 # Answers ---------------------------------------------------------------------------
 
 
