@@ -19,6 +19,7 @@ from ferry.proto import model_config_pb2 as mc
 from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME, NUMPY_DTYPES
 
 from .devices import DeviceSettings, InstanceGroup, TensorRtSettings
+from .errors import cut
 from .padding import PaddingConfigError, PaddingSettings, parse_padding, to_parameters
 from .signatures import GraphSignature, TensorSignature
 from .warmup import WarmupInput, WarmupSample, bucket_samples
@@ -305,7 +306,7 @@ def read_config_file(path: Path) -> ParsedConfig:
         text_format.Parse(known_text, config, allow_unknown_field=True)
     except text_format.ParseError as exc:
         # protobuf quotes the whole line, which may be the whole (huge) file
-        raise ConfigError(f"{path.name}: {_cut(str(exc))}") from exc
+        raise ConfigError(f"{path.name}: {cut(str(exc), _QUOTED_CHARS)}") from exc
     # One warning names them all: those the parser does not know and those it reads but
     # Ferry does not act on.
     ignored = [
@@ -412,7 +413,7 @@ def settings_from(
     config = config or mc.ModelConfig()
     if config.name and config.name != name:
         raise ConfigError(
-            f"config names the model '{_cut(config.name)}' but its folder is '{name}'"
+            f"config names the model '{cut(config.name, _QUOTED_CHARS)}' but its folder is '{name}'"
         )
     max_batch_size = _max_batch_size(graph, config, set_fields)
     batching = max_batch_size > 0
@@ -727,12 +728,6 @@ def _check_warmup_size(sample: WarmupSample) -> None:
 
 _DIGITS = re.compile(r"[0-9]+")
 _QUOTED_CHARS = 300
-
-
-def _cut(text: str) -> str:
-    """Text from a config quoted in a message: cut when long (it becomes a load's reason,
-    kept for the repository index, and a log line)."""
-    return text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "..."
 
 
 def _microseconds_parameter(

@@ -12,6 +12,12 @@ import re
 from pathlib import Path
 
 
+def cut(text: str, limit: int) -> str:
+    """`text` as a message quotes it: past `limit` characters, its first `limit` and
+    "...". What a caller (or a config) sends may be megabytes long."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class Status(enum.Enum):
     """How a request ended, named as the Open Inference Protocol's gRPC binding names it."""
 

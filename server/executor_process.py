@@ -142,8 +142,7 @@ class FrontendSession:
         if future.cancelled():
             return  # the frontend has forgotten it; a running batch may still read it
         # Its batch is over: drop its views of the frontend's region now, so that the
-        # block goes back at once, whoever still holds the request (an execution lane
-        # keeps its latest batch until the next one).
+        # block goes back at once, whoever else still holds the request.
         inputs.clear()
         if self.channel.closed:
             return  # the frontend has gone

@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .errors import cut
 from .wire import MalformedMessage, tolerant
 
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -101,9 +102,7 @@ class HealthService(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # un
 
 
 def _unknown(service: str) -> str:
-    quoted = service
-    if len(quoted) > MAX_QUOTED_NAME_CHARS:
-        quoted = quoted[: MAX_QUOTED_NAME_CHARS - 3] + "..."
+    quoted = cut(service, MAX_QUOTED_NAME_CHARS - 3)
     return (
         f"unknown service {quoted!r}: this server reports '' (the server), "
         "'inference.GRPCInferenceService' and each model's name"

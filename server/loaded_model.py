@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .config import ModelSettings
-from .errors import invalid_input, not_found
+from .errors import cut, invalid_input, not_found
 from .outcomes import OutcomeObserver
 from .rows import Tensors
 from .stats import ModelStatistics
@@ -74,9 +74,7 @@ def pick_version(name: str, versions: Mapping[str, LoadedModel], version: str) -
     model = versions.get(version)
     if model is not None:  # named as the server names it: the common case
         return model
-    shown = version
-    if len(shown) > _SHOWN_VERSION_CHARS:
-        shown = shown[:_SHOWN_VERSION_CHARS] + "..."
+    shown = cut(version, _SHOWN_VERSION_CHARS)
     if not _VERSION.fullmatch(version):
         raise invalid_input(
             f"model '{name}': version '{shown}' is not a whole number (versions are "

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer as AsyncReflectionServicer
 from grpc_reflection.v1alpha.reflection import SERVICE_NAME
 
+from .errors import cut
 from .wire import MalformedMessage, tolerant
 
 if TYPE_CHECKING:
@@ -122,9 +123,7 @@ def _error(
 
 
 def _quoted(text: str) -> str:
-    if len(text) > MAX_QUOTED_CHARS:
-        text = text[: MAX_QUOTED_CHARS - 3] + "..."
-    return repr(text)
+    return repr(cut(text, MAX_QUOTED_CHARS - 3))
 
 
 def _not_found(request: reflection_pb2.ServerReflectionRequest, asked: str) -> str:

@@ -25,7 +25,7 @@ from .config import (
     parse_config_json,
     read_config_file,
 )
-from .errors import ErrorKind, FerryError, not_found
+from .errors import ErrorKind, FerryError, cut, not_found
 
 
 class ModelState(enum.Enum):
@@ -51,7 +51,7 @@ _SHOWN_NAME_CHARS = 100
 
 def shown(name: str) -> str:
     """A model name as messages quote it: cut when it is long."""
-    return name if len(name) <= _SHOWN_NAME_CHARS else name[:_SHOWN_NAME_CHARS] + "..."
+    return cut(name, _SHOWN_NAME_CHARS)
 
 
 def is_model_name(name: str) -> bool:

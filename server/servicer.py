@@ -17,7 +17,7 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
 from .dataplane import DataPlane, statistics_of
-from .errors import FerryError, Status
+from .errors import FerryError, Status, cut
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
 from .repository import ModelControl
@@ -245,11 +245,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise
 
     async def _abort(self, context: Any, error: FerryError) -> None:
-        if context.done():
-            # Over already: its deadline passed (the queue answers at the caller's own
-            # deadline) or the caller left. gRPC's core has ended it; there is no one to
-            # answer, and the call ends as a cancelled one (logged at DEBUG by grpc).
-            raise asyncio.CancelledError
+        # A call already over (the queue answers at the caller's own deadline) cannot be
+        # answered: `grpc_status.shielded` ends it as a cancelled one.
         await context.abort(status_code(error), bounded_message(error.message))
 
     # Extensions Ferry does not implement ------------------------------------------
@@ -285,8 +282,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def bounded_message(message: str) -> str:
-    if len(message) > MAX_ERROR_MESSAGE_CHARS:
-        message = message[: MAX_ERROR_MESSAGE_CHARS - 3] + "..."
+    message = cut(message, MAX_ERROR_MESSAGE_CHARS - 3)
     if message.isascii():
         return message
     wire_bytes = 0
