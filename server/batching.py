@@ -19,8 +19,10 @@ Rules, in Triton's vocabulary:
 - A model that pads variable-length inputs (`BatchPolicy.padding`) leaves the padded
   axis out of its shape keys and gives each request its `length` along it: the batch is
   padded to the bucket of its longest request, and a request joins only if the batch's
-  padded elements stay within `max_padding_ratio` times its real ones. One that would
-  not is passed over, keeps its place in line, and goes in a later batch.
+  padded elements stay within `max_padding_ratio` times its real ones, or if it would be
+  padded to the batch's length alone too (so short requests under the smallest bucket,
+  and requests of length 0, share a batch). One that would not is passed over, keeps its
+  place in line, and goes in a later batch.
 - A batch is dispatched when it is full, when a preferred size can be formed (the
   largest one that can), when the oldest request has waited `max_queue_delay_s`, or at
   once when that delay is 0: an idle server adds no wait. With delay 0 and
@@ -374,6 +376,7 @@ class BatchQueue(Generic[P]):
         head = candidate[0]
         rows = head.rows
         longest = head.length
+        target = buckets.padded_length(longest)
         real = head.rows * head.length
         limit = self.policy.max_batch_size
         for request in ordered:
@@ -383,12 +386,18 @@ class BatchQueue(Generic[P]):
                 return rows, True
             joined_real = real + request.rows * request.length
             joined_longest = max(longest, request.length)
-            if not buckets.fits(rows + request.rows, joined_longest, joined_real):
+            # A request padded to the batch's length alone too (lengths under the smallest
+            # bucket, or 0) adds no padding that it would not run with anyway, and makes
+            # no batch-mate longer: it joins whatever the ratio says.
+            if buckets.padded_length(request.length) != target and not buckets.fits(
+                rows + request.rows, joined_longest, joined_real
+            ):
                 continue  # too short or too long for this batch: it waits for its own
             candidate.append(request)
             rows += request.rows
             real = joined_real
             longest = joined_longest
+            target = buckets.padded_length(longest)
         return rows, False
 
     def _preferred_prefix(self, candidate: list[PendingRequest[P]]) -> int:

@@ -20,7 +20,13 @@ from ferry.proto.codec import CONFIG_TYPE_NAMES, DATATYPES_BY_CONFIG_NAME, NUMPY
 
 from .devices import DeviceSettings, InstanceGroup, TensorRtSettings
 from .errors import cut
-from .padding import PaddingConfigError, PaddingSettings, parse_padding, to_parameters
+from .padding import (
+    LENGTH_BUCKETS_PARAMETER,
+    PaddingConfigError,
+    PaddingSettings,
+    parse_padding,
+    to_parameters,
+)
 from .signatures import GraphSignature, TensorSignature
 from .warmup import WarmupInput, WarmupSample, bucket_samples
 
@@ -440,6 +446,7 @@ def settings_from(
     if config.model_warmup:
         warmup = tuple(_warmup_sample(w, inputs, max_batch_size) for w in config.model_warmup)
     else:
+        _check_padded_warmup_count(buckets, padding)
         # CUDA graphs are captured on the second run of a shape: warm each bucket twice.
         warmup = bucket_samples(
             buckets,
@@ -559,6 +566,19 @@ def _padded_lengths(padding: PaddingSettings | None) -> tuple[tuple[int, dict[st
         return ()
     axes = {name: padding.axis for name in padding.inputs}
     return tuple((length, axes) for length in reversed(padding.buckets.lengths))
+
+
+def _check_padded_warmup_count(buckets: tuple[int, ...], padding: PaddingSettings | None) -> None:
+    """Warm-up runs each batch bucket at each listed length: bounded as a config's
+    model_warmup count is, since a load request may send any config."""
+    lengths = len(padding.buckets.lengths) if padding is not None else 0
+    runs = len(buckets) * lengths
+    if runs > MAX_WARMUP_COUNT:
+        raise ConfigError(
+            f"parameters {LENGTH_BUCKETS_PARAMETER} and {_BATCH_BUCKETS_PARAMETER}: "
+            f"{lengths} lengths x {len(buckets)} batch sizes make {runs} warm-up runs, more "
+            f"than {MAX_WARMUP_COUNT}; list fewer of either"
+        )
 
 
 def instance_groups_of(config: mc.ModelConfig | None) -> tuple[InstanceGroup, ...]:

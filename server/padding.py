@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from ferry.proto.codec import NUMPY_DTYPES
 
-from .errors import invalid_input
+from .errors import cut, invalid_input
 
 Array = npt.NDArray[np.generic]
 
@@ -32,6 +32,9 @@ MAX_PADDING_RATIO_PARAMETER = "max_padding_ratio"  # "2": padded / real elements
 
 DEFAULT_PADDING_AXIS = 1
 DEFAULT_MAX_PADDING_RATIO = 2.0
+# A config's length_buckets: each is a padded shape warmed up (at every batch bucket) and,
+# on a GPU, bound and captured; a load request may send any config.
+MAX_LENGTH_BUCKETS = 256
 # The two lengths the model runs on at load to find which outputs follow the padded axis.
 PROBE_LENGTHS = (3, 5)
 
@@ -188,20 +191,18 @@ def parse_padding(
                     f"parameter {PADDING_OUTPUTS_PARAMETER}: output '{name}' needs a whole "
                     f"axis number, got {axis_text!r}"
                 )
+            if name in output_axes:
+                raise PaddingConfigError(
+                    f"parameter {PADDING_OUTPUTS_PARAMETER}: output '{name}' is named twice; "
+                    "give each output one axis"
+                )
             _check_axis(
                 f"output '{name}'", output_dims[name], int(axis_text), PADDING_OUTPUTS_PARAMETER
             )
             output_axes[name] = int(axis_text)
     lengths: tuple[int, ...] = ()
     if LENGTH_BUCKETS_PARAMETER in parameters:
-        bucket_text = parameters[LENGTH_BUCKETS_PARAMETER]
-        try:
-            lengths = tuple(sorted({int(p) for p in bucket_text.split(",") if p.strip()}))
-        except ValueError:
-            raise PaddingConfigError(
-                f"parameter {LENGTH_BUCKETS_PARAMETER} must be lengths separated by commas, "
-                f"got {bucket_text!r}"
-            ) from None
+        lengths = _length_buckets(parameters[LENGTH_BUCKETS_PARAMETER])
     ratio_text = parameters.get(MAX_PADDING_RATIO_PARAMETER, str(DEFAULT_MAX_PADDING_RATIO))
     try:
         ratio = float(ratio_text)
@@ -243,6 +244,69 @@ def probe_output_axes(
     """Run the model on one row at two lengths and return, for each output, the axis that
     follows the padded length. Outputs whose shape does not change are returned whole;
     one that changes in another way cannot be cut back, and is refused."""
+    shapes = _probe_shapes(runner, padding, inputs, output_names)
+    short, long = PROBE_LENGTHS
+    axes: dict[str, int] = {}
+    for name in output_names:
+        first, second = shapes[0][name], shapes[1][name]
+        if first == second:
+            continue
+        axis = _following_axis(first, second)
+        if axis is None:
+            raise PaddingConfigError(
+                f"output '{name}' has shape {list(first)} for inputs of length {short} and "
+                f"{list(second)} for length {long}: no single axis follows the padded length, "
+                f"so Ferry cannot cut it back; name its axis in parameter "
+                f"{PADDING_OUTPUTS_PARAMETER} (\"{name}=<axis>\")"
+            )
+        axes[name] = axis
+    return axes
+
+
+def check_output_axes(
+    runner: Runner,
+    padding: PaddingSettings,
+    inputs: Sequence[TensorDims],
+    output_names: Sequence[str],
+) -> None:
+    """The config named the outputs to cut back (`padding.outputs`): run the model on one
+    row at two lengths and refuse an axis that does not follow the padded length, and an
+    output left out whose shape does (each caller would get its batch's padding)."""
+    declared = padding.outputs or {}
+    shapes = _probe_shapes(runner, padding, inputs, output_names)
+    short, long = PROBE_LENGTHS
+    for name in output_names:
+        first, second = shapes[0][name], shapes[1][name]
+        seen = f"{list(first)} for inputs of length {short}, {list(second)} for length {long}"
+        following = _following_axis(first, second)
+        axis = declared.get(name)
+        if axis is None:
+            if first != second:
+                hint = f"{name}={following}" if following is not None else f"{name}=<axis>"
+                raise PaddingConfigError(
+                    f"parameter {PADDING_OUTPUTS_PARAMETER} does not name output '{name}', "
+                    f"whose shape follows the padded length ({seen}): each caller would get "
+                    f"it at its batch's padded length; name its axis (\"{hint}\")"
+                )
+        elif not (
+            axis < min(len(first), len(second)) and first[axis] == short and second[axis] == long
+        ):
+            follows = f" (axis {following} follows it)" if following is not None else ""
+            raise PaddingConfigError(
+                f"parameter {PADDING_OUTPUTS_PARAMETER}: axis {axis} of output '{name}' does "
+                f"not follow the padded length: the output has shape {list(first)} for inputs "
+                f"of length {short} and {list(second)} for length {long}{follows}"
+            )
+
+
+def _probe_shapes(
+    runner: Runner,
+    padding: PaddingSettings,
+    inputs: Sequence[TensorDims],
+    output_names: Sequence[str],
+) -> list[dict[str, tuple[int, ...]]]:
+    """Each output's shape for one row of pad values at each of PROBE_LENGTHS (other
+    variable axes 1)."""
     shapes = []
     for length in PROBE_LENGTHS:
         arrays = {}
@@ -253,29 +317,43 @@ def probe_output_axes(
             arrays[name] = np.full(shape, padding.inputs.get(name, 0), NUMPY_DTYPES[datatype])
         outputs = runner.run(arrays, output_names)
         shapes.append({name: tuple(outputs[name].shape) for name in output_names})
+    return shapes
+
+
+def _following_axis(first: tuple[int, ...], second: tuple[int, ...]) -> int | None:
+    """The one axis (not the batch axis) that is PROBE_LENGTHS in the two shapes while
+    every other axis stays the same; None if there is no such single axis."""
     short, long = PROBE_LENGTHS
-    axes: dict[str, int] = {}
-    for name in output_names:
-        first, second = shapes[0][name], shapes[1][name]
-        if first == second:
-            continue
-        following = [
-            axis
-            for axis in range(1, min(len(first), len(second)))
-            if first[axis] == short and second[axis] == long
-        ]
-        if len(first) != len(second) or len(following) != 1 or any(
-            a != b for axis, (a, b) in enumerate(zip(first, second, strict=True))
-            if axis not in following
-        ):
-            raise PaddingConfigError(
-                f"output '{name}' has shape {list(first)} for inputs of length {short} and "
-                f"{list(second)} for length {long}: no single axis follows the padded length, "
-                f"so Ferry cannot cut it back; name its axis in parameter "
-                f"{PADDING_OUTPUTS_PARAMETER} (\"{name}=<axis>\")"
-            )
-        axes[name] = following[0]
-    return axes
+    if len(first) != len(second):
+        return None
+    following = [
+        axis for axis in range(1, len(first)) if first[axis] == short and second[axis] == long
+    ]
+    if len(following) != 1 or any(
+        a != b for axis, (a, b) in enumerate(zip(first, second, strict=True))
+        if axis != following[0]
+    ):
+        return None
+    return following[0]
+
+
+def _length_buckets(text: str) -> tuple[int, ...]:
+    """The listed lengths, ascending and once each (the order they are written in does
+    not matter); whole ASCII numbers only, at most MAX_LENGTH_BUCKETS of them."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    wrong = [part for part in parts if not _is_whole(part)]
+    if wrong:
+        raise PaddingConfigError(
+            f"parameter {LENGTH_BUCKETS_PARAMETER} must be whole lengths separated by commas, "
+            f"got {cut(wrong[0], 40)!r}"
+        )
+    lengths = sorted({int(part) for part in parts})
+    if len(lengths) > MAX_LENGTH_BUCKETS:
+        raise PaddingConfigError(
+            f"parameter {LENGTH_BUCKETS_PARAMETER} lists {len(lengths)} lengths, more than "
+            f"{MAX_LENGTH_BUCKETS} (each is a padded shape to warm up and keep)"
+        )
+    return tuple(lengths)
 
 
 def _pairs(text: str, key: str, form: str) -> list[tuple[str, str]]:
@@ -333,6 +411,15 @@ def _pad_value(name: str, datatype: str, text: str) -> float | int:
             f"parameter {PADDING_INPUTS_PARAMETER}: pad value {text!r} of input '{name}' is "
             f"not a {datatype} number"
         ) from None
+    if dtype.kind == "f":
+        # nan or inf at a padded position reaches the real ones of a masked model (0 x nan
+        # is nan), and a value past the type's range becomes inf when the batch is filled.
+        largest = float(np.finfo(dtype.type).max)  # type: ignore[type-var]
+        if not -largest <= value <= largest:
+            raise PaddingConfigError(
+                f"parameter {PADDING_INPUTS_PARAMETER}: pad value {text!r} of input '{name}' "
+                f"is not a finite {datatype} number (-{largest:g}..{largest:g})"
+            )
     if dtype.kind in "iub":
         low, high = (0, 1)
         if dtype.kind != "b":
