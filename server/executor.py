@@ -106,7 +106,8 @@ class InstanceExecutor:
     so that one caller's request (too long for the model, say) fails alone, and a bucket
     past the model's longest sequence (48 positions padded to 64) costs one failed run:
     when every request then ran alone, that padded length is too long for the model, and
-    later batches that would reach it are padded only to their longest request.
+    later batches that would reach it are padded only to their longest request. A batch
+    without padding that fails is run again in halves (`_in_halves`) for the same reason.
     """
 
     def __init__(
@@ -136,9 +137,15 @@ class InstanceExecutor:
         rows = sum(item.rows for item in items) if self.batchable else 1
         # Gathering happens inside the instance, so it counts as execution time.
         t1 = timer()
-        outputs, padded_rows = self.runner.run_batch(
-            [item.inputs for item in items], rows, output_names
-        )
+        try:
+            outputs, padded_rows = self.runner.run_batch(
+                [item.inputs for item in items], rows, output_names
+            )
+        except Exception:
+            if len(items) == 1:
+                raise  # what the request meets alone: the scheduler reports it
+            parts, padded_rows = self._in_halves(items, output_names)
+            return ExecutedBatch(parts, padded_rows, t1 - t0, timer() - t1, 0)
         t2 = timer()
         if self.batchable:
             results = scatter(outputs, [i.rows for i in items], [i.outputs for i in items])
@@ -146,6 +153,36 @@ class InstanceExecutor:
             results = [{name: outputs[name] for name in items[0].outputs}]
         t3 = timer()
         return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, t3 - t2)
+
+    def _in_halves(
+        self, items: Sequence[BatchItem], output_names: Sequence[str]
+    ) -> tuple[list[Tensors | BaseException], int]:
+        """After a batch failed: each half runs, and a half that fails is split again, so
+        that a request the model cannot take (a token id past its vocabulary) fails only
+        its caller. One such request costs about twice the batch's rows again, in some
+        2 x log2(requests) runs; a run per request would cost the per-run overhead that
+        batching saves."""
+        middle = len(items) // 2
+        results: list[Tensors | BaseException] = []
+        padded_rows = 0
+        for half in (items[:middle], items[middle:]):
+            try:
+                outputs, half_padded = self.runner.run_batch(
+                    [item.inputs for item in half], sum(item.rows for item in half),
+                    output_names,
+                )
+            except Exception as exc:
+                if len(half) == 1:
+                    results.append(exc)
+                    continue
+                half_results, half_padded = self._in_halves(half, output_names)
+                results.extend(half_results)
+            else:
+                results.extend(
+                    scatter(outputs, [i.rows for i in half], [i.outputs for i in half])
+                )
+            padded_rows += half_padded
+        return results, padded_rows
 
     def _execute_padded(
         self, padding: PaddingSettings, items: Sequence[BatchItem], output_names: Sequence[str]

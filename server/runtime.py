@@ -275,7 +275,7 @@ class OnnxInstance:
                 inputs if isinstance(inputs, dict) else dict(inputs),
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            raise FerryError(ErrorKind.INTERNAL, f"onnxruntime: {_first_line(exc)}") from exc
+            raise _run_error(exc) from exc
         return dict(zip(output_names, values, strict=True))
 
     def run_batch(
@@ -290,7 +290,7 @@ class OnnxInstance:
         except FerryError:
             raise
         except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
-            raise FerryError(ErrorKind.INTERNAL, f"onnxruntime: {_first_line(exc)}") from exc
+            raise _run_error(exc) from exc
 
 
 def _optimization_level(level: int) -> int:
@@ -298,6 +298,18 @@ def _optimization_level(level: int) -> int:
     if level < 0:
         return 0  # disabled
     return {0: 99, 1: 1, 2: 2}.get(level, 99)
+
+
+def _run_error(exc: Exception) -> FerryError:
+    """A failed run, for its callers. onnxruntime's InvalidArgument from a run whose inputs
+    passed validation comes from their values (a token id past the embedding table, say):
+    the caller's error. The scheduler runs a failed batch again in parts, so only the
+    requests that fail on their own get it. Anything else is the server's."""
+    invalid = type(exc).__name__ == "InvalidArgument" and type(exc).__module__.startswith(
+        "onnxruntime"
+    )
+    kind = ErrorKind.INVALID_INPUT if invalid else ErrorKind.INTERNAL
+    return FerryError(kind, f"onnxruntime: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:

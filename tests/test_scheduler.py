@@ -329,7 +329,7 @@ async def test_two_instances_run_batches_concurrently() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_failing_run_fails_only_its_batch_and_the_model_keeps_serving() -> None:
+async def test_a_failing_run_fails_only_the_request_that_fails_alone() -> None:
     instance = FakeInstance()
     instance.fail_on_negative = True
     recorder = Recorder()
@@ -341,15 +341,37 @@ async def test_a_failing_run_fails_only_its_batch_and_the_model_keeps_serving() 
         bad_neighbour = send(scheduler, rows(2))  # shares the failing batch
         instance.release()
         assert (await result(good_before))["double"].tolist() == [[2]]
-        for future in (bad, bad_neighbour):
-            error = await error_of(future)
-            assert error.kind is ErrorKind.INTERNAL
-            assert "kaboom: negative input" in error.message
-            assert "'fake'" in error.message
+        error = await error_of(bad)
+        assert error.kind is ErrorKind.INTERNAL
+        assert "kaboom: negative input" in error.message
+        assert "'fake'" in error.message
+        # Run again in halves, the neighbour gets its answer.
+        assert (await result(bad_neighbour))["double"].tolist() == [[4]]
         # The model keeps serving.
         after = await result(send(scheduler, rows(3)))
         assert after["double"].tolist() == [[6]]
-        assert [t.failed for t in recorder.timings] == [False, True, False]
+        # The batch that failed counts as run, for the request it answered.
+        assert [(t.failed, t.requests) for t in recorder.timings] == [
+            (False, 1), (False, 1), (False, 1)
+        ]
+        assert instance.batch_rows == [1, 2, 1, 1, 1]
+
+
+@pytest.mark.asyncio
+async def test_a_batch_whose_every_request_fails_alone_counts_as_failed() -> None:
+    instance = FakeInstance()
+    instance.fail_on_negative = True
+    recorder = Recorder()
+    async with serving(instance, observers=[recorder]) as scheduler:
+        instance.hold()
+        good_before = send(scheduler, rows(1))
+        await instance.entered()
+        doomed = [send(scheduler, rows(-1)), send(scheduler, rows(-2))]
+        instance.release()
+        await result(good_before)
+        for future in doomed:
+            assert (await error_of(future)).kind is ErrorKind.INTERNAL
+        assert [t.failed for t in recorder.timings] == [False, True]
 
 
 @pytest.mark.asyncio
