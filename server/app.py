@@ -221,10 +221,11 @@ class FerryServer:
         # One count of calls in flight for the gRPC listeners and the REST port together.
         slots = options.security.call_slots()
         interceptors = options.security.interceptors(self._refused, slots)
-        self._servers = [
-            self._grpc_server(interceptors)
-            for _ in range(options.grpc_listeners or DEFAULT_GRPC_LISTENERS)
-        ]
+        # No more listeners than connections: each takes its share of --max-connections.
+        listeners = min(
+            options.grpc_listeners or DEFAULT_GRPC_LISTENERS, options.security.max_connections
+        )
+        self._servers = [self._grpc_server(interceptors, listeners) for _ in range(listeners)]
         self.grpc_port = 0
         self.rest = RestServer(
             RestFrontDoor(
@@ -235,12 +236,14 @@ class FerryServer:
                 api_keys=api_keys(options.security.restricted_apis),
                 max_body_bytes=options.max_message_bytes,
                 max_concurrent=slots,
-            )
+            ),
+            max_connections=options.security.max_connections,
+            idle_timeout_s=options.security.connection_idle_timeout_s,
         )
         self.http_port = 0  # the bound REST port, once started (0: none)
 
     def _grpc_server(
-        self, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]]
+        self, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]], listeners: int
     ) -> grpc.aio.Server:
         """One gRPC listener with every service registered, not yet bound."""
         security = self.options.security
@@ -250,6 +253,7 @@ class FerryServer:
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
                 *security.grpc_options(),
+                *security.connection_options(listeners),
                 # The listeners of this process share the port; without --reuse-port
                 # start() checks first that nothing else listens on it.
                 ("grpc.so_reuseport", 1),

@@ -34,7 +34,9 @@ from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
 from .repository import ModelControl, ModelControlMode, ModelRepository
 from .security import (
+    DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_PING_STRIKES,
     DEFAULT_MIN_PING_INTERVAL_S,
     ApiGroup,
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "/metrics merges in")
     internal.add_argument("--frontend-index", type=int, default=0, metavar="N",
                           help="which frontend this process is")
+    internal.add_argument("--call-counts-fd", type=int, default=None, metavar="FD",
+                          help="a frontend's view of the calls in flight in every "
+                          "frontend (the supervisor's memfd), for --max-concurrent-rpcs")
     internal.add_argument("--ready-fd", type=int, default=None, metavar="FD",
                           help="the executor writes 'ready' here once its models are loaded")
     serve.add_argument(
@@ -248,6 +253,15 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-concurrent-streams", type=int,
                        default=DEFAULT_MAX_CONCURRENT_STREAMS, metavar="N",
                        help="concurrent RPCs per client connection (default: %(default)s)")
+    group.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N",
+                       help="open connections per port (gRPC, and REST apart); more are "
+                       "closed as they arrive (default: %(default)s)")
+    group.add_argument("--connection-idle-timeout", type=float,
+                       default=DEFAULT_CONNECTION_IDLE_TIMEOUT_S, metavar="SECONDS",
+                       help="close a connection that carries no call for this long "
+                       "(gRPC: GOAWAY, the client reconnects on its next call) "
+                       "(default: %(default)s)")
     group.add_argument("--max-concurrent-rpcs", type=int, default=None, metavar="N",
                        help="concurrent RPCs in the whole server; more get RESOURCE_EXHAUSTED "
                        "(default: no limit)")
@@ -308,6 +322,7 @@ def check_values(args: argparse.Namespace) -> None:
     within("--session-threads", args.session_threads, 0, MAX_SESSION_THREADS)
     within("--workers", args.workers, 1, MAX_WORKERS)
     within("--max-concurrent-streams", args.max_concurrent_streams, 1, MAX_GRPC_INT)
+    within("--max-connections", args.max_connections, 1, MAX_GRPC_INT)
     within("--max-ping-strikes", args.max_ping_strikes, 0, MAX_GRPC_INT)
     within("--max-tensor-elements", args.max_tensor_elements, 1, 2**63 - 1)
     within("--max-tensor-bytes", args.max_tensor_bytes, 1, 2**63 - 1, " bytes")
@@ -316,6 +331,12 @@ def check_values(args: argparse.Namespace) -> None:
     seconds("--shutdown-grace", args.shutdown_grace)
     seconds("--poll-repository", args.poll_repository)
     seconds("--min-ping-interval", args.min_ping_interval, high=MAX_GRPC_INT / 1000)
+    seconds("--connection-idle-timeout", args.connection_idle_timeout, high=MAX_GRPC_INT / 1000)
+    if not args.connection_idle_timeout > 0:
+        raise ValueError(
+            f"--connection-idle-timeout must be more than 0 seconds, got "
+            f"{args.connection_idle_timeout}"
+        )
 
 
 def security_options(args: argparse.Namespace) -> SecurityOptions:
@@ -351,11 +372,18 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
         restricted_apis=tuple(RestrictedApi.parse(text) for text in args.restricted_api),
         max_concurrent_streams=args.max_concurrent_streams,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_connections=args.max_connections,
+        connection_idle_timeout_s=args.connection_idle_timeout,
         min_ping_interval_s=args.min_ping_interval,
         max_ping_strikes=args.max_ping_strikes,
         keepalive_permit_without_calls=args.keepalive_permit_without_calls,
         max_tensor_elements=args.max_tensor_elements,
         max_tensor_bytes=args.max_tensor_bytes,
+        shared_call_counts=(
+            (args.call_counts_fd, args.frontend_index)
+            if args.call_counts_fd is not None and args.process_role == FRONTEND
+            else None
+        ),
     )
 
 

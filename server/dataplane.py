@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Protocol, TypeVar
 
 from .config import ModelSettings
@@ -20,12 +20,16 @@ from .errors import ErrorKind, FerryError, Status, invalid_input
 from .loaded_model import LoadedModel
 from .outcomes import OutcomeObserver, RequestOutcome
 from .repository import IndexEntry
-from .rows import Tensors
+from .rows import Array, Tensors
 from .tensors import DecodedRequest
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
+
+# The fewest bytes one output can take in an answer, from its array alone (its raw bytes,
+# the lengths of its BYTES elements, a floor of its JSON text): each front door has its own.
+OutputFloor = Callable[[str, Array], int]
 
 
 class ModelLookup(Protocol):
@@ -127,6 +131,44 @@ class DataPlane:
             )
             for observer in model.observers if model is not None else self._observers:
                 observer.request_finished(outcome)
+
+
+def refuse_oversized_answer(
+    model_name: str,
+    outputs: Mapping[str, Array],
+    floor: OutputFloor,
+    max_bytes: int,
+    limit: str,
+    datatypes: Mapping[str, str] | None = None,
+    framing_bytes: int = 0,
+) -> None:
+    """Refuse an answer that cannot fit in `max_bytes` before it is built: encoding it
+    first would allocate it (and a JSON rendering several times the tensors) only to
+    throw it away. `floor` never counts more than the encoding takes, so an answer that
+    fits is never refused here; the front door still checks what it built. `limit` says
+    which limit, for the message; `framing_bytes`: what the message that carries the
+    answer adds to it. Raises FerryError (TOO_LARGE)."""
+    total = framing_bytes
+    for name, array in outputs.items():
+        total += floor(name, array)
+    if total <= max_bytes:
+        return
+    name, size = max(((n, floor(n, a)) for n, a in outputs.items()), key=lambda item: item[1])
+    array = outputs[name]
+    datatype = datatypes.get(name, str(array.dtype)) if datatypes else str(array.dtype)
+    raise FerryError(
+        ErrorKind.TOO_LARGE,
+        f"the response of model '{model_name}' is at least {total} bytes, more than "
+        f"{max_bytes}, {limit}; output '{name}' ({datatype} {list(array.shape)}) alone is "
+        f"{size} bytes",
+    )
+
+
+def text_bytes(array: Array) -> int:
+    """The bytes of a BYTES tensor's elements, at least (a str counts its characters,
+    never more than its UTF-8 bytes), without a list of them."""
+    elements: Iterable[Sized] = array.flat  # type: ignore[assignment]
+    return sum(map(len, elements))
 
 
 def statistics_of(models: ModelLookup, name: str, version: str) -> list[LoadedModel]:

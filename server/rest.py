@@ -8,9 +8,9 @@ read the body, call the data plane or the model manager, write JSON.
 
 HTTP status of each outcome, as Triton answers the same case: 400 bad input, 401 a
 restricted API without its key, 403 a refused load/unload, 404 unknown model or version,
-503 a full queue, a queue timeout, a model that is not ready or a server shutting down,
-500 anything unexpected (its detail only in the log). Every error body is
-`{"error": "<the message a gRPC client would get>"}`.
+503 a full queue, a queue timeout, an answer over --max-message-size, a model that is not
+ready or a server shutting down, 500 anything unexpected (its detail only in the log).
+Every error body is `{"error": "<the message a gRPC client would get>"}`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import HttpVersion11, web
 
@@ -29,7 +29,7 @@ from ferry.proto import grpc_service_pb2 as pb
 
 from . import __version__
 from .config import ModelSettings
-from .dataplane import DataPlane, statistics_of
+from .dataplane import DataPlane, refuse_oversized_answer, statistics_of
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
 from .logs import quiet_malformed_http
@@ -40,6 +40,7 @@ from .rest_codec import (
     HEADER_LENGTH,
     JSON_TYPE,
     RestRequest,
+    answer_floor,
     dumps,
     encode_infer,
     json_object,
@@ -48,7 +49,13 @@ from .rest_codec import (
     set_parameters,
 )
 from .rows import Tensors
-from .security import ApiGroup, CallSlots
+from .security import (
+    DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+    ApiGroup,
+    CallPlaces,
+    CallSlots,
+)
 from .servicer import EXTENSIONS, SERVER_NAME
 from .tensors import DecodedRequest, TensorLimits
 
@@ -58,6 +65,10 @@ log = logging.getLogger(__name__)
 # declares: an upload that stalls gives back its connection and what it buffered.
 BODY_GRACE_S = 10.0
 MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
+
+# An answer is held to the same limit as a request body. Over it: 503, as every
+# RESOURCE_EXHAUSTED of the REST port (Triton's mapping); 413 would blame the request.
+ANSWER_LIMIT = "the largest answer the server sends (--max-message-size)"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -98,7 +109,7 @@ class RestFrontDoor:
         model_control: ModelControl = ModelControl(),  # noqa: B008 - frozen
         api_keys: Mapping[ApiGroup, tuple[str, bytes]] | None = None,
         max_body_bytes: int = 64 * 1024 * 1024,
-        max_concurrent: int | CallSlots | None = None,
+        max_concurrent: int | CallPlaces | None = None,
     ) -> None:
         self._dataplane = dataplane
         self._models = dataplane.models
@@ -320,9 +331,26 @@ class RestFrontDoor:
             parsed = parse_infer(body, header_length, name, version)
             return parsed.decode(settings, limits)
 
+        max_answer = self._max_body_bytes
+
         def encode(model: LoadedModel, outputs: Tensors) -> tuple[bytes, int | None]:
             assert parsed is not None  # decoded before any output exists
-            return encode_infer(parsed, model.settings, model.version, outputs)
+            settings = model.settings
+            # From the outputs' sizes (a floor of their JSON text) before the body is
+            # rendered, then the body as rendered: JSON may take 3 to 4 times the floor.
+            refuse_oversized_answer(
+                settings.name, outputs, answer_floor(parsed), max_answer, ANSWER_LIMIT,
+                settings.output_datatypes,
+            )
+            payload, header_bytes = encode_infer(parsed, settings, model.version, outputs)
+            if len(payload) > max_answer:
+                raise FerryError(
+                    ErrorKind.TOO_LARGE,
+                    f"the response of model '{settings.name}' is {len(payload)} bytes, more "
+                    f"than {max_answer}, {ANSWER_LIMIT}; ask for large outputs as binary "
+                    "data (binary_data_output)",
+                )
+            return payload, header_bytes
 
         payload, header_bytes = await self._dataplane.infer(
             name, version, decode, encode, None, protocol="http"
@@ -420,15 +448,31 @@ def _has_key(request: web.Request, header: str, expected: bytes) -> bool:
 
 class RestServer:
     """The REST port: an aiohttp runner on the current event loop, with a
-    `start` / `close` lifecycle like the gRPC server's."""
+    `start` / `close` lifecycle like the gRPC server's. At most `max_connections` are open
+    at once (more are closed as they arrive, with a 503 written first), and a connection
+    that carries no request for `idle_timeout_s` is closed."""
 
-    def __init__(self, front_door: RestFrontDoor, close_timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        front_door: RestFrontDoor,
+        close_timeout_s: float = 1.0,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
+    ) -> None:
         self._app = front_door.application()
         # By the time the port closes the models have answered every accepted request;
         # this only bounds the writing of the last responses.
         self._close_timeout_s = close_timeout_s
         self._runner: web.AppRunner | None = None
+        self._listening: asyncio.AbstractServer | None = None
+        self._connections = ConnectionCount(max_connections)
+        self._idle_timeout_s = idle_timeout_s
         self.port = 0
+
+    @property
+    def open_connections(self) -> int:
+        return self._connections.open
 
     async def start(
         self,
@@ -448,10 +492,24 @@ class RestServer:
             access_log=None,  # the access log is Ferry's own, per request outcome
             # A client that leaves cancels its handler, so its request leaves the queue.
             handler_cancellation=True,
+            # aiohttp closes a connection that has carried no request for this long,
+            # from its start (one that never sends) and after each answer (keep-alive).
+            keepalive_timeout=self._idle_timeout_s,
         )
         await self._runner.setup()
-        site = web.SockSite(self._runner, listener, ssl_context=ssl_context)
-        await site.start()
+        handlers = self._runner.server
+        assert handlers is not None
+        connections = self._connections
+
+        def accept() -> asyncio.Protocol:
+            if not connections.take():
+                return _RefusedConnection(connections.limit)
+            return _CountedConnection(handlers(), connections)
+
+        # Not an aiohttp site: the protocol of each connection is wrapped to count it.
+        self._listening = await asyncio.get_running_loop().create_server(
+            accept, sock=listener, ssl=ssl_context, backlog=128
+        )
         self.port = int(listener.getsockname()[1])
         return self.port
 
@@ -460,7 +518,87 @@ class RestServer:
         if self._runner is None:
             return
         runner, self._runner = self._runner, None
+        if self._listening is not None:
+            self._listening.close()
         await runner.cleanup()
+
+
+class ConnectionCount:
+    """The open connections of one port, against its limit. Event-loop code only."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"max connections must be >= 1, got {limit}")
+        self.limit = limit
+        self.open = 0
+        self._warned = False
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            if not self._warned:  # once per time the port fills up, not per connection
+                self._warned = True
+                log.warning(
+                    "the REST port holds %d connections, its limit (--max-connections): "
+                    "new connections are refused until some close", self.limit,
+                )
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+        if self.open < self.limit * 3 // 4:
+            self._warned = False
+
+
+class _CountedConnection(asyncio.Protocol):
+    """aiohttp's protocol for one connection, counted until it is lost."""
+
+    __slots__ = ("_count", "_inner")
+
+    def __init__(self, inner: asyncio.Protocol, count: ConnectionCount) -> None:
+        self._inner = inner
+        self._count = count
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._count.give_back()
+        self._inner.connection_lost(exc)
+
+
+class _RefusedConnection(asyncio.Protocol):
+    """A connection over the limit: told so in a 503 (which a client reads if it has not
+    yet sent much), then closed without reading anything."""
+
+    def __init__(self, limit: int) -> None:
+        body = dumps({
+            "error": f"the server holds {limit} connections on this port, its limit "
+            "(--max-connections); retry later"
+        })
+        self._answer = (
+            b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's classes
+        writer.write(self._answer)
+        writer.close()
 
 
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

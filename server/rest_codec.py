@@ -29,6 +29,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto.codec import NUMPY_DTYPES, encode_bytes_elements, to_raw
 
 from .config import ModelSettings
+from .dataplane import OutputFloor, text_bytes
 from .errors import invalid_input
 from .tensors import Array, DecodedRequest, TensorLimits, decode_request
 
@@ -371,6 +372,38 @@ def encode_infer(
     if not chunks:
         return header, None
     return b"".join((header, *chunks)), len(header)
+
+
+# The shortest JSON orjson writes for one element, by numpy kind: "0.0" for a float
+# (never "0"), "true", a digit; every element but the last also has its comma.
+_JSON_ELEMENT_CHARS = {"f": 3, "b": 4, "i": 1, "u": 1}
+
+
+def json_floor(array: Array) -> int:
+    """The fewest bytes of an output's `data` in a JSON answer, brackets aside: a string
+    element takes its quotes and at least one byte per byte (an undecodable byte becomes
+    U+FFFD, three) or per character."""
+    count = array.size
+    if count == 0:
+        return 0
+    kind = array.dtype.kind
+    if kind in "OSU":
+        return text_bytes(array) + 3 * count - 1
+    return (_JSON_ELEMENT_CHARS.get(kind, 1) + 1) * count - 1
+
+
+def answer_floor(request: RestRequest) -> OutputFloor:
+    """The floor of each output of the answer to `request`: raw bytes for an output sent
+    as binary data, JSON text for the others."""
+    binary_names = request.binary_outputs
+
+    def floor(name: str, array: Array) -> int:
+        if binary_names is None or name in binary_names:
+            kind = array.dtype.kind
+            return text_bytes(array) + 4 * array.size if kind in "OSU" else array.nbytes
+        return json_floor(array)
+
+    return floor
 
 
 def _json_data(array: Array) -> Any:

@@ -18,10 +18,11 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
+from .call_counts import CallCounts, SharedCallSlots
 from .errors import Status
 from .outcomes import RefusalHook
 from .ports import bare_host, host_port
@@ -39,6 +40,12 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["grpc.RpcMethodHand
 DEFAULT_MAX_CONCURRENT_STREAMS = 1024
 DEFAULT_MIN_PING_INTERVAL_S = 300.0
 DEFAULT_MAX_PING_STRIKES = 2
+# Open connections per port (gRPC, and REST apart), and how long one may stay open
+# without a call. A fleet of clients opens one or a few connections each: thousands is
+# far above it, and bounds what idle connections hold (a descriptor and their buffers).
+# An idle gRPC client reconnects on its next call, as after any GOAWAY.
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_CONNECTION_IDLE_TIMEOUT_S = 300.0
 
 
 # TLS ------------------------------------------------------------------------------------
@@ -295,6 +302,20 @@ UNLIMITED_METHODS = frozenset({
 })
 
 
+class CallPlaces(Protocol):
+    """What counts the calls of `--max-concurrent-rpcs`: `CallSlots` in one process,
+    `call_counts.SharedCallSlots` in each frontend of `--workers N`."""
+
+    limit: int
+
+    @property
+    def in_use(self) -> int: ...
+
+    def take(self) -> bool: ...
+
+    def give_back(self) -> None: ...
+
+
 class CallSlots:
     """The places of `--max-concurrent-rpcs`: one count for the whole server, which the
     gRPC listeners and the REST port share. Used on the event loop only."""
@@ -323,8 +344,8 @@ class ConcurrentRpcLimit(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     that, say cancelled while its request was on the way, never takes one); a stream holds
     one for as long as it is open. `UNLIMITED_METHODS` neither take one nor are refused."""
 
-    def __init__(self, limit: int | CallSlots, on_refusal: RefusalHook | None = None) -> None:
-        self._slots = limit if isinstance(limit, CallSlots) else CallSlots(limit)
+    def __init__(self, limit: int | CallPlaces, on_refusal: RefusalHook | None = None) -> None:
+        self._slots = CallSlots(limit) if isinstance(limit, int) else limit
         self._on_refusal = on_refusal
 
     @property
@@ -403,6 +424,11 @@ class SecurityOptions:
     keepalive_permit_without_calls: bool = False
     max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS
     max_tensor_bytes: int | None = None  # None: the max message size
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per port
+    # A frontend of --workers N: the supervisor's table of call counts (a memfd) and this
+    # frontend's place in it, so that --max-concurrent-rpcs holds for the whole server.
+    shared_call_counts: tuple[int, int] | None = None
+    connection_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.max_concurrent_streams < 1:
@@ -419,7 +445,23 @@ class SecurityOptions:
             raise ValueError(f"max tensor elements must be >= 1, got {self.max_tensor_elements}")
         if self.max_tensor_bytes is not None and self.max_tensor_bytes < 1:
             raise ValueError(f"max tensor bytes must be >= 1, got {self.max_tensor_bytes}")
+        if self.max_connections < 1:
+            raise ValueError(f"max connections must be >= 1, got {self.max_connections}")
+        if not self.connection_idle_timeout_s > 0:
+            raise ValueError(
+                f"connection idle timeout must be > 0 s, got {self.connection_idle_timeout_s}"
+            )
         RestrictedApiInterceptor(self.restricted_apis)  # refuses a group restricted twice
+
+    def connection_options(self, listeners: int = 1) -> list[tuple[str, int]]:
+        """The connection limits of each of `listeners` gRPC servers sharing the port.
+        gRPC counts connections per server (a connection over the count is closed as it
+        arrives), and the kernel spreads them over the servers: each holds its share of
+        `max_connections`. One idle for the timeout gets a GOAWAY."""
+        return [
+            ("grpc.max_allowed_incoming_connections", -(-self.max_connections // listeners)),
+            ("grpc.max_connection_idle_ms", round(self.connection_idle_timeout_s * 1e3)),
+        ]
 
     def grpc_options(self) -> list[tuple[str, int]]:
         return [
@@ -429,15 +471,18 @@ class SecurityOptions:
             ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
         ]
 
-    def call_slots(self) -> CallSlots | None:
+    def call_slots(self) -> CallPlaces | None:
         """The places of `--max-concurrent-rpcs` (None: no limit), to give to both the
         gRPC interceptors and the REST port, so that it is one limit for the server."""
         if self.max_concurrent_rpcs is None:
             return None
+        if self.shared_call_counts is not None:
+            fd, index = self.shared_call_counts
+            return SharedCallSlots(self.max_concurrent_rpcs, CallCounts(fd), index)
         return CallSlots(self.max_concurrent_rpcs)
 
     def interceptors(
-        self, on_refusal: RefusalHook | None = None, slots: CallSlots | None = None
+        self, on_refusal: RefusalHook | None = None, slots: CallPlaces | None = None
     ) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
         """The server interceptors; `slots`: those of `call_slots()`, shared with the REST
         port (without them, gRPC calls get places of their own)."""

@@ -16,12 +16,12 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
-from .dataplane import DataPlane, statistics_of
+from .dataplane import DataPlane, refuse_oversized_answer, statistics_of, text_bytes
 from .errors import FerryError, Status, cut
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
 from .repository import ModelControl
-from .rows import Tensors
+from .rows import Array, Tensors
 from .streams import ReplyQueue, StreamLimits
 from .tensors import TensorLimits, check_response_size, decode_request, encode_response
 from .wire import MalformedMessage
@@ -39,6 +39,8 @@ MAX_ERROR_MESSAGE_CHARS = 2048
 # other byte of its UTF-8 as three. 2,048 ASCII characters never take more than this; a
 # message with other characters is cut to it as well.
 MAX_ERROR_MESSAGE_WIRE_BYTES = 3 * MAX_ERROR_MESSAGE_CHARS
+# The limit an answer is held to, as its refusal names it.
+SENT_MESSAGE_LIMIT = "the largest message the server sends (--max-message-size)"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
 
 
@@ -225,7 +227,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_response = self._max_response
 
         def encode(model: LoadedModel, outputs: Tensors) -> pb.ModelInferResponse:
-            response = encode_response(request, model.settings, model.version, outputs)
+            settings = model.settings
+            # Refused from the outputs' sizes before anything is built; what is built is
+            # then checked to the byte (names, shapes and framing count too). Typed or raw
+            # as `encode_response` decides it (a typed floor is the lower of the two).
+            refuse_oversized_answer(
+                settings.name,
+                outputs,
+                typed_floor if not request.raw_input_contents and request.inputs else raw_floor,
+                max_response,
+                SENT_MESSAGE_LIMIT,
+                settings.output_datatypes,
+                framing_bytes,
+            )
+            response = encode_response(request, settings, model.version, outputs)
             check_response_size(response, max_response, framing_bytes)
             return response
 
@@ -279,6 +294,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def LogSettings(self, request: Any, context: Any) -> Any:
         return await self._unimplemented(context, "logging")
+
+
+def protobuf_floor(array: Array, typed: bool) -> int:
+    """The fewest bytes an output takes in a ModelInferResponse, as `encode_response`
+    writes it: raw, its bytes (a BYTES element: a 4-byte length and its content); typed
+    contents (a request that came typed), one byte per integer (a varint), the element
+    size per float, and a tag, a length and the content per BYTES element."""
+    kind = array.dtype.kind
+    if kind in "OSU":
+        return text_bytes(array) + (2 if typed else 4) * array.size
+    if typed and kind in "iu":
+        return array.size
+    return array.nbytes
+
+
+def raw_floor(name: str, array: Array) -> int:
+    return protobuf_floor(array, typed=False)
+
+
+def typed_floor(name: str, array: Array) -> int:
+    return protobuf_floor(array, typed=True)
 
 
 def bounded_message(message: str) -> str:

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+from .call_counts import CallCounts, create_call_counts
 from .ports import bare_host, socket_family
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,14 @@ def role_command(
     ready_fd: int | None = None,
     device: str | None = None,
     metrics_peers: Sequence[str] = (),
+    call_counts_fd: int | None = None,
 ) -> list[str]:
     """The command line of one process: the user's arguments, one process, its role.
     A frontend's `socket_name` lists every executor's, comma-separated."""
     args = list(argv)
     for option in ("--workers", "--grpc-port", "--metrics-port", "--process-role",
                    "--executor-socket", "--frontend-index", "--ready-fd", "--executor-device",
-                   "--peer-executors"):
+                   "--peer-executors", "--call-counts-fd"):
         args = _drop_option(args, option)
     args += ["--workers", "1", "--process-role", role, "--executor-socket", socket_name]
     if role == EXECUTOR:
@@ -118,6 +120,8 @@ def role_command(
         # Frontends share the port on purpose (SO_REUSEPORT); a lone server binds it alone.
         args += ["--grpc-port", str(grpc_port), "--reuse-port", "--metrics-port", "-1"]
         args += ["--frontend-index", str(index)]
+        if call_counts_fd is not None:
+            args += ["--call-counts-fd", str(call_counts_fd)]
     return [sys.executable, "-m", "ferry.server.cli", *args]
 
 
@@ -180,6 +184,10 @@ class Supervisor:
         self._signals = 0
         self._gave_up = False
         self._worst = 0
+        # The calls in flight of each frontend, for a --max-concurrent-rpcs of the whole
+        # server; a frontend that died with calls has its count set back before restarting.
+        self._call_counts_fd = create_call_counts(workers)
+        self._call_counts = CallCounts(self._call_counts_fd)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -238,6 +246,7 @@ class Supervisor:
                 self._gave_up = True
                 self._stop(signal.SIGTERM)
         else:
+            self._call_counts.reset(child.index)
             self._start_frontend(child.index)
 
     def _too_many_restarts(self) -> bool:
@@ -291,10 +300,12 @@ class Supervisor:
         command = role_command(
             self.argv, FRONTEND, socket_name=",".join(self.socket_names),
             grpc_port=self.grpc_port,
-            metrics_port=self.metrics_port, index=index,
+            metrics_port=self.metrics_port, index=index, call_counts_fd=self._call_counts_fd,
         )
         with _signals_held():
-            process = subprocess.Popen(command, preexec_fn=_child_setup)
+            process = subprocess.Popen(
+                command, pass_fds=(self._call_counts_fd,), preexec_fn=_child_setup
+            )
             self._children[process.pid] = _Child(FRONTEND, index, process)
             if self._stopping:  # the stop came while it was being started
                 process.send_signal(signal.SIGTERM)

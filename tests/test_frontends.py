@@ -16,7 +16,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from .models import identity_model, mlp_model, write_config
@@ -26,9 +25,10 @@ from .workers import (
     SERVING,
     HealthWatch,
     Workers,
-    established,
+    channels_by_frontend,
     infer_logits,
     infer_request,
+    own_connection,
     shm_names,
 )
 
@@ -54,32 +54,6 @@ def _stub(channel: grpc.Channel) -> object:
     return pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
-def _connect(address: str) -> grpc.Channel:
-    """A channel with a connection of its own (grpc shares them between channels)."""
-    channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    return channel
-
-
-def _channels_by_frontend(server: Workers, each: int) -> dict[int, list[grpc.Channel]]:
-    """New connections until every frontend holds `each` of them, by frontend pid."""
-    frontends = server.children()["frontend"]
-    held = {pid: [] for pid in frontends}  # type: dict[int, list[grpc.Channel]]
-    spare: list[grpc.Channel] = []
-    for _ in range(64):
-        before = {pid: established(pid, server.port) for pid in frontends}
-        channel = _connect(server.address)
-        gained = [pid for pid in frontends if established(pid, server.port) > before[pid]]
-        assert len(gained) == 1
-        (held[gained[0]] if len(held[gained[0]]) < each else spare).append(channel)
-        if all(len(channels) == each for channels in held.values()):
-            break
-    for channel in spare:
-        channel.close()
-    assert all(len(channels) == each for channels in held.values()), "a frontend never answered"
-    return held
-
-
 def test_requests_from_every_frontend_merge_into_one_batch_with_each_callers_rows(
     repository: Path, workers: list[Workers]
 ) -> None:
@@ -89,7 +63,7 @@ def test_requests_from_every_frontend_merge_into_one_batch_with_each_callers_row
     roles = server.children()
     assert len(roles["executor"]) == 1 and len(roles["frontend"]) == 2
     # Every frontend answers: two connections on each.
-    by_frontend = _channels_by_frontend(server, 2)
+    by_frontend = channels_by_frontend(server, 2)
     channels = [c for held in by_frontend.values() for c in held]
     reference = ort.InferenceSession(str(repository / "mlp" / "1" / "model.onnx"))
     # Rows 1, 2 through the first frontend, then 1, 2 through the second, then 2 through
@@ -212,7 +186,7 @@ def test_a_frontend_killed_loses_only_its_calls_and_sigterm_drains_the_rest(
     workers.append(server)
     x = np.ones((1, 16), np.float32)
     # One caller through the frontend about to die, two through the other; all queued.
-    (victim, doomed), (_, kept) = _channels_by_frontend(server, 1).items()
+    (victim, doomed), (_, kept) = channels_by_frontend(server, 1).items()
     calls = [_stub(c).ModelInfer.future(infer_request("mlp", x * i))  # type: ignore[attr-defined]
              for i, c in enumerate([doomed[0], kept[0], kept[0]])]
     wait_until(lambda: server.metric("ferry_queue_depth") == 3, what="3 queued")
@@ -243,7 +217,7 @@ def test_priorities_hold_across_processes(repository: Path, workers: list[Worker
     )
     server = Workers(repository, 2)
     workers.append(server)
-    (_, first), (_, second) = _channels_by_frontend(server, 1).items()
+    (_, first), (_, second) = channels_by_frontend(server, 1).items()
     low = infer_request("mlp", np.ones((1, 16), np.float32))
     high = infer_request("mlp", np.ones((2, 16), np.float32))
     high.parameters["priority"].int64_param = 1  # type: ignore[attr-defined]
@@ -293,7 +267,7 @@ def test_text_half_precision_large_tensors_and_streams_cross_intact(
         request.inputs.add(name="INPUT0", datatype="FP16", shape=[1, 4])
         request.raw_input_contents.append(np.full((1, 4), i, np.float16).tobytes())
         requests.append(request)
-    with _connect(server.address) as channel:
+    with own_connection(server.address) as channel:
         replies = list(_stub(channel).ModelStreamInfer(iter(requests), timeout=30))  # type: ignore[attr-defined]
     for reply in replies:
         index = int(reply.infer_response.id[1:])

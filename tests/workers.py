@@ -158,3 +158,29 @@ def infer_request(model: str, x: np.ndarray) -> pb.ModelInferRequest:
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
     request.raw_input_contents.append(x.tobytes())
     return request
+
+
+def own_connection(address: str) -> grpc.Channel:
+    """A channel with a connection of its own (grpc shares them between channels)."""
+    channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return channel
+
+
+def channels_by_frontend(server: Workers, each: int) -> dict[int, list[grpc.Channel]]:
+    """New connections until every frontend holds `each` of them, by frontend pid."""
+    frontends = server.children()["frontend"]
+    held = {pid: [] for pid in frontends}  # type: dict[int, list[grpc.Channel]]
+    spare: list[grpc.Channel] = []
+    for _ in range(64):
+        before = {pid: established(pid, server.port) for pid in frontends}
+        channel = own_connection(server.address)
+        gained = [pid for pid in frontends if established(pid, server.port) > before[pid]]
+        assert len(gained) == 1
+        (held[gained[0]] if len(held[gained[0]]) < each else spare).append(channel)
+        if all(len(channels) == each for channels in held.values()):
+            break
+    for channel in spare:
+        channel.close()
+    assert all(len(channels) == each for channels in held.values()), "a frontend never answered"
+    return held
