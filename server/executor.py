@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
+from .errors import ErrorKind, FerryError
 from .padding import PaddingSettings
 from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadded
 
@@ -145,6 +146,9 @@ class InstanceExecutor:
             if len(items) == 1:
                 raise  # what the request meets alone: the scheduler reports it
             parts, padded_rows = self._in_halves(items, output_names)
+            failures = [part for part in parts if isinstance(part, Exception)]
+            if len(failures) == len(parts) and not any(map(_may_be_a_callers, failures)):
+                raise failures[0] from None  # the server's own: logged, as a batch's
             return ExecutedBatch(parts, padded_rows, t1 - t0, timer() - t1, 0)
         t2 = timer()
         if self.batchable:
@@ -161,26 +165,35 @@ class InstanceExecutor:
         that a request the model cannot take (a token id past its vocabulary) fails only
         its caller. One such request costs about twice the batch's rows again, in some
         2 x log2(requests) runs; a run per request would cost the per-run overhead that
-        batching saves."""
+        batching saves. When both halves fail with the server's own error (not one that
+        may be the caller's input: a model that cannot run, a device out of memory),
+        every part would fail the same way: they are not split again."""
         middle = len(items) // 2
-        results: list[Tensors | BaseException] = []
-        padded_rows = 0
+        runs: list[tuple[Sequence[BatchItem], tuple[Tensors, int] | Exception]] = []
         for half in (items[:middle], items[middle:]):
             try:
-                outputs, half_padded = self.runner.run_batch(
+                ran: tuple[Tensors, int] | Exception = self.runner.run_batch(
                     [item.inputs for item in half], sum(item.rows for item in half),
                     output_names,
                 )
             except Exception as exc:
-                if len(half) == 1:
-                    results.append(exc)
-                    continue
-                half_results, half_padded = self._in_halves(half, output_names)
-                results.extend(half_results)
-            else:
+                ran = exc
+            runs.append((half, ran))
+        both_failed = all(isinstance(ran, Exception) for _, ran in runs)
+        results: list[Tensors | BaseException] = []
+        padded_rows = 0
+        for half, ran in runs:
+            if not isinstance(ran, Exception):
+                outputs, half_padded = ran
                 results.extend(
                     scatter(outputs, [i.rows for i in half], [i.outputs for i in half])
                 )
+            elif len(half) == 1 or (both_failed and not _may_be_a_callers(ran)):
+                results.extend([ran] * len(half))
+                continue
+            else:
+                half_results, half_padded = self._in_halves(half, output_names)
+                results.extend(half_results)
             padded_rows += half_padded
         return results, padded_rows
 
@@ -254,6 +267,14 @@ class InstanceExecutor:
         t2 = timer()
         real = sum(item.rows * item.length for item in items)
         return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, 0, real, real)
+
+
+def _may_be_a_callers(exc: Exception) -> bool:
+    """May a failed run be one request's fault, so that running its parts apart helps?
+    The runtime says so with a FerryError of kind INVALID_INPUT (onnxruntime's
+    InvalidArgument); any other FerryError is the server's (a model that cannot run, a
+    device out of memory): every part would fail again. Other exceptions say nothing."""
+    return not isinstance(exc, FerryError) or exc.kind is ErrorKind.INVALID_INPUT
 
 
 Outcome = ExecutedBatch | BaseException

@@ -16,6 +16,7 @@ Every error body is `{"error": "<the message a gRPC client would get>"}`.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import hmac
 import logging
 import socket
@@ -501,15 +502,30 @@ class RestServer:
         assert handlers is not None
         connections = self._connections
 
-        def accept() -> asyncio.Protocol:
-            if not connections.take():
-                return _RefusedConnection(connections.limit)
-            return _CountedConnection(handlers(), connections)
+        loop = asyncio.get_running_loop()
+        refused = _RefusedConnection.answer(connections.limit)
+        # A TLS handshake may take no longer than a connection may stay idle.
+        handshake_s = min(self._idle_timeout_s, TLS_HANDSHAKE_TIMEOUT_S)
 
-        # Not an aiohttp site: the protocol of each connection is wrapped to count it.
-        self._listening = await asyncio.get_running_loop().create_server(
-            accept, sock=listener, ssl=ssl_context, backlog=128
-        )
+        def accept() -> asyncio.BaseProtocol:
+            if not connections.take():
+                if ssl_context is None:
+                    return _RefusedConnection(refused, connections)
+                return cast(
+                    asyncio.BaseProtocol,
+                    _tls(loop, _RefusedConnection(refused, connections), ssl_context, handshake_s),
+                )
+            if ssl_context is None:
+                return _CountedConnection(handlers(), connections)
+            # Counted outside TLS: a connection that leaves before its handshake ends
+            # never reaches the protocol inside, but still gives its place back.
+            return _CountedTlsConnection(
+                _tls(loop, handlers(), ssl_context, handshake_s), connections
+            )
+
+        # Not an aiohttp site: the protocol of each connection is wrapped to count it, and
+        # TLS is wrapped inside the count (not given to create_server).
+        self._listening = await loop.create_server(accept, sock=listener, backlog=128)
         self.port = int(listener.getsockname()[1])
         return self.port
 
@@ -531,7 +547,18 @@ class ConnectionCount:
             raise ValueError(f"max connections must be >= 1, got {limit}")
         self.limit = limit
         self.open = 0
+        self.lingering = 0  # refused connections still read until they close
         self._warned = False
+
+    def linger(self) -> bool:
+        """May one more refused connection be read until it closes?"""
+        if self.lingering >= MAX_LINGERING_REFUSALS:
+            return False
+        self.lingering += 1
+        return True
+
+    def stop_lingering(self) -> None:
+        self.lingering -= 1
 
     def take(self) -> bool:
         if self.open >= self.limit:
@@ -558,10 +585,19 @@ class _CountedConnection(asyncio.Protocol):
 
     def __init__(self, inner: asyncio.Protocol, count: ConnectionCount) -> None:
         self._inner = inner
-        self._count = count
+        self._count: ConnectionCount | None = count
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(transport)
+        try:
+            self._inner.connection_made(transport)
+        except BaseException:
+            self._give_back()  # the loop closes the transport, maybe without connection_lost
+            raise
+
+    def _give_back(self) -> None:
+        count, self._count = self._count, None
+        if count is not None:
+            count.give_back()
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -576,20 +612,103 @@ class _CountedConnection(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._count.give_back()
+        self._give_back()
         self._inner.connection_lost(exc)
 
 
-class _RefusedConnection(asyncio.Protocol):
-    """A connection over the limit: told so in a 503 (which a client reads if it has not
-    yet sent much), then closed without reading anything."""
+class _CountedTlsConnection(asyncio.BufferedProtocol):
+    """The TLS protocol (the loop's, around aiohttp's) of one connection, counted from
+    the TCP connection's start to its end, whether or not its handshake ever ended."""
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("_count", "_inner")
+
+    def __init__(self, inner: Any, count: ConnectionCount) -> None:
+        self._inner = inner
+        self._count: ConnectionCount | None = count
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        try:
+            self._inner.connection_made(transport)
+        except BaseException:
+            self._give_back()
+            raise
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self._inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._inner.buffer_updated(nbytes)
+
+    def eof_received(self) -> bool | None:
+        return cast("bool | None", self._inner.eof_received())
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._give_back()
+        self._inner.connection_lost(exc)
+
+    def _give_back(self) -> None:
+        count, self._count = self._count, None
+        if count is not None:
+            count.give_back()
+
+
+# A TLS client has this long (at most the idle timeout) to finish its handshake.
+TLS_HANDSHAKE_TIMEOUT_S = 60.0
+
+
+def _tls(
+    loop: asyncio.AbstractEventLoop,
+    app: asyncio.Protocol,
+    context: ssl.SSLContext,
+    handshake_timeout_s: float,
+) -> Any:
+    """The server side of TLS around `app`, as the loop's create_server(ssl=...) builds
+    it (uvloop's own TLS protocol on uvloop, asyncio's otherwise)."""
+    tls_protocol: Any = asyncio.sslproto.SSLProtocol
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop  # the event loop in use: imported already
+
+        tls_protocol = getattr(uvloop.loop, "SSLProtocol")  # noqa: B009 - not in its stubs
+    return tls_protocol(
+        loop, app, context, None, server_side=True,
+        ssl_handshake_timeout=handshake_timeout_s,
+    )
+
+
+# A refused connection is read (and what it sends thrown away) for this long at most, or
+# this many bytes, before it is closed: closed with its request unread, the kernel would
+# send a reset that destroys the 503 before the client reads it. At most
+# MAX_LINGERING_REFUSALS linger at once; more are closed at once, as a flood's are.
+REFUSED_LINGER_S = 2.0
+REFUSED_DISCARD_BYTES = 1024 * 1024
+MAX_LINGERING_REFUSALS = 256
+
+
+class _RefusedConnection(asyncio.Protocol):
+    """A connection over the limit: told so in a 503, then read until the client closes
+    (what it sends is thrown away) for a short while, so that the 503 reaches it."""
+
+    def __init__(self, answer: bytes, count: ConnectionCount) -> None:
+        self._answer = answer
+        self._count = count
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._discarded = 0
+
+    @staticmethod
+    def answer(limit: int) -> bytes:
+        """The 503 of every refused connection, built once per port."""
         body = dumps({
             "error": f"the server holds {limit} connections on this port, its limit "
             "(--max-connections); retry later"
         })
-        self._answer = (
+        return (
             b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body
@@ -598,7 +717,28 @@ class _RefusedConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         writer = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's classes
         writer.write(self._answer)
-        writer.close()
+        if not self._count.linger():
+            writer.close()
+            return
+        self._transport = writer
+        if writer.can_write_eof():
+            writer.write_eof()  # the answer is whole: a client may stop sending now
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, writer.close)
+
+    def data_received(self, data: bytes) -> None:
+        self._discarded += len(data)
+        if self._discarded > REFUSED_DISCARD_BYTES and self._transport is not None:
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transport = None
+            self._count.stop_lingering()
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -13,6 +13,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from ferry.server.errors import ErrorKind, FerryError
 from ferry.server.executor import BatchItem, InstanceExecutor, RunOnly
 from ferry.server.rows import Array, Tensors
 from tests.conftest import GatedInstance, RunningServer
@@ -118,3 +119,30 @@ def test_a_token_id_past_the_vocabulary_fails_only_its_own_caller(
     assert max(gate.batch_rows) == 8, gate.batch_rows  # they did ride in one batch
     assert (stats.inference_stats.success.count, stats.inference_stats.fail.count) == (7, 1)
     assert stats.inference_count == 7
+
+
+class PickyWithServerErrors(Picky):
+    """As Picky, but failing as the runtime reports onnxruntime's FAIL: INTERNAL."""
+
+    def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors:
+        try:
+            return super().run(inputs, output_names)
+        except RuntimeError as exc:
+            raise FerryError(ErrorKind.INTERNAL, str(exc)) from None
+
+
+def test_a_request_that_fails_alone_with_a_server_error_is_found_while_one_half_runs() -> None:
+    """One bad row among 16, reported as INTERNAL: while one half of each split runs, the
+    other is split again, so only the bad request fails; bad rows in both halves fail the
+    whole batch, as one error (every part might fail the same way)."""
+    runner = PickyWithServerErrors()
+    outcome = InstanceExecutor(RunOnly(runner)).execute(
+        items_of([-1.0 if i == 9 else float(i) for i in range(16)]), ("y",)
+    )
+    assert [isinstance(r, FerryError) for r in outcome.outputs] == [i == 9 for i in range(16)]
+    runner = PickyWithServerErrors()
+    with pytest.raises(FerryError, match="a negative row"):  # the whole batch's, as before
+        InstanceExecutor(RunOnly(runner)).execute(
+            items_of([-1.0 if i in (2, 12) else float(i) for i in range(16)]), ("y",)
+        )
+    assert runner.runs == 3
