@@ -17,6 +17,24 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 Metadata = tuple[tuple[str, str], ...]
 
+# Schemes people carry over from REST clients and dashboards. gRPC would take them for a
+# host name and fail each call with a resolver error; its own schemes (dns:, unix:,
+# ipv4:, ...) pass through.
+_NOT_GRPC_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")
+
+
+def channel_target(url: str) -> str:
+    """`url` as gRPC dials it: "host:port", or one of gRPC's own target forms."""
+    for scheme in _NOT_GRPC_SCHEMES:
+        if url.lower().startswith(scheme):
+            hint = " (and tls=True for TLS)" if scheme in ("https://", "grpcs://") else ""
+            raise ValueError(
+                f"url {url!r}: give host:port without {scheme!r}, as "
+                f"{url[len(scheme):].rstrip('/')!r}{hint}; the client speaks gRPC "
+                "(Ferry's port 8001), not REST"
+            )
+    return url
+
 
 def credentials(
     tls: bool,

@@ -13,7 +13,13 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import _convert
-from ._channel import CHANNEL_OPTIONS, DEFAULT_URL, call_metadata, credentials
+from ._channel import (
+    CHANNEL_OPTIONS,
+    DEFAULT_URL,
+    call_metadata,
+    channel_target,
+    credentials,
+)
 from .errors import from_rpc_error
 from .metadata import ModelMetadata, ServerMetadata
 
@@ -40,13 +46,13 @@ class FerryClient:
         certificate_chain: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.url = url
+        self.url = channel_target(url)
         self._metadata = call_metadata(headers)
         creds = credentials(tls, root_certificates, private_key, certificate_chain)
         self._channel = (
-            grpc.secure_channel(url, creds, options=CHANNEL_OPTIONS)
+            grpc.secure_channel(self.url, creds, options=CHANNEL_OPTIONS)
             if creds is not None
-            else grpc.insecure_channel(url, options=CHANNEL_OPTIONS)
+            else grpc.insecure_channel(self.url, options=CHANNEL_OPTIONS)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ferry",
         description="Ferry: a dynamic-batching inference server for ONNX models that speaks "
-        "the KServe v2 / Open Inference Protocol over gRPC.",
+        "the KServe v2 / Open Inference Protocol over gRPC and REST (HTTP/JSON).",
     )
     parser.add_argument("--version", action="version", version=f"ferry {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=int,
         default=8002,
-        help="HTTP port of the Prometheus /metrics endpoint; -1 turns it off (default: 8002)",
+        help="HTTP port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns "
+        "it off (default: 8002)",
     )
     serve.add_argument(
         "--shutdown-grace",
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64 * 1024 * 1024,
         metavar="BYTES",
-        help="largest gRPC message received or sent (default: 67108864, 64 MiB)",
+        help="largest gRPC message, or REST body, received or sent (default: 67108864, "
+        "64 MiB)",
     )
     serve.add_argument(
         "--poll-repository",
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="grpc.aio servers sharing the gRPC port in this process; each accepts one "
         "call at a time, so more accept calls on several connections at once; 0 means "
-        f"{DEFAULT_GRPC_LISTENERS}; at most {MAX_GRPC_LISTENERS} (default: 0)",
+        f"{DEFAULT_GRPC_LISTENERS}; at most {MAX_GRPC_LISTENERS} (default: 0, that is "
+        f"{DEFAULT_GRPC_LISTENERS})",
     )
     serve.add_argument(
         "--event-loop",
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
     """TLS, model control, restricted APIs and limits."""
-    group = parser.add_argument_group("security")
+    group = parser.add_argument_group("security and limits")
     group.add_argument("--tls-cert", type=Path, metavar="PEM",
                        help="server certificate chain; with --tls-key, gRPC uses TLS "
                        "(default: plain text)")
@@ -328,10 +331,27 @@ def check_values(args: argparse.Namespace) -> None:
     within("--max-tensor-bytes", args.max_tensor_bytes, 1, 2**63 - 1, " bytes")
     within("--max-stream-pending", args.max_stream_pending, 1, 2**63 - 1)
     within("--max-stream-pending-bytes", args.max_stream_pending_bytes, 1, 2**63 - 1, " bytes")
+    # The server's own checks would refuse these too, but in its words ("grpc listeners
+    # must be within 0..64"): the user typed a flag, so the message names it.
+    within("--grpc-listeners", args.grpc_listeners, 0, MAX_GRPC_LISTENERS)
+    within("--max-concurrent-rpcs", args.max_concurrent_rpcs, 1, 2**63 - 1)
     seconds("--shutdown-grace", args.shutdown_grace)
     seconds("--poll-repository", args.poll_repository)
     seconds("--min-ping-interval", args.min_ping_interval, high=MAX_GRPC_INT / 1000)
     seconds("--connection-idle-timeout", args.connection_idle_timeout, high=MAX_GRPC_INT / 1000)
+    if args.shutdown_grace < 0:
+        raise ValueError(
+            f"--shutdown-grace must be 0 seconds or more, got {args.shutdown_grace:g}: the "
+            "shutdown grace is how long a drain may take"
+        )
+    if args.poll_repository is not None and not args.poll_repository > 0:
+        raise ValueError(
+            f"--poll-repository must be more than 0 seconds, got {args.poll_repository:g}"
+        )
+    if args.min_ping_interval < 0:
+        raise ValueError(
+            f"--min-ping-interval must be 0 seconds or more, got {args.min_ping_interval:g}"
+        )
     if not args.connection_idle_timeout > 0:
         raise ValueError(
             f"--connection-idle-timeout must be more than 0 seconds, got "

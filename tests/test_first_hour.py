@@ -1,0 +1,273 @@
+"""A new user's first hour, from a fresh clone: what the README tells them to type must work
+as written, and what the command line says must agree with it. Each test drives real
+things: `ferry serve` as a child process on port 0, the README's own commands through bash,
+tritonclient as the independent client."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from ferry.client import AsyncFerryClient, FerryClient
+from ferry.server.cli import build_parser
+from tests.external_tools import REPO, require_tool
+from tests.process import FerryProcess
+
+README = REPO / "README.md"
+REST = re.compile(r"REST binding on http://(\S+):(\d+)")
+
+
+def ferry(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ferry.server.cli", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+# The command line -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--shutdown-grace", "-1"),
+        ("--grpc-listeners", "65"),
+        ("--grpc-listeners", "-1"),
+        ("--poll-repository", "0"),
+        ("--max-concurrent-rpcs", "0"),
+        ("--min-ping-interval", "-1"),
+    ],
+)
+def test_a_bad_flag_value_is_named_in_the_message(flag: str, value: str) -> None:
+    """The README promises exit code 2 and a message naming the flag; these were reported
+    in the server's internal words ('grpc listeners must be within 0..64')."""
+    done = ferry(
+        "serve", str(REPO / "examples" / "model_repository"), "--host", "127.0.0.1",
+        "--grpc-port", "0", "--http-port", "-1", "--metrics-port", "-1", flag, value,
+    )
+    assert done.returncode == 2, done.stderr
+    assert flag in done.stderr and value in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    commands = next(
+        action for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    return commands.choices["serve"]  # type: ignore[no-any-return]
+
+
+def serve_help() -> str:
+    done = ferry("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())  # undo argparse's wrapping
+
+
+def test_every_user_flag_of_serve_is_in_the_readme() -> None:
+    """--host and --grpc-port were in no line of the README: a user whose port 8001 was
+    taken had to find them in --help."""
+    serve = serve_parser()
+    flags = {
+        option
+        for group in serve._action_groups if group.title != "internal"
+        for action in group._group_actions
+        for option in action.option_strings if option.startswith("--") and option != "--help"
+    }
+    readme = README.read_text()
+    missing = sorted(flag for flag in flags if not re.search(rf"{flag}(?![a-z-])", readme))
+    assert not missing, f"serve flags the README never names: {missing}"
+
+
+def test_serve_help_says_what_the_readme_says() -> None:
+    text = serve_help()
+    # README: "--metrics-port; 0 picks a free port, -1 turns it off"
+    metrics = text.split("--metrics-port METRICS_PORT ")[-1]
+    assert metrics.startswith("HTTP port of the Prometheus /metrics endpoint; 0 picks a free")
+    # README: --max-message-size bounds REST bodies and answers as well as gRPC messages
+    size = text.split("--max-message-size BYTES ")[-1].split(" --")[0]
+    assert "REST" in size, size
+    top = ferry("--help")
+    assert "REST" in " ".join(top.stdout.split())
+
+
+def readme_flag_defaults() -> dict[str, str]:
+    """flag -> the default its README table row gives (the tables of flags with defaults)."""
+    rows = re.findall(r"^\| `(--[a-z-]+)[^`]*` \| ([^|]+) \|", README.read_text(), re.MULTILINE)
+    return {flag: default.strip() for flag, default in rows}
+
+
+def readme_value(text: str) -> object:
+    """A README default as the parser holds it: '64 MiB', '2^31', '0, that is 4', 'off'."""
+    sizes = {"KiB": 2**10, "MiB": 2**20}
+    if match := re.fullmatch(r"(\d+) (KiB|MiB)", text):
+        return int(match.group(1)) * sizes[match.group(2)]
+    if match := re.fullmatch(r"(\d+)\^(\d+)", text):
+        return int(match.group(1)) ** int(match.group(2))
+    text = text.split(",")[0]
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?\d+\.\d*", text):
+        return float(text)
+    return {"off": None, "no limit": None}.get(text, text)
+
+
+def test_the_readme_tables_give_the_defaults_of_serve() -> None:
+    readme = readme_flag_defaults()
+    assert {"--host", "--grpc-port", "--http-port", "--metrics-port", "--max-message-size"} <= set(
+        readme
+    )
+    serve = serve_parser()
+    for action in serve._actions:
+        for flag in action.option_strings:
+            if flag not in readme or readme[flag].startswith("`"):
+                continue  # not in a table, or "the value of another flag"
+            default = None if action.default is False else action.default
+            if flag == "--event-loop":
+                continue  # uvloop where it is installed: the machine decides
+            expected = readme_value(readme[flag])
+            if isinstance(default, (int, float)) and isinstance(expected, (int, float)):
+                assert float(default) == float(expected), (flag, default, readme[flag])
+            else:
+                assert default == expected, (flag, default, readme[flag])
+
+
+# The README's own-model walkthrough ----------------------------------------------------
+
+
+def walkthrough() -> tuple[str, str, list[tuple[str, str]]]:
+    """(set-up commands, the serve command, [(curl command, expected output)]) of the
+    README's "Your own model" section."""
+    section = README.read_text().split("### Your own model, step by step", 1)[1]
+    section = section.split("\n## ", 1)[0].split("\n### ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 2, "the walkthrough is two sh blocks: set up and serve, then call"
+    setup, serve = blocks[0].rstrip("\n").rsplit("\n", 1)
+    assert serve.startswith(".venv/bin/ferry serve "), serve
+    examples: list[tuple[str, str]] = []
+    command: list[str] = []
+    for line in blocks[1].splitlines():
+        if line.startswith("# "):
+            examples.append(("\n".join(command), line[2:]))
+            command = []
+        else:
+            command.append(line)
+    assert not command and len(examples) >= 2, "every command is followed by its output"
+    return setup, serve, examples
+
+
+def test_the_readme_own_model_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    require_tool("curl", "install curl (apt-get install curl)")
+    setup, serve, examples = walkthrough()
+    # The user's .venv is this interpreter's; everything else runs as written.
+    script = setup.replace(".venv/bin/python", sys.executable)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    words = serve.split()
+    repository = tmp_path / words[2]
+    grpc_port, http_port = (words[words.index(flag) + 1] for flag in ("--grpc-port", "--http-port"))
+    with FerryProcess(repository, "--http-port", "0") as server:
+        http = server.wait_for(REST)[0]
+        http_address = f"127.0.0.1:{http.group(2)}"
+        for command, expected in examples:
+            run = command.replace(f"127.0.0.1:{http_port}", http_address)
+            result = subprocess.run(
+                ["bash", "-c", run], capture_output=True, text=True, timeout=60, check=False
+            )
+            assert result.returncode == 0, (command, result.stderr)
+            assert result.stdout.strip() == expected, command
+
+        # ... and tritonclient over gRPC, as the README's other examples call it
+        model = next(w for w in re.findall(r"/v2/models/([\w-]+)/infer", examples[0][0]))
+        client = triton.InferenceServerClient(server.address)
+        x = np.arange(8, dtype=np.float32).reshape(2, 4)
+        tensor = triton.InferInput("x", [2, 4], "FP32")
+        tensor.set_data_from_numpy(x)
+        np.testing.assert_array_equal(client.infer(model, [tensor]).as_numpy("y"), 2 * x)
+        wrong = triton.InferInput("x", [2, 4], "FP64")
+        wrong.set_data_from_numpy(x.astype(np.float64))
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(model, [wrong])
+        assert refused.value.message() == "input 'x': expected FP32 [-1, 4], got FP64 [2, 4]"
+        client.close()
+        assert server.stop() == 0
+    assert grpc_port != "8001", "the walkthrough must not collide with the example's ports"
+
+
+# scripts/setup.sh ---------------------------------------------------------------------
+
+
+def fake_checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """A checkout whose .venv/bin/python only records its arguments: what setup.sh asks
+    of pip, without a network or a real install."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy(REPO / name, tmp_path / name)
+    log = tmp_path / "calls.log"
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    python.chmod(0o755)
+    return tmp_path, log
+
+
+def setup(checkout: Path, *args: str) -> list[str]:
+    """Run scripts/setup.sh; the pip commands it ran."""
+    log = checkout / "calls.log"
+    log.unlink(missing_ok=True)
+    done = subprocess.run(
+        ["bash", str(checkout / "scripts" / "setup.sh"), *args], cwd=checkout,
+        capture_output=True, text=True, timeout=60, check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+    )
+    assert done.returncode == 0, done.stderr
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_setup_installs_once_so_the_example_serves_again_offline(tmp_path: Path) -> None:
+    """scripts/serve-example.sh ran a full editable install at every start: without a
+    network (a laptop on a train, a machine behind a proxy) the second start failed in
+    pip before the server ran."""
+    checkout, _ = fake_checkout(tmp_path)
+    first = setup(checkout)
+    assert any("install" in call and ".[cpu]" in call for call in first), first
+    assert setup(checkout) == []  # nothing changed: no pip at all
+    assert any(".[cpu,test]" in call for call in setup(checkout, "test"))
+    assert setup(checkout) == []  # the test set-up holds the runtime one
+    assert setup(checkout, "test") == []
+    with (checkout / "constraints.txt").open("a") as constraints:
+        constraints.write("# a new pin\n")
+    assert any(".[cpu]" in call for call in setup(checkout))  # a changed pin installs again
+
+
+# ferry.client ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["http://", "https://", "grpc://"])
+def test_the_client_says_what_a_url_with_a_scheme_should_be(scheme: str) -> None:
+    """A url such as "http://127.0.0.1:8001", as REST clients write it, failed each call
+    with gRPC's "errors resolving ... Misformatted domain name"."""
+    with FerryProcess(REPO / "examples" / "model_repository") as server:
+        with pytest.raises(ValueError, match=re.escape(f"as '{server.address}'")):
+            FerryClient(f"{scheme}{server.address}/")
+        with pytest.raises(ValueError, match="host:port"):
+            AsyncFerryClient(f"{scheme}{server.address}")
+        # gRPC's own target forms still dial
+        with FerryClient(f"dns:///{server.address}") as client:
+            pixels = np.zeros((1, 64), dtype=np.float32)
+            assert client.infer("digits", {"pixels": pixels})["label"].shape == (1,)
+        assert server.stop() == 0
