@@ -99,6 +99,13 @@ class ModelManager:
                     ErrorKind.UNAVAILABLE,
                     f"model '{name}' is not loaded: {self._failures[name]}",
                 )
+            if self.repository.holds(name):
+                # In the repository, not loaded (explicit model control, or unloaded).
+                raise not_found(
+                    f"model '{shown(name)}' is in the model repository but not loaded; "
+                    "load it with RepositoryModelLoad (REST: POST "
+                    f"/v2/repository/models/{shown(name)}/load)"
+                )
             raise not_found(f"unknown model '{shown(name)}'")
         return pick_version(name, versions, version)
 

@@ -116,6 +116,17 @@ class ModelRepository:
             return [self.path.stem]
         return sorted(p.name for p in self.path.iterdir() if is_model_name(p.name) and p.is_dir())
 
+    def holds(self, name: str) -> bool:
+        """Whether `name` is a model of the repository (one stat, for an error message)."""
+        if self.single_file:
+            return name == self.path.stem
+        if not is_model_name(name) or name in ("", "..") or "/" in name or "\0" in name:
+            return False
+        try:
+            return (self.path / name).is_dir()
+        except (OSError, ValueError):  # a name too long for the file system, say
+            return False
+
     def location_of(self, name: str) -> Path:
         """Where a model's files are, for a log line: its folder, or the single file."""
         return self.path if self.single_file else self.path / name

@@ -329,7 +329,7 @@ class RestFrontDoor:
 
         def decode(settings: ModelSettings) -> DecodedRequest:
             nonlocal parsed
-            parsed = parse_infer(body, header_length, name, version)
+            parsed = parse_infer(body, header_length, name, version, settings)
             return parsed.decode(settings, limits)
 
         max_answer = self._max_body_bytes

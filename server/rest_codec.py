@@ -80,9 +80,16 @@ def json_object(body: bytes, what: str) -> dict[str, Any]:
 
 
 def parse_infer(
-    body: bytes, header_length: str | None, model_name: str, version: str
+    body: bytes,
+    header_length: str | None,
+    model_name: str,
+    version: str,
+    settings: ModelSettings | None = None,
 ) -> RestRequest:
-    """Parse an inference body; raises FerryError (invalid input) naming what is wrong."""
+    """Parse an inference body; raises FerryError (invalid input) naming what is wrong.
+    With the model's `settings`, an input's name and datatype are checked before its
+    JSON `data` is read, so that a misspelt input or a wrong datatype is named as such
+    (with the same words as over gRPC), not as a count of values."""
     view = memoryview(body)
     if header_length is None:
         json_end = len(body)
@@ -113,7 +120,7 @@ def parse_infer(
         raise invalid_input("'inputs' must be a non-empty list of tensors")
     offset = json_end
     for tensor in inputs:
-        offset = _add_input(request, tensor, view, offset)
+        offset = _add_input(request, tensor, view, offset, settings)
     if offset != len(body):
         raise invalid_input(
             f"the body has {len(body) - offset} bytes after the last input's binary data; "
@@ -163,7 +170,11 @@ def set_parameters(target: Any, parameters: Mapping[str, Any]) -> None:
 
 
 def _add_input(
-    request: pb.ModelInferRequest, tensor: object, body: memoryview, offset: int
+    request: pb.ModelInferRequest,
+    tensor: object,
+    body: memoryview,
+    offset: int,
+    settings: ModelSettings | None = None,
 ) -> int:
     """Append one input tensor; returns where the next binary input starts."""
     if not isinstance(tensor, dict):
@@ -196,8 +207,25 @@ def _add_input(
         return offset + size
     if data is None:
         raise invalid_input(f"input '{name}' has neither 'data' nor binary_data_size")
+    if settings is not None:
+        _check_declared(name, datatype, shape, settings)
     request.raw_input_contents.append(_json_to_raw(name, datatype, shape, data))
     return offset
+
+
+def _check_declared(name: str, datatype: str, shape: list[int], settings: ModelSettings) -> None:
+    """The input is one of the model's, of its datatype (decode_request's words)."""
+    spec = settings.inputs_by_name.get(name)
+    if spec is None:
+        raise invalid_input(
+            f"unknown input '{name}': model '{settings.name}' takes "
+            + ", ".join(f"'{known}'" for known in settings.inputs_by_name)
+        )
+    if datatype != spec.datatype:
+        expected = list(settings.client_shapes[name])
+        raise invalid_input(
+            f"input '{name}': expected {spec.datatype} {expected}, got {datatype} {shape}"
+        )
 
 
 def _add_output(request: pb.ModelInferRequest, output: object) -> str:
@@ -240,10 +268,16 @@ def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> by
     if shape and len(data) not in (count, shape[0]):
         # Neither flat nor nested as the shape: refused before numpy walks it (a body of
         # 800,000 small lists took numpy 0.5 s on the event loop to find that out).
-        nested = f" (nested, it needs {shape[0]} rows)" if shape[0] != count else ""
+        if data and isinstance(data[0], list) and shape[0] != count:
+            per_row = count // shape[0] if shape[0] else 0
+            raise invalid_input(
+                f"input '{name}' {datatype} {shape}: expected {_counted(shape[0], 'row')} "
+                f"of {_counted(per_row, 'value')} in 'data' (nested as the shape) or "
+                f"{count} values (flat), got {_counted(len(data), 'row')}"
+            )
         raise invalid_input(
             f"input '{name}' {datatype} {shape}: expected {count} values in 'data', "
-            f"got {len(data)}{nested}"
+            f"got {len(data)}"
         )
     try:
         values = np.asarray(data)
@@ -255,6 +289,10 @@ def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> by
             f"got {values.size}"
         )
     return to_raw(_as_datatype(name, datatype, dtype, values, data).reshape(-1))
+
+
+def _counted(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 # The largest finite FP16 and FP32 values, by element size.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -221,7 +222,7 @@ class OnnxInstance:
                 )
         except Exception as exc:  # onnxruntime's own exception types, one per failure
             # The caller may see this message: name the file, not where it lives.
-            reason = _first_line(exc).replace(str(model_path), model_path.name)
+            reason = _load_reason(_first_line(exc).replace(str(model_path), model_path.name))
             raise FerryError(
                 ErrorKind.INVALID_INPUT, f"onnxruntime cannot load {model_path.name}: {reason}"
             ) from exc
@@ -298,6 +299,27 @@ def _optimization_level(level: int) -> int:
     if level < 0:
         return 0  # disabled
     return {0: 99, 1: 1, 2: 2}.get(level, 99)
+
+
+# onnxruntime's messages name the C++ function that failed, with its source path and
+# signature: "...failed:/onnxruntime_src/.../model.cc:256 onnxruntime::Model::Model(...)
+# Unsupported model IR version: 14, max supported IR version: 13".
+_SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[\w:~<>]+\(.*?\) )?")
+_IR_VERSION = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+
+
+def _load_reason(reason: str) -> str:
+    """onnxruntime's reason without its source location, and for the commonest trap (an
+    onnx newer than the onnxruntime: its default IR version is too new), what to do."""
+    reason = _SOURCE_LOCATION.sub("", reason)
+    too_new = _IR_VERSION.search(reason)
+    if too_new is not None:
+        reason += (
+            f"; save the model with IR version {too_new.group(2)} or lower "
+            f"(onnx.helper.make_model(..., ir_version={too_new.group(2)}), or set "
+            "model.ir_version before onnx.save)"
+        )
+    return reason
 
 
 def _run_error(exc: Exception) -> FerryError:

@@ -271,3 +271,96 @@ def test_the_client_says_what_a_url_with_a_scheme_should_be(scheme: str) -> None
             pixels = np.zeros((1, 64), dtype=np.float32)
             assert client.infer("digits", {"pixels": pixels})["label"].shape == (1,)
         assert server.stop() == 0
+
+
+# Messages that tell a new user what to fix ------------------------------------------
+
+
+def test_a_model_of_the_repository_that_is_not_loaded_says_how_to_load_it() -> None:
+    """Explicit model control with nothing loaded: a call to the example model answered
+    "unknown model 'digits'" although RepositoryIndex lists it. Now NOT_FOUND still, with
+    a message that says it is in the repository and how to load it; a typo stays
+    "unknown model"."""
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--model-control-mode", "explicit",
+        "--http-port", "-1", "--metrics-port", "-1",
+    ) as server, triton.InferenceServerClient(server.address) as client:
+        x = triton.InferInput("pixels", [1, 64], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with pytest.raises(InferenceServerException) as not_loaded:
+            client.infer("digits", [x])
+        assert not_loaded.value.status() == "StatusCode.NOT_FOUND"
+        message = not_loaded.value.message()
+        assert "'digits' is in the model repository but not loaded" in message, message
+        assert "RepositoryModelLoad" in message and "/v2/repository/models/digits/load" in message
+        with pytest.raises(InferenceServerException) as typo:
+            client.infer("digit", [x])
+        assert typo.value.message() == "unknown model 'digit'"
+        client.load_model("digits")
+        assert client.infer("digits", [x]).as_numpy("label") is not None
+
+
+def _rest_error(port: int, body: dict[str, object]) -> tuple[int, str]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/digits/infer", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())["error"]
+
+
+def test_rest_names_a_misspelt_input_or_a_wrong_datatype_before_counting_its_values() -> None:
+    """A misspelt input, or FP64 sent for FP32, with too few values in 'data': the
+    message named the count, and the user fixed the count only to meet the real mistake
+    next. Now the name and the datatype come first, in gRPC's words; and a nested 'data'
+    with too few rows says so in rows."""
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--http-port", "0", "--metrics-port", "-1",
+    ) as server:
+        port = int(server.wait_for(REST)[0].group(2))
+        status, message = _rest_error(port, {"inputs": [
+            {"name": "pixel", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 10}]})
+        assert (status, message) == (400, "unknown input 'pixel': model 'digits' takes 'pixels'")
+        status, message = _rest_error(port, {"inputs": [
+            {"name": "pixels", "datatype": "FP64", "shape": [1, 64], "data": [0.0] * 10}]})
+        assert (status, message) == (
+            400, "input 'pixels': expected FP32 [-1, 64], got FP64 [1, 64]"), message
+        status, message = _rest_error(port, {"inputs": [
+            {"name": "pixels", "datatype": "FP32", "shape": [2, 64], "data": [[0.0] * 64]}]})
+        assert status == 400
+        assert message == (
+            "input 'pixels' FP32 [2, 64]: expected 2 rows of 64 values in 'data' (nested as "
+            "the shape) or 128 values (flat), got 1 row"
+        )
+
+
+def test_a_model_saved_by_a_newer_onnx_says_which_ir_version_to_save(tmp_path: Path) -> None:
+    """onnx's default IR version is newer than the pinned onnxruntime reads: the load
+    failed with onnxruntime's C++ source path and signature, and no word on what to do."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 99  # newer than any onnxruntime reads
+    (tmp_path / "new" / "1").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "new" / "1" / "model.onnx"))
+    done = ferry(
+        "serve", str(tmp_path), "--host", "127.0.0.1", "--grpc-port", "0",
+        "--http-port", "-1", "--metrics-port", "-1",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Unsupported model IR version: 99" in done.stderr, done.stderr
+    assert re.search(r"save the model with IR version \d+ or lower", done.stderr), done.stderr
+    assert "/onnxruntime_src/" not in done.stderr

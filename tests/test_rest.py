@@ -281,20 +281,22 @@ def test_errors_carry_the_grpc_message_and_an_http_status(
          "input 'x' is FP32: 'data' must hold numbers, got strings"),
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
                                  "data": [[1, 2], [3]]}]}).encode(),
-         "expected 16 values in 'data', got 2 (nested, it needs 1 rows)"),
+         "expected 1 row of 16 values in 'data' (nested as the shape) or 16 values (flat), "
+         "got 2 rows"),
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2],
                                  "data": [[1, 2], [3]]}]}).encode(),
          "'data' is not a regular array"),
         # 800 small lists where 16 numbers belong: refused before numpy walks them
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
                                  "data": [[[]]] * 800}]}).encode(),
-         "expected 16 values in 'data', got 800"),
+         "expected 1 row of 16 values in 'data' (nested as the shape) or 16 values (flat), "
+         "got 800 rows"),
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": ["1", 16],
                                  "data": [1] * 16}]}).encode(),
          "'shape' must be a list of integers"),
         (json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 16],
                                  "data": [300] * 16}]}).encode(),
-         "values out of range for INT8"),
+         "input 'x': expected FP32 [-1, 16], got INT8 [1, 16]"),  # before its values
         (json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 16],
                                  "data": [1] * 16}],
                      "outputs": [{"name": "nope"}]}).encode(),
@@ -599,3 +601,13 @@ def test_timeout_and_priority_parameters_apply_to_rest_requests(
     assert status == "503" and "timed out" in message
     stats = server.server.manager.get("m").stats
     assert stats.fail.count == 2
+
+
+def test_json_values_out_of_range_of_their_datatype_are_refused() -> None:
+    from ferry.server.errors import FerryError
+    from ferry.server.rest_codec import parse_infer
+
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "INT8", "shape": [1, 16],
+                                   "data": [300] * 16}]}).encode()
+    with pytest.raises(FerryError, match="values out of range for INT8"):
+        parse_infer(body, None, "m", "")
