@@ -229,6 +229,9 @@ class RestFrontDoor:
             )
             response.headers["Allow"] = methods_text
             return response
+        extension = _unimplemented_extension(request.path)
+        if extension is not None:  # as gRPC answers these: UNIMPLEMENTED, by name
+            return error_response(501, f"Ferry does not implement the {extension} extension")
         return error_response(
             404, f"no endpoint {request.method} {request.path}; see the /v2 paths of the "
             "Open Inference Protocol's REST binding"
@@ -438,6 +441,25 @@ def _unauthorized(group: ApiGroup, header: str) -> web.Response:
     return error_response(
         401, f"the '{group.value}' API is restricted: send its key in the '{header}' header"
     )
+
+
+# Triton's extensions Ferry does not implement, by the start of their REST paths; a
+# model's trace setting ends in /trace/setting.
+_UNIMPLEMENTED_PATHS = (
+    ("/v2/systemsharedmemory", "system shared memory"),
+    ("/v2/cudasharedmemory", "CUDA shared memory"),
+    ("/v2/trace/setting", "trace"),
+    ("/v2/logging", "logging"),
+)
+
+
+def _unimplemented_extension(path: str) -> str | None:
+    for start, extension in _UNIMPLEMENTED_PATHS:
+        if path == start or path.startswith(start + "/"):
+            return extension
+    if path.startswith("/v2/models/") and path.endswith("/trace/setting"):
+        return "trace"
+    return None
 
 
 def _has_key(request: web.Request, header: str, expected: bytes) -> bool:

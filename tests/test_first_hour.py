@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,43 @@ def test_a_model_saved_by_a_newer_onnx_says_which_ir_version_to_save(tmp_path: P
     assert "Unsupported model IR version: 99" in done.stderr, done.stderr
     assert re.search(r"save the model with IR version \d+ or lower", done.stderr), done.stderr
     assert "/onnxruntime_src/" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "extension"),
+    [
+        ("GET", "/v2/systemsharedmemory/status", "system shared memory"),
+        ("POST", "/v2/systemsharedmemory/region/r/register", "system shared memory"),
+        ("GET", "/v2/cudasharedmemory/status", "CUDA shared memory"),
+        ("GET", "/v2/trace/setting", "trace"),
+        ("POST", "/v2/models/digits/trace/setting", "trace"),
+        ("GET", "/v2/logging", "logging"),
+    ],
+)
+def test_rest_says_which_triton_extension_is_not_implemented(
+    rest_server: int, method: str, path: str, extension: str
+) -> None:
+    """gRPC answers these UNIMPLEMENTED naming the extension; REST answered 404 "no
+    endpoint", which reads as a typo in the path. Now 501 with gRPC's words."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{rest_server}{path}", method=method,
+        data=b"{}" if method == "POST" else None,
+    )
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=10)
+    assert answer.value.code == 501
+    assert json.loads(answer.value.read()) == {
+        "error": f"Ferry does not implement the {extension} extension"
+    }
+
+
+@pytest.fixture(scope="module")
+def rest_server() -> Iterator[int]:
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--http-port", "0", "--metrics-port", "-1",
+    ) as server:
+        yield int(server.wait_for(REST)[0].group(2))
