@@ -354,8 +354,9 @@ LARGE = 16 * 1024 * 1024  # INT8 values in int_contents: 16 MiB on the wire, one
 # 40-60 ns per INT8 value here (67 for negative ones, 98 for INT64); now it is 5-7.
 BOUND_NS_PER_VALUE = 20
 # What the event loop may spend per value of the whole request, receiving and parsing it
-# included: 50-57 ns before, 11-18 now.
-LOOP_BOUND_NS_PER_VALUE = 30
+# included: 50-57 ns before, 11-18 now on a quiet machine, 30 with the test suite and a
+# benchmark sharing its two cores (a CPU time, yet it grows with the neighbours' cache use).
+LOOP_BOUND_NS_PER_VALUE = 45
 
 
 def extremes_model(path: Path) -> Path:
