@@ -223,7 +223,9 @@ class BatchQueue(Generic[P]):
         if not self._count:
             return None
         policy = self.policy
-        ordered = self._in_order(now)
+        levels = self._levels
+        # One level: its deque is the order, without a generator over it.
+        ordered = iter(levels[0]) if len(levels) == 1 else self._in_order(now)
         head = next(ordered)
         candidate = [head]
         rows = head.rows
@@ -267,14 +269,18 @@ class BatchQueue(Generic[P]):
                 take = len(candidate)
         if not take:
             return None
-        chosen = candidate[:take]
+        if take == joining:
+            chosen = candidate
+        else:
+            chosen = candidate[:take]
+            rows = sum(r.rows for r in chosen)
         for request in chosen:
-            self._levels[request.priority - 1].remove(request)
+            levels[request.priority - 1].remove(request)
             self._forget(request)
         if target is not None:
             target.batch_formed(joining, self._holding)
         self._holding = False
-        return Batch(requests=chosen, rows=sum(r.rows for r in chosen), formed_s=now)
+        return Batch(chosen, rows, now)
 
     def next_wakeup(self, now: float) -> float | None:
         """When the answer of take_batch or expire may change without a new submit."""

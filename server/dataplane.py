@@ -97,13 +97,19 @@ class DataPlane:
             model = self.models.get(model_name, version)
             settings = model.settings
             decoded = decode(settings)
+            # The common case inline (no timeout configured or asked, no priority levels);
+            # the helpers decide the rest.
+            if settings.default_timeout_s is None and not decoded.timeout_us:
+                deadline_s = None if time_remaining is None else now + time_remaining
+            else:
+                deadline_s = _deadline(decoded, settings, now, time_remaining)
             outputs = await model.scheduler.submit(
                 decoded.inputs,
                 decoded.outputs,
                 rows=decoded.rows,
                 shape_key=decoded.shape_key,
-                deadline_s=_deadline(decoded, settings, now, time_remaining),
-                priority=_priority(decoded, settings),
+                deadline_s=deadline_s,
+                priority=1 if settings.priority_levels <= 1 else _priority(decoded, settings),
                 length=decoded.length,
             )
             result = encode(model, outputs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -166,14 +167,15 @@ class ModelScheduler:
         if not self._accepting:
             raise FerryError(ErrorKind.UNAVAILABLE, f"model '{self.name}' is shutting down")
         future: asyncio.Future[Tensors] = self._loop.create_future()
+        batchable = self.batchable
         pending = PendingRequest(
-            payload=Work(inputs, outputs, future),
-            rows=rows if self.batchable else 1,
-            shape_key=shape_key if self.batchable else object(),
-            arrival_s=self._clock(),
-            deadline_s=deadline_s,
-            priority=priority,
-            length=length,
+            Work(inputs, outputs, future, time.perf_counter_ns()),
+            rows if batchable else 1,
+            shape_key if batchable else object(),
+            self._clock(),
+            deadline_s,
+            priority,
+            length,
         )
         self._queue.submit(pending)
         future.add_done_callback(lambda f: self._on_settled(f, pending))
@@ -360,55 +362,58 @@ class ModelScheduler:
     def _finish(self, running: _Running, outcome: Outcome, redispatch: bool = True) -> None:
         """Back on the loop: answer every request of the batch, whatever happened."""
         self._inflight.pop(id(running), None)
-        requests = running.batch.requests
-        counted = requests  # the requests the statistics count: those answered
-        failed = True
-        timings = (0, 0, 0)
-        padded_rows = real_elements = padded_elements = 0
+        batch = running.batch
+        requests = batch.requests
+        start_ns = running.start_ns
         if not isinstance(outcome, ExecutedBatch):
             error = self._execution_error(outcome)
             log.error(
                 "model '%s': batch of %d rows from %d requests failed: %s",
-                self.name, running.batch.rows, len(requests), error.message,
+                self.name, batch.rows, len(requests), error.message,
             )
             for pending in requests:
                 _resolve(pending.payload.future, error)
+            record = BatchTimings(
+                batch.rows, len(requests),
+                tuple([start_ns - r.payload.arrival_ns for r in requests]), 0, 0, 0, True,
+            )
         else:
-            failed = False
-            timings = (outcome.input_ns, outcome.infer_ns, outcome.output_ns)
-            padded_rows = outcome.padded_rows
-            real_elements, padded_elements = outcome.real_elements, outcome.padded_elements
             partly = False
             for pending, result in zip(requests, outcome.outputs, strict=True):
+                future = pending.payload.future
                 if isinstance(result, BaseException):  # its part failed on its own
-                    result = self._execution_error(result)
+                    _resolve(future, self._execution_error(result))
                     partly = True
-                _resolve(pending.payload.future, result)
-            if partly:  # a padded batch run again one request at a time
+                elif not future.done():  # its caller may have left (_resolve, inlined)
+                    future.set_result(result)
+            infer_ns = outcome.infer_ns
+            if not partly:
+                record = BatchTimings(
+                    batch.rows, len(requests),
+                    tuple([start_ns - r.payload.arrival_ns for r in requests]),
+                    outcome.input_ns, infer_ns, outcome.output_ns, False, outcome.padded_rows,
+                    outcome.real_elements, outcome.padded_elements,
+                )
+            else:  # a padded batch run again one request at a time
                 counted = [
                     r for r, result in zip(requests, outcome.outputs, strict=True)
                     if not isinstance(result, BaseException)
                 ]
-                failed = not counted
-                real_elements = padded_elements = sum(r.rows * r.length for r in counted)
+                elements = sum(r.rows * r.length for r in counted)
+                record = BatchTimings(
+                    sum(r.rows for r in counted), len(counted),
+                    tuple([start_ns - r.payload.arrival_ns for r in counted]),
+                    outcome.input_ns, infer_ns, outcome.output_ns, not counted,
+                    outcome.padded_rows, elements, elements,
+                )
+            if not record.failed:
+                # What a batch costs lately, to decide whether one may run inline.
+                infer_s = infer_ns / 1e9
+                if self._recent_infer_s == math.inf:
+                    self._recent_infer_s = infer_s
+                else:
+                    self._recent_infer_s += (infer_s - self._recent_infer_s) * 0.25
         self._free.append(running.lane)
-        record = BatchTimings(
-            running.batch.rows if counted is requests else sum(r.rows for r in counted),
-            len(counted),
-            tuple(running.start_ns - r.payload.arrival_ns for r in counted),
-            *timings,
-            failed=failed,
-            padded_rows=padded_rows,
-            real_elements=real_elements,
-            padded_elements=padded_elements,
-        )
-        if not failed:
-            # What a batch costs lately, to decide whether one may run inline.
-            infer_s = timings[1] / 1e9
-            if self._recent_infer_s == float("inf"):
-                self._recent_infer_s = infer_s
-            else:
-                self._recent_infer_s += (infer_s - self._recent_infer_s) * 0.25
         for observer in self._observers:
             observer.batch_executed(record)
         if redispatch and (self._accepting or self._queue):

@@ -7,7 +7,7 @@ become gRPC status codes through `server.grpc_status`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from .loaded_model import LoadedModel
 from .repository import ModelControl
 from .rows import Array, Tensors
 from .streams import ReplyQueue, StreamLimits
-from .tensors import TensorLimits, check_response_size, decode_request, encode_response
+from .tensors import TensorLimits, decode_request, encode_response
 from .wire import MalformedMessage
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -220,9 +220,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(pending):
                 task.cancel()
 
-    async def _infer(
+    def _infer(
         self, request: pb.ModelInferRequest, time_remaining: float | None, framing_bytes: int
-    ) -> pb.ModelInferResponse:
+    ) -> Coroutine[Any, Any, pb.ModelInferResponse]:
+        """The data plane's call, for the handler to await: not a coroutine of its own, so
+        that each of the request's steps through the loop resumes one frame fewer."""
         limits = self._tensor_limits
         max_response = self._max_response
 
@@ -231,20 +233,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Refused from the outputs' sizes before anything is built; what is built is
             # then checked to the byte (names, shapes and framing count too). Typed or raw
             # as `encode_response` decides it (a typed floor is the lower of the two).
-            refuse_oversized_answer(
-                settings.name,
-                outputs,
-                typed_floor if not request.raw_input_contents and request.inputs else raw_floor,
-                max_response,
-                SENT_MESSAGE_LIMIT,
-                settings.output_datatypes,
-                framing_bytes,
+            if request.raw_input_contents or not request.inputs:
+                # Raw: a numeric output's floor is its bytes, summed here without a call
+                # per output; the refusal (and any other datatype) as before.
+                total = framing_bytes
+                for array in outputs.values():
+                    if array.dtype.kind in "OSU":
+                        total = max_response + 1
+                        break
+                    total += array.nbytes
+                if total > max_response:
+                    refuse_oversized_answer(
+                        settings.name, outputs, raw_floor, max_response, SENT_MESSAGE_LIMIT,
+                        settings.output_datatypes, framing_bytes,
+                    )
+            else:
+                refuse_oversized_answer(
+                    settings.name, outputs, typed_floor, max_response, SENT_MESSAGE_LIMIT,
+                    settings.output_datatypes, framing_bytes,
+                )
+            return encode_response(
+                request, settings, model.version, outputs,
+                max_bytes=max_response, framing_bytes=framing_bytes,
             )
-            response = encode_response(request, settings, model.version, outputs)
-            check_response_size(response, max_response, framing_bytes)
-            return response
 
-        return await self._dataplane.infer(
+        return self._dataplane.infer(
             request.model_name,
             request.model_version,
             lambda settings: decode_request(request, settings, limits),

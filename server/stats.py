@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 
 from ferry.proto import grpc_service_pb2 as pb
 
+from .errors import Status
 from .outcomes import RequestOutcome
 from .scheduler import BatchTimings
+
+_OK = Status.OK
 
 
 @dataclass(slots=True)
@@ -54,27 +57,46 @@ class ModelStatistics:
         self.by_batch_size: dict[int, BatchSizeStats] = {}
 
     def batch_executed(self, timings: BatchTimings) -> None:
+        # Once per batch on the event loop: the durations are added in place, not through
+        # a method call each.
         if timings.failed:
             return
         n = timings.requests
         input_ns, infer_ns, output_ns = timings.input_ns, timings.infer_ns, timings.output_ns
-        self.inference_count += timings.rows
+        rows = timings.rows
+        self.inference_count += rows
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
-        self.queue.add(sum(timings.queue_ns), n)
+        queue = self.queue
+        queue.count += n
+        queue.ns += sum(timings.queue_ns)
         # Like Triton, each request is charged the compute time of the batch it ran in.
-        self.compute_input.add(input_ns * n, n)
-        self.compute_infer.add(infer_ns * n, n)
-        self.compute_output.add(output_ns * n, n)
-        sizes = self.by_batch_size.get(timings.rows)
+        compute = self.compute_input
+        compute.count += n
+        compute.ns += input_ns * n
+        compute = self.compute_infer
+        compute.count += n
+        compute.ns += infer_ns * n
+        compute = self.compute_output
+        compute.count += n
+        compute.ns += output_ns * n
+        sizes = self.by_batch_size.get(rows)
         if sizes is None:
-            sizes = self.by_batch_size[timings.rows] = BatchSizeStats()
-        sizes.compute_input.add(input_ns)
-        sizes.compute_infer.add(infer_ns)
-        sizes.compute_output.add(output_ns)
+            sizes = self.by_batch_size[rows] = BatchSizeStats()
+        compute = sizes.compute_input
+        compute.count += 1
+        compute.ns += input_ns
+        compute = sizes.compute_infer
+        compute.count += 1
+        compute.ns += infer_ns
+        compute = sizes.compute_output
+        compute.count += 1
+        compute.ns += output_ns
 
     def request_finished(self, outcome: RequestOutcome) -> None:
-        (self.success if outcome.ok else self.fail).add(outcome.duration_ns)
+        duration = self.success if outcome.status is _OK else self.fail
+        duration.count += 1
+        duration.ns += outcome.duration_ns
 
     def to_proto(self) -> pb.ModelStatistics:
         message = pb.ModelStatistics(

@@ -8,6 +8,7 @@ both plots; the target checks run on synthetic results.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -201,3 +202,17 @@ def test_the_hand_off_benchmark_runs_against_a_real_executor(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + 6, done.stdout  # header, rule, 3 sizes x 2 concurrencies
+
+
+def test_the_in_process_benchmark_measures_each_concurrency() -> None:
+    """`python -m benchmarks.inprocess`, briefly: a FerryServer called in-process from 1
+    and 8 tasks, one line per concurrency with the loop's CPU per request."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inprocess", "--rounds", "1", "--requests", "200",
+         "--concurrency", "1", "8"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = re.findall(r"mlp_small c=(\d+): ([\d.]+) us/request", done.stdout)
+    assert [c for c, _ in figures] == ["1", "8"], done.stdout
+    assert all(float(us) > 0 for _, us in figures)
