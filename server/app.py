@@ -54,6 +54,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # different connections are accepted together and their requests reach the batch queue in
 # the same turn of the loop (measured in benchmarks/README.md, "Listeners").
 DEFAULT_GRPC_LISTENERS = 4
+# The fewest --max-connections places a gRPC listener gets (see FerryServer.__init__).
+LISTENER_CONNECTIONS_AT_LEAST = 256
 MAX_GRPC_LISTENERS = 64  # each is a gRPC server object with its own listening socket
 
 
@@ -221,10 +223,14 @@ class FerryServer:
         # One count of calls in flight for the gRPC listeners and the REST port together.
         slots = options.security.call_slots()
         interceptors = options.security.interceptors(self._refused, slots)
-        # No more listeners than connections: each takes its share of --max-connections.
-        listeners = min(
-            options.grpc_listeners or DEFAULT_GRPC_LISTENERS, options.security.max_connections
-        )
+        # Each listener takes its share of --max-connections, and the kernel spreads the
+        # connections over them at random: a small limit goes to fewer listeners (one
+        # under 2 x LISTENER_CONNECTIONS_AT_LEAST), so that the port is not refusing
+        # while a listener still has room.
+        listeners = max(1, min(
+            options.grpc_listeners or DEFAULT_GRPC_LISTENERS,
+            options.security.max_connections // LISTENER_CONNECTIONS_AT_LEAST,
+        ))
         self._servers = [self._grpc_server(interceptors, listeners) for _ in range(listeners)]
         self.grpc_port = 0
         self.rest = RestServer(

@@ -394,7 +394,7 @@ class ModelScheduler:
                     outcome.input_ns, infer_ns, outcome.output_ns, False, outcome.padded_rows,
                     outcome.real_elements, outcome.padded_elements,
                 )
-            else:  # a padded batch run again one request at a time
+            else:  # a failed batch run again in parts (padded: one request at a time)
                 counted = [
                     r for r, result in zip(requests, outcome.outputs, strict=True)
                     if not isinstance(result, BaseException)
