@@ -29,7 +29,6 @@ from .padding import (
     PADDING_OUTPUTS_PARAMETER,
     PROBE_LENGTHS,
     PaddingConfigError,
-    PaddingSettings,
     check_output_axes,
     probe_output_axes,
 )
@@ -120,19 +119,25 @@ def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings
     padding = settings.padding
     if padding is None:
         return settings
-    if padding.outputs is not None:
-        _check_output_axes(settings, padding, instance)
-        return settings
+    inputs = [(t.name, t.datatype, t.dims) for t in settings.inputs]
+    named = padding.outputs is not None
     try:
-        axes = probe_output_axes(
-            instance,
-            padding,
-            [(t.name, t.datatype, t.dims) for t in settings.inputs],
-            settings.output_names,
-        )
+        if named:
+            check_output_axes(instance, padding, inputs, settings.output_names)
+            return settings
+        axes = probe_output_axes(instance, padding, inputs, settings.output_names)
     except PaddingConfigError as exc:
         raise ConfigError(str(exc)) from None
     except FerryError as exc:
+        if named:
+            # A model that cannot run on the probe's inputs is taken at its word: a config
+            # names the outputs for such a model.
+            log.warning(
+                "model '%s': running it on inputs of lengths %s to check parameter %s "
+                "failed (%s); the outputs it names are cut back as given",
+                settings.name, PROBE_LENGTHS, PADDING_OUTPUTS_PARAMETER, exc.message,
+            )
+            return settings
         raise ConfigError(
             f"running the model on inputs of lengths {PROBE_LENGTHS} to find the outputs "
             f"that follow the padded axis failed ({exc.message}); name them in parameter "
@@ -140,27 +145,6 @@ def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings
         ) from None
     log.info("model '%s': outputs cut back to each request's length: %s", settings.name, axes)
     return dataclasses.replace(settings, padding=dataclasses.replace(padding, outputs=axes))
-
-
-def _check_output_axes(settings: ModelSettings, padding: PaddingSettings, instance: Runner) -> None:
-    """The config named the outputs to cut back: they must be the ones that follow the
-    padded length. A model that cannot run on the probe's inputs is taken at its word (a
-    config names the outputs for such a model)."""
-    try:
-        check_output_axes(
-            instance,
-            padding,
-            [(t.name, t.datatype, t.dims) for t in settings.inputs],
-            settings.output_names,
-        )
-    except PaddingConfigError as exc:
-        raise ConfigError(str(exc)) from None
-    except FerryError as exc:
-        log.warning(
-            "model '%s': running it on inputs of lengths %s to check parameter %s failed "
-            "(%s); the outputs it names are cut back as given",
-            settings.name, PROBE_LENGTHS, PADDING_OUTPUTS_PARAMETER, exc.message,
-        )
 
 
 # The thread calibration runs its samples some thirty times: a full batch larger than

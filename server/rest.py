@@ -600,47 +600,10 @@ class ConnectionCount:
             self._warned = False
 
 
-class _CountedConnection(asyncio.Protocol):
-    """aiohttp's protocol for one connection, counted until it is lost."""
-
-    __slots__ = ("_count", "_inner")
-
-    def __init__(self, inner: asyncio.Protocol, count: ConnectionCount) -> None:
-        self._inner = inner
-        self._count: ConnectionCount | None = count
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        try:
-            self._inner.connection_made(transport)
-        except BaseException:
-            self._give_back()  # the loop closes the transport, maybe without connection_lost
-            raise
-
-    def _give_back(self) -> None:
-        count, self._count = self._count, None
-        if count is not None:
-            count.give_back()
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._give_back()
-        self._inner.connection_lost(exc)
-
-
-class _CountedTlsConnection(asyncio.BufferedProtocol):
-    """The TLS protocol (the loop's, around aiohttp's) of one connection, counted from
-    the TCP connection's start to its end, whether or not its handshake ever ended."""
+class _Counted:
+    """A connection's protocol (`inner`), counted in `count` until the connection is lost,
+    or until `connection_made` fails (the loop then closes the transport, maybe without
+    calling `connection_lost`)."""
 
     __slots__ = ("_count", "_inner")
 
@@ -654,12 +617,6 @@ class _CountedTlsConnection(asyncio.BufferedProtocol):
         except BaseException:
             self._give_back()
             raise
-
-    def get_buffer(self, sizehint: int) -> Any:
-        return self._inner.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self._inner.buffer_updated(nbytes)
 
     def eof_received(self) -> bool | None:
         return cast("bool | None", self._inner.eof_received())
@@ -678,6 +635,28 @@ class _CountedTlsConnection(asyncio.BufferedProtocol):
         count, self._count = self._count, None
         if count is not None:
             count.give_back()
+
+
+class _CountedConnection(_Counted, asyncio.Protocol):
+    """aiohttp's protocol for one plain connection, counted."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+
+class _CountedTlsConnection(_Counted, asyncio.BufferedProtocol):
+    """The TLS protocol (the loop's, around aiohttp's) of one connection, counted from
+    the TCP connection's start to its end, whether or not its handshake ever ended."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> Any:
+        return self._inner.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._inner.buffer_updated(nbytes)
 
 
 # A TLS client has this long (at most the idle timeout) to finish its handshake.
