@@ -25,7 +25,12 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server.config import ModelSettings, TensorSpec
 from ferry.server.errors import FerryError
-from ferry.server.tensors import VARINT_DECODE_MIN_VALUES, decode_request
+from ferry.server.tensors import (
+    VARINT_DECODE_MIN_VALUES,
+    WIDE_VARINT_DECODE_MIN_VALUES,
+    decode_request,
+    decode_with_numpy,
+)
 from ferry.server.varints import (
     CHUNK_BYTES,
     SCALAR_DTYPES,
@@ -328,7 +333,7 @@ def test_every_datatype_decodes_as_the_container_path_does(datatype: str) -> Non
 
 
 def test_values_past_the_signed_range_are_kept_as_protobuf_reads_them() -> None:
-    many = VARINT_DECODE_MIN_VALUES
+    many = WIDE_VARINT_DECODE_MIN_VALUES  # wide values: enough to take the fast path
     for datatype, edges in (
         ("UINT32", [2**32 - 1, 2**31]),
         ("UINT64", [2**64 - 1, 2**63]),
@@ -338,6 +343,25 @@ def test_values_past_the_signed_range_are_kept_as_protobuf_reads_them() -> None:
         got = outcome(request_of(datatype, edges * many), datatype)
         expected = np.array(edges * many, dtype=np.dtype(datatype.lower()))
         np.testing.assert_array_equal(got, expected)
+
+
+def test_random_64_bit_values_take_the_container_until_numpy_is_faster() -> None:
+    rng = np.random.default_rng(3)
+    below = WIDE_VARINT_DECODE_MIN_VALUES - 1
+    hashes = rng.integers(-(2**63), 2**63 - 1, below, dtype=np.int64).tolist()
+    token_ids = rng.integers(0, 50_000, below, dtype=np.int64).tolist()
+    unsigned = rng.integers(2**56, 2**64 - 1, below, dtype=np.uint64).tolist()
+    assert not decode_with_numpy(hashes, "int64_contents", below)
+    assert not decode_with_numpy(unsigned, "uint64_contents", below)
+    assert decode_with_numpy(token_ids, "int64_contents", below)
+    assert decode_with_numpy([*hashes, 0], "int64_contents", below + 1)
+    # Only 64-bit fields: an int32 field's negatives are 10 bytes too, but rarely all.
+    assert decode_with_numpy([-1] * 4096, "int_contents", 4096)
+    assert not decode_with_numpy(token_ids, "int64_contents", VARINT_DECODE_MIN_VALUES - 1)
+    # Either way, the same answer.
+    for values in (hashes, token_ids):
+        fast = outcome(request_of("INT64", values), "INT64")
+        np.testing.assert_array_equal(fast, np.array(values, dtype=np.int64))
 
 
 def test_small_tensors_keep_the_container_path_and_its_answers() -> None:
