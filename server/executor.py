@@ -27,6 +27,13 @@ from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadd
 
 log = logging.getLogger(__name__)
 
+# A padded length that failed while each of its batch's requests then ran alone is not
+# padded to for this long; then one batch tries it again. The wait doubles each time it
+# fails again (a model's longest sequence), up to BUCKET_RETRY_MAX_S, and a try that runs
+# (the failure was a moment's: a device short of memory) brings the bucket back.
+BUCKET_RETRY_AFTER_S = 60.0
+BUCKET_RETRY_MAX_S = 3600.0
+
 
 class Runner(Protocol):
     """The least a model instance can do: run one set of inputs."""
@@ -107,7 +114,8 @@ class InstanceExecutor:
     so that one caller's request (too long for the model, say) fails alone, and a bucket
     past the model's longest sequence (48 positions padded to 64) costs one failed run:
     when every request then ran alone, that padded length is too long for the model, and
-    later batches that would reach it are padded only to their longest request. A batch
+    later batches that would reach it are padded only to their longest request, until a
+    batch tries it again (BUCKET_RETRY_AFTER_S, doubling while it keeps failing). A batch
     without padding that fails is run again in halves (`_in_halves`) for the same reason.
     """
 
@@ -123,8 +131,11 @@ class InstanceExecutor:
         self.batchable = batchable
         self.padding = padding if batchable else None
         self._timer = timer
-        # The shortest padded length a batch failed at while its requests ran alone.
+        # The shortest padded length a batch failed at while its requests ran alone; when
+        # (timer) a batch may try it again, and the wait after that try if it fails.
         self._too_long: int | None = None
+        self._retry_at_ns = 0
+        self._retry_wait_s = BUCKET_RETRY_AFTER_S
 
     @property
     def may_run_on_loop(self) -> bool:
@@ -207,8 +218,11 @@ class InstanceExecutor:
         rows = sum(row_counts)
         longest = max(lengths)
         target = padding.buckets.padded_length(longest)
+        retrying = False
         if self._too_long is not None and target >= self._too_long:
-            target = longest
+            retrying = target > longest and t0 >= self._retry_at_ns
+            if not retrying:
+                target = longest
         inputs = gather_padded(
             [item.inputs for item in items], lengths, target, padding.axis, padding.inputs
         )
@@ -218,7 +232,10 @@ class InstanceExecutor:
         except Exception:
             if len(items) == 1 and target == longest:
                 raise  # what the request would meet alone: the scheduler reports it
-            return self._each_alone(padding, items, output_names, target, t0)
+            return self._each_alone(padding, items, output_names, target, retrying, t0)
+        if retrying:
+            log.warning("a padded batch ran at length %d again: its bucket is back", target)
+            self._too_long = None
         t2 = timer()
         results = scatter_unpadded(
             outputs, row_counts, lengths, target, [i.outputs for i in items],
@@ -236,6 +253,7 @@ class InstanceExecutor:
         items: Sequence[BatchItem],
         output_names: Sequence[str],
         failed_at: int,
+        retried: bool,
         t0: int,
     ) -> ExecutedBatch:
         """After a padded batch failed: each request at its own length, on its own."""
@@ -256,17 +274,31 @@ class InstanceExecutor:
             except Exception as exc:
                 results.append(exc)
         ran_alone = not any(isinstance(result, BaseException) for result in results)
-        if ran_alone and (self._too_long is None or failed_at < self._too_long):
-            self._too_long = failed_at
-            log.warning(
-                "a padded batch failed at length %d while each of its requests ran "
-                "alone; batches that would be padded to %d or more are padded only to "
-                "their longest request from now on",
-                failed_at, failed_at,
-            )
+        if ran_alone:
+            self._mark_too_long(failed_at, retried, t0)
         t2 = timer()
         real = sum(item.rows * item.length for item in items)
         return ExecutedBatch(results, padded_rows, t1 - t0, t2 - t1, 0, real, real)
+
+
+    def _mark_too_long(self, failed_at: int, retried: bool, now_ns: int) -> None:
+        """A padded batch failed at `failed_at` while each of its requests then ran;
+        `retried`: it was a try again of the length marked, which waits twice as long."""
+        if retried:
+            wait_s = min(self._retry_wait_s * 2, BUCKET_RETRY_MAX_S)
+        else:
+            wait_s = BUCKET_RETRY_AFTER_S
+        if self._too_long is not None:
+            failed_at = min(failed_at, self._too_long)
+        self._too_long = failed_at
+        self._retry_wait_s = wait_s
+        self._retry_at_ns = now_ns + int(wait_s * 1e9)
+        log.warning(
+            "a padded batch failed at length %d while each of its requests ran alone; "
+            "batches that would be padded to %d or more are padded only to their "
+            "longest request for %g s, and then one tries again",
+            failed_at, failed_at, wait_s,
+        )
 
 
 def _may_be_a_callers(exc: Exception) -> bool:

@@ -12,7 +12,12 @@ import pytest
 
 from ferry.server.batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from ferry.server.config import ConfigError, read_config_file, settings_from
-from ferry.server.executor import BatchItem, InstanceExecutor
+from ferry.server.executor import (
+    BUCKET_RETRY_AFTER_S,
+    BUCKET_RETRY_MAX_S,
+    BatchItem,
+    InstanceExecutor,
+)
 from ferry.server.loading import with_output_axes
 from ferry.server.padding import LengthBuckets, PaddingSettings, probe_output_axes
 from ferry.server.rows import gather_padded, scatter_unpadded
@@ -476,6 +481,78 @@ def test_a_bucket_past_the_models_longest_sequence_costs_one_failed_run() -> Non
     assert second.outputs[1]["states"].tolist() == [[66] * 33]  # type: ignore[index]
     executor.execute(items_of(20, 30), ["states"])
     assert model.runs[4:] == [32]  # buckets below the failed length still apply
+
+
+class FlakyModel(ShortModel):
+    """A ShortModel whose next `failures` runs past `flaky_from` positions fail, as a
+    device out of memory for a moment would."""
+
+    def __init__(self, longest: int, flaky_from: int, failures: int) -> None:
+        super().__init__(longest)
+        self.flaky_from = flaky_from
+        self.failures = failures
+
+    def run_batch(
+        self, parts: list[dict[str, np.ndarray]], rows: int, output_names: list[str]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        length = parts[0]["ids"].shape[1]
+        if self.failures and length >= self.flaky_from:
+            self.failures -= 1
+            self.runs.append(length)
+            raise RuntimeError(f"out of memory at length {length}")
+        return super().run_batch(parts, rows, output_names)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_ns = 0
+
+    def __call__(self) -> int:
+        return self.now_ns
+
+
+def test_a_bucket_that_failed_once_is_tried_again_after_a_while() -> None:
+    """A padded batch that failed for a moment (the device short of memory) while its
+    requests then ran alone must not turn bucketing off past that length for good: after
+    BUCKET_RETRY_AFTER_S a batch is padded to the bucket again, and when it runs, the
+    mark is gone."""
+    model = FlakyModel(longest=128, flaky_from=64, failures=1)
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets(), {"states": 1})
+    clock = Clock()
+    executor = InstanceExecutor(model, padding=padding, timer=clock)
+    executor.execute(items_of(40, 38), ["states"])
+    assert model.runs == [64, 40, 38]  # failed padded, then each alone
+    executor.execute(items_of(45, 33), ["states"])
+    assert model.runs[3:] == [45]  # within the wait: to the longest request only
+    clock.now_ns += int(BUCKET_RETRY_AFTER_S * 1e9)
+    executor.execute(items_of(45, 33), ["states"])
+    assert model.runs[4:] == [64]  # tried again, and it runs
+    executor.execute(items_of(50, 35), ["states"])
+    assert model.runs[5:] == [64]  # the bucket is back
+
+
+def test_a_bucket_past_the_models_length_is_tried_again_ever_more_rarely() -> None:
+    """A length the model can never take costs one failed run per try, and the waits
+    between tries double, up to BUCKET_RETRY_MAX_S."""
+    model = ShortModel(longest=48)
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets(), {"states": 1})
+    clock = Clock()
+    executor = InstanceExecutor(model, padding=padding, timer=clock)
+    waits = []
+    wait_s = BUCKET_RETRY_AFTER_S
+    while wait_s <= BUCKET_RETRY_MAX_S:
+        waits.append(wait_s)
+        wait_s *= 2
+    waits += [BUCKET_RETRY_MAX_S] * 2
+    executor.execute(items_of(40, 38), ["states"])
+    assert model.runs == [64, 40, 38]
+    for wait in waits:
+        clock.now_ns += int(wait * 1e9) - 1
+        executor.execute(items_of(40, 38), ["states"])
+        assert model.runs[-1] == 40, wait  # not yet
+        clock.now_ns += 1
+        executor.execute(items_of(40, 38), ["states"])
+        assert model.runs[-3:] == [64, 40, 38], wait  # tried, failed, each alone
 
 
 def test_one_request_the_model_refuses_fails_alone_and_teaches_nothing() -> None:
