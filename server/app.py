@@ -76,6 +76,9 @@ class ServerOptions:
     max_message_bytes: int = 64 * 1024 * 1024
     poll_repository_s: float | None = None  # None: the repository is read once, at start
     session_threads: int = 0  # onnxruntime intra-op threads per session; 0: automatic
+    # Working memory the runs of every CPU model may hold together (runtime.SessionSettings);
+    # 0: no limit. ferry serve's default is runtime.default_max_run_memory().
+    max_run_memory: int = 0
     access_log: bool = False  # one log line per inference request
     security: SecurityOptions = field(default_factory=SecurityOptions)
     # A KIND_GPU model where CUDA cannot be used: load it on the CPU with a warning, or
@@ -110,6 +113,8 @@ class ServerOptions:
                 f"grpc listeners must be within 0..{MAX_GRPC_LISTENERS}, got "
                 f"{self.grpc_listeners}"
             )
+        if self.max_run_memory < 0:
+            raise ValueError(f"max run memory must be >= 0 bytes, got {self.max_run_memory}")
         if self.session_threads < 0:
             raise ValueError(f"session threads must be >= 0, got {self.session_threads}")
         if self.shutdown_grace_s < 0:
@@ -198,6 +203,7 @@ class FerryServer:
                 LoadOptions(
                     gpu_fallback=options.gpu_fallback,
                     session_threads=options.session_threads,
+                    max_run_memory=options.max_run_memory,
                     clock=clock,
                     batch_observers_for=self.metrics.observers_for,
                     request_observers=observers,

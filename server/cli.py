@@ -33,6 +33,7 @@ from .metrics_merge import peer_metrics_address
 from .providers import GpuFallback
 from .remote import ExecutorLink, OutcomesToExecutor, RemoteModels
 from .repository import ModelControl, ModelControlMode, ModelRepository
+from .runtime import default_max_run_memory
 from .security import (
     DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -57,6 +58,8 @@ MAX_GRPC_INT = 2**31 - 1
 # a process, each session thread a thread that onnxruntime starts at load.
 MAX_WORKERS = 256
 MAX_SESSION_THREADS = 1024
+# Below this, no model's run could fit (onnxruntime's arena takes 1 MiB at a time).
+MIN_RUN_MEMORY = 1 << 20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,6 +287,11 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tensor-bytes", type=int, default=None, metavar="BYTES",
                        help="most bytes in one input tensor, decoded; a BYTES element "
                        "counts 112 bytes besides its content (default: --max-message-size)")
+    group.add_argument("--max-run-memory", type=int, default=None, metavar="BYTES",
+                       help="working memory (intermediate and output tensors) the runs of "
+                       "every CPU model may hold together; a run that needs more is "
+                       "refused RESOURCE_EXHAUSTED; 0: no limit (default: three quarters "
+                       "of the machine's memory, or of the cgroup's limit)")
     group.add_argument("--max-stream-pending", type=int, default=DEFAULT_MAX_STREAM_PENDING,
                        metavar="N",
                        help="a ModelStreamInfer stream stops reading requests while this "
@@ -329,6 +337,9 @@ def check_values(args: argparse.Namespace) -> None:
     within("--max-ping-strikes", args.max_ping_strikes, 0, MAX_GRPC_INT)
     within("--max-tensor-elements", args.max_tensor_elements, 1, 2**63 - 1)
     within("--max-tensor-bytes", args.max_tensor_bytes, 1, 2**63 - 1, " bytes")
+    if args.max_run_memory != 0:
+        within("--max-run-memory", args.max_run_memory, MIN_RUN_MEMORY, 2**63 - 1,
+               " bytes (or 0: no limit)")
     within("--max-stream-pending", args.max_stream_pending, 1, 2**63 - 1)
     within("--max-stream-pending-bytes", args.max_stream_pending_bytes, 1, 2**63 - 1, " bytes")
     # The server's own checks would refuse these too, but in its words ("grpc listeners
@@ -490,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             max_message_bytes=args.max_message_size,
             poll_repository_s=args.poll_repository,
             session_threads=args.session_threads,
+            max_run_memory=(
+                default_max_run_memory() if args.max_run_memory is None else args.max_run_memory
+            ),
             access_log=args.access_log,
             gpu_fallback=GpuFallback(args.gpu_fallback),
             security=security_options(args),

@@ -304,9 +304,14 @@ class InstanceExecutor:
 def _may_be_a_callers(exc: Exception) -> bool:
     """May a failed run be one request's fault, so that running its parts apart helps?
     The runtime says so with a FerryError of kind INVALID_INPUT (onnxruntime's
-    InvalidArgument); any other FerryError is the server's (a model that cannot run, a
-    device out of memory): every part would fail again. Other exceptions say nothing."""
-    return not isinstance(exc, FerryError) or exc.kind is ErrorKind.INVALID_INPUT
+    InvalidArgument) or TOO_LARGE (past --max-run-memory: one request that asks for too
+    much, or a batch too large together); any other FerryError is the server's (a model
+    that cannot run, a device out of memory): every part would fail again. Other
+    exceptions say nothing."""
+    return not isinstance(exc, FerryError) or exc.kind in _CALLERS_KINDS
+
+
+_CALLERS_KINDS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
 
 
 Outcome = ExecutedBatch | BaseException

@@ -206,6 +206,7 @@ class ExecutorService:
             LoadOptions(
                 gpu_fallback=options.gpu_fallback,
                 session_threads=options.session_threads,
+                max_run_memory=options.max_run_memory,
                 batch_observers_for=self.metrics.observers_for,
                 request_observers=(self.metrics,),
                 device=device,

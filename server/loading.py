@@ -60,6 +60,7 @@ class LoadOptions:
 
     gpu_fallback: GpuFallback = GpuFallback.CPU
     session_threads: int = 0  # 0: default_intra_op_threads decides
+    max_run_memory: int = 0  # bytes for the runs of every CPU session together; 0: no limit
     clock: Callable[[], float] = time.monotonic
     batch_observers_for: BatchObserverFactory = lambda name, version: ()
     request_observers: tuple[OutcomeObserver, ...] = ()
@@ -96,6 +97,7 @@ def build_sessions(
         io_binding=settings.io_binding,
         batch_buckets=settings.batch_buckets,
         cuda_graphs=settings.cuda_graphs,
+        max_run_memory=options.max_run_memory,
     )
     if not options.session_threads and all(p.gpu is None for p in where):
         # Automatic threads on the CPU: as many as the cores allow, unless the model is so

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -77,6 +78,10 @@ class SessionSettings:
     batch_buckets: tuple[int, ...] = ()
     preallocate_outputs: bool | None = None  # None: on a GPU only
     cuda_graphs: bool = False
+    # The working memory (intermediate and output tensors) that the runs of every CPU
+    # session of the process may hold together, in bytes; 0: no limit. Weights are not
+    # counted. See `_share_run_memory`.
+    max_run_memory: int = 0
 
     def __post_init__(self) -> None:
         if list(self.batch_buckets) != sorted(set(self.batch_buckets)) or any(
@@ -91,6 +96,49 @@ class SessionSettings:
 def available_providers() -> tuple[str, ...]:
     """The execution providers this onnxruntime build has."""
     return tuple(ort.get_available_providers())
+
+
+def default_max_run_memory() -> int:
+    """Three quarters of the memory this process may have: the machine's, or its
+    cgroup's limit when lower. What a run may not take, the rest of the server keeps."""
+    return _memory_bytes() * 3 // 4
+
+
+def _memory_bytes() -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max",  # cgroup v2; "max": none
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+# The limit of the arena that CPU sessions created from now on share (None: none yet).
+_shared_run_memory: int | None = None
+_shared_run_memory_lock = threading.Lock()
+
+
+def _share_run_memory(limit: int) -> None:
+    """Register onnxruntime's shared CPU arena, capped at `limit` bytes, for the sessions
+    created after it (a session keeps the arena it was created with). A run that would
+    take the arena past its cap fails at that allocation, before the memory is touched,
+    instead of growing the process until the kernel kills it (a model whose output size
+    is an input value: Range, Expand, ConstantOfShape)."""
+    global _shared_run_memory
+    with _shared_run_memory_lock:
+        if _shared_run_memory == limit:
+            return
+        ort.create_and_register_allocator(
+            ort.OrtMemoryInfo(
+                "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+            ),
+            ort.OrtArenaCfg({"max_mem": limit}),
+        )
+        _shared_run_memory = limit
 
 
 def usable_cores() -> int:
@@ -211,6 +259,13 @@ class OnnxInstance:
             _optimization_level(settings.graph_optimization_level)
         )
         options.log_severity_level = 3  # errors only; load problems are reported by Ferry
+        # On a GPU, onnxruntime's own gpu_mem_limit applies instead.
+        self._memory_limit = settings.max_run_memory if all(
+            p.name == CPU_PROVIDER.name for p in settings.providers
+        ) else 0
+        if self._memory_limit:
+            _share_run_memory(self._memory_limit)
+            options.add_session_config_entry("session.use_env_allocators", "1")
         providers = [(p.name, dict(p.options)) for p in settings.providers]
         try:
             with warnings.catch_warnings():
@@ -276,7 +331,7 @@ class OnnxInstance:
                 inputs if isinstance(inputs, dict) else dict(inputs),
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            raise _run_error(exc) from exc
+            raise _run_error(exc, self._memory_limit) from exc
         return dict(zip(output_names, values, strict=True))
 
     def run_batch(
@@ -291,7 +346,7 @@ class OnnxInstance:
         except FerryError:
             raise
         except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
-            raise _run_error(exc) from exc
+            raise _run_error(exc, self._memory_limit) from exc
 
 
 def _optimization_level(level: int) -> int:
@@ -322,11 +377,24 @@ def _load_reason(reason: str) -> str:
     return reason
 
 
-def _run_error(exc: Exception) -> FerryError:
+# What onnxruntime's capped arena says when a run's allocation does not fit.
+_ARENA_FULL = re.compile(r"Available memory of (\d+) is smaller than requested bytes of (\d+)")
+
+
+def _run_error(exc: Exception, memory_limit: int = 0) -> FerryError:
     """A failed run, for its callers. onnxruntime's InvalidArgument from a run whose inputs
     passed validation comes from their values (a token id past the embedding table, say):
-    the caller's error. The scheduler runs a failed batch again in parts, so only the
-    requests that fail on their own get it. Anything else is the server's."""
+    the caller's error. A run past the memory limit is TOO_LARGE (RESOURCE_EXHAUSTED).
+    The scheduler runs a failed batch again in parts, so only the requests that fail on
+    their own get either. Anything else is the server's."""
+    full = _ARENA_FULL.search(str(exc)) if memory_limit else None
+    if full is not None:
+        return FerryError(
+            ErrorKind.TOO_LARGE,
+            f"the run needs {int(full.group(2))} bytes at once, more than the "
+            f"{int(full.group(1))} left of --max-run-memory ({memory_limit} bytes for the "
+            "runs of every model together)",
+        )
     invalid = type(exc).__name__ == "InvalidArgument" and type(exc).__module__.startswith(
         "onnxruntime"
     )
