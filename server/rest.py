@@ -37,6 +37,7 @@ from .logs import quiet_malformed_http
 from .ports import bare_host, host_port, socket_family
 from .repository import ModelControl
 from .rest_codec import (
+    ANSWER_LIMIT,
     BINARY_TYPE,
     HEADER_LENGTH,
     JSON_TYPE,
@@ -69,7 +70,6 @@ MIN_UPLOAD_BYTES_PER_S = 1024 * 1024
 
 # An answer is held to the same limit as a request body. Over it: 503, as every
 # RESOURCE_EXHAUSTED of the REST port (Triton's mapping); 413 would blame the request.
-ANSWER_LIMIT = "the largest answer the server sends (--max-message-size)"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -341,12 +341,14 @@ class RestFrontDoor:
             assert parsed is not None  # decoded before any output exists
             settings = model.settings
             # From the outputs' sizes (a floor of their JSON text) before the body is
-            # rendered, then the body as rendered: JSON may take 3 to 4 times the floor.
+            # rendered, then while it is rendered: JSON may take up to 6 times the floor.
             refuse_oversized_answer(
                 settings.name, outputs, answer_floor(parsed), max_answer, ANSWER_LIMIT,
                 settings.output_datatypes,
             )
-            payload, header_bytes = encode_infer(parsed, settings, model.version, outputs)
+            payload, header_bytes = encode_infer(
+                parsed, settings, model.version, outputs, max_answer
+            )
             if len(payload) > max_answer:
                 raise FerryError(
                     ErrorKind.TOO_LARGE,

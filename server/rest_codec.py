@@ -30,10 +30,11 @@ from ferry.proto.codec import NUMPY_DTYPES, encode_bytes_elements, to_raw
 
 from .config import ModelSettings
 from .dataplane import OutputFloor, text_bytes
-from .errors import invalid_input
+from .errors import ErrorKind, FerryError, invalid_input
 from .tensors import Array, DecodedRequest, TensorLimits, decode_request
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+ANSWER_LIMIT = "the largest answer the server sends (--max-message-size)"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
@@ -383,12 +384,20 @@ def encode_infer(
     settings: ModelSettings,
     version: str,
     outputs: Mapping[str, Array],
+    max_bytes: int | None = None,
 ) -> tuple[bytes, int | None]:
-    """The response body, and the JSON header's length when binary outputs follow it."""
+    """The response body, and the JSON header's length when binary outputs follow it.
+    With `max_bytes`, a body that may be larger is rendered a slice of each output at a
+    time and refused (TOO_LARGE) as soon as it passes the limit: JSON text takes up to
+    six times the floor that `answer_floor` checks before it, and rendered whole, a body
+    to be refused would first take all of it."""
     binary_names = request.binary_outputs
     datatypes = settings.output_datatypes
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
+    in_json: list[Array] = []
+    # What the answer may take, at first with the widest element for every value.
+    ceiling = _HEADER_CEILING + 6 * (len(settings.name) + len(version))
     for name, array in outputs.items():
         entry: dict[str, Any] = {
             "name": name,
@@ -399,17 +408,113 @@ def encode_infer(
             raw = to_raw(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+            ceiling += _OUTPUT_CEILING + 6 * len(name) + 21 * array.ndim + len(raw)
         else:
             entry["data"] = _json_data(array)
+            in_json.append(array)
+            ceiling += _OUTPUT_CEILING + 6 * len(name) + 21 * array.ndim + (
+                json_ceiling(array) if array.dtype.kind in "OSU"
+                else _MOST_ELEMENT_CHARS * array.size
+            )
         described.append(entry)
     response: dict[str, Any] = {"model_name": settings.name, "model_version": version}
     if request.has_id:
         response["id"] = request.request.id
-    response["outputs"] = described
-    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+        ceiling += 6 * len(request.request.id)
+    if (
+        max_bytes is not None
+        and ceiling > max_bytes
+        and ceiling + sum(json_ceiling(a) - _MOST_ELEMENT_CHARS * a.size
+                          for a in in_json if a.dtype.kind not in "OSU") > max_bytes
+    ):
+        header = _bounded_header(
+            response, described, max_bytes - sum(map(len, chunks)), max_bytes
+        )
+    else:
+        response["outputs"] = described
+        header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return header, None
     return b"".join((header, *chunks)), len(header)
+
+
+# What a JSON answer adds to its names, its id, its outputs' data and their shapes (20
+# digits and a comma a dimension): its keys and punctuation, an output's datatype and
+# parameters (generous bounds).
+_HEADER_CEILING = 256
+_OUTPUT_CEILING = 128
+# Elements of an output rendered at a time when the answer may be over the limit.
+JSON_SLICE = 65536
+# The most bytes orjson writes for one element, comma included, by numpy kind and size:
+# "-3.4028235e+38", "-2.2250738585072014e-308", "-9223372036854775808", "false".
+_FLOAT_CHARS = {2: 16, 4: 16, 8: 25}
+_MOST_ELEMENT_CHARS = 33  # a float wider than 8 bytes
+
+
+def json_ceiling(array: Array) -> int:
+    """The most bytes of an output's `data` in a JSON answer, brackets included; a
+    string element takes its quotes and at most six bytes per byte ("\\u001f")."""
+    count = array.size
+    dtype = array.dtype
+    if dtype.kind in "OSU":
+        return 6 * text_bytes(array) + 3 * count + 2
+    per_element = _ELEMENT_CHARS.get(dtype)
+    if per_element is None:
+        per_element = _ELEMENT_CHARS[dtype] = _element_chars(dtype)
+    return per_element * count + 2
+
+
+_ELEMENT_CHARS: dict[np.dtype[Any], int] = {}
+
+
+def _element_chars(dtype: np.dtype[Any]) -> int:
+    if dtype.kind == "f":
+        return _FLOAT_CHARS.get(dtype.itemsize, 33)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return max(len(str(info.min)), len(str(info.max))) + 1
+    return 6  # "false,"
+
+
+def _bounded_header(
+    response: dict[str, Any], described: list[dict[str, Any]], max_bytes: int, limit: int
+) -> bytes:
+    """The JSON header `orjson.dumps` would write for `response` with `described` as its
+    outputs, built a slice of data at a time; TOO_LARGE once it passes `max_bytes` (what
+    the answer's `limit` leaves it beside the binary outputs)."""
+    pieces: list[bytes] = []
+    size = 0
+
+    def add(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > max_bytes:
+            raise FerryError(
+                ErrorKind.TOO_LARGE,
+                f"the response of model '{response['model_name']}' is more than "
+                f"{limit} bytes, {ANSWER_LIMIT}; ask for large outputs as binary data "
+                "(binary_data_output)",
+            )
+        pieces.append(piece)
+
+    head = dumps({**response, "outputs": []})
+    add(head[: -len(b"]}")])
+    for index, entry in enumerate(described):
+        if index:
+            add(b",")
+        data = entry.pop("data", None)
+        rendered = dumps(entry)
+        if data is None:
+            add(rendered)
+            continue
+        add(rendered[:-1] + b',"data":[')
+        for start in range(0, len(data), JSON_SLICE):
+            if start:
+                add(b",")
+            add(dumps(data[start : start + JSON_SLICE])[1:-1])
+        add(b"]}")
+    add(b"]}")
+    return b"".join(pieces)
 
 
 # The shortest JSON orjson writes for one element, by numpy kind: "0.0" for a float
