@@ -235,7 +235,7 @@ class FerryServer:
         # while a listener still has room.
         listeners = max(1, min(
             options.grpc_listeners or DEFAULT_GRPC_LISTENERS,
-            options.security.max_connections // LISTENER_CONNECTIONS_AT_LEAST,
+            options.security.frontend_max_connections // LISTENER_CONNECTIONS_AT_LEAST,
         ))
         self._servers = [self._grpc_server(interceptors, listeners) for _ in range(listeners)]
         self.grpc_port = 0
@@ -251,6 +251,7 @@ class FerryServer:
             ),
             max_connections=options.security.max_connections,
             idle_timeout_s=options.security.connection_idle_timeout_s,
+            shared_connections=options.security.connection_table(),
         )
         self.http_port = 0  # the bound REST port, once started (0: none)
 

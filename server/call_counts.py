@@ -1,11 +1,12 @@
-"""`--max-concurrent-rpcs` for the whole of `ferry serve --workers N`.
+"""`--max-concurrent-rpcs` and the REST port's `--max-connections` for the whole of
+`ferry serve --workers N`.
 
 The kernel spreads connections over the frontends at random, so a limit kept by each
 frontend alone would let N times the calls in. Instead the supervisor creates one small
-shared page (a memfd: nothing is left in /dev/shm, whatever way the processes end) with
-one 8-byte count per frontend, and every frontend maps it. A frontend writes only its
-own count, on its event loop's thread; it admits a call when the sum of all counts,
-its new call included, is within the limit.
+shared page per limit (a memfd: nothing is left in /dev/shm, whatever way the processes
+end) with one 8-byte count per frontend, and every frontend maps it. A frontend writes
+only its own count, on its event loop's thread; it admits a call (or a connection) when
+the sum of all counts, its new one included, is within the limit.
 
 Two frontends that admit a call at the same instant may each miss the other's new call,
 so the limit can be passed by at most one call per other frontend, for that instant.
@@ -21,12 +22,12 @@ import os
 _COUNT_BYTES = 8
 
 
-def create_call_counts(frontends: int) -> int:
+def create_call_counts(frontends: int, name: str = "ferry-call-counts") -> int:
     """A memfd holding one zeroed count per frontend; the caller owns the descriptor
     and hands it to each frontend (`pass_fds`)."""
     if frontends < 1:
         raise ValueError(f"frontends must be >= 1, got {frontends}")
-    fd = os.memfd_create("ferry-call-counts", os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, frontends * _COUNT_BYTES)
     return fd
 

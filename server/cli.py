@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     internal.add_argument("--call-counts-fd", type=int, default=None, metavar="FD",
                           help="a frontend's view of the calls in flight in every "
                           "frontend (the supervisor's memfd), for --max-concurrent-rpcs")
+    internal.add_argument("--connection-counts-fd", type=int, default=None, metavar="FD",
+                          help="a frontend's view of every frontend's REST connections "
+                          "(the supervisor's memfd), for --max-connections")
     internal.add_argument("--ready-fd", type=int, default=None, metavar="FD",
                           help="the executor writes 'ready' here once its models are loaded")
     serve.add_argument(
@@ -415,6 +418,11 @@ def security_options(args: argparse.Namespace) -> SecurityOptions:
             if args.call_counts_fd is not None and args.process_role == FRONTEND
             else None
         ),
+        shared_connection_counts=(
+            (args.connection_counts_fd, args.frontend_index)
+            if args.connection_counts_fd is not None and args.process_role == FRONTEND
+            else None
+        ),
     )
 
 
@@ -555,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot read the model repository %s: %s", options.model_path, exc)
             return 2
         return Supervisor(
-            argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices
+            argv, args.workers, args.host, args.grpc_port, options.metrics_port, devices,
+            http_port=options.http_port,
         ).run()
     return event_loop.run(serve(options), args.event_loop)
 

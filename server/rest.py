@@ -29,6 +29,7 @@ from aiohttp import HttpVersion11, web
 from ferry.proto import grpc_service_pb2 as pb
 
 from . import __version__
+from .call_counts import CallCounts
 from .config import ModelSettings
 from .dataplane import DataPlane, refuse_oversized_answer, statistics_of
 from .errors import ErrorKind, FerryError, Status
@@ -484,6 +485,7 @@ class RestServer:
         *,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
+        shared_connections: tuple[CallCounts, int] | None = None,
     ) -> None:
         self._app = front_door.application()
         # By the time the port closes the models have answered every accepted request;
@@ -491,7 +493,7 @@ class RestServer:
         self._close_timeout_s = close_timeout_s
         self._runner: web.AppRunner | None = None
         self._listening: asyncio.AbstractServer | None = None
-        self._connections = ConnectionCount(max_connections)
+        self._connections = ConnectionCount(max_connections, shared_connections)
         self._idle_timeout_s = idle_timeout_s
         self.port = 0
 
@@ -564,15 +566,18 @@ class RestServer:
 
 
 class ConnectionCount:
-    """The open connections of one port, against its limit. Event-loop code only."""
+    """The open connections of one port, against its limit. Event-loop code only.
+    `shared`: a frontend of `--workers N`, the supervisor's table of every frontend's
+    REST connections and this frontend's place in it; the limit is then the server's."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, shared: tuple[CallCounts, int] | None = None) -> None:
         if limit < 1:
             raise ValueError(f"max connections must be >= 1, got {limit}")
         self.limit = limit
         self.open = 0
         self.lingering = 0  # refused connections still read until they close
         self._warned = False
+        self._shared = shared
 
     def linger(self) -> bool:
         """May one more refused connection be read until it closes?"""
@@ -585,7 +590,16 @@ class ConnectionCount:
         self.lingering -= 1
 
     def take(self) -> bool:
-        if self.open >= self.limit:
+        shared = self._shared
+        if shared is None:
+            full = self.open >= self.limit
+        else:  # counted first and checked after, as call_counts.SharedCallSlots
+            counts, index = shared
+            counts.add(index, 1)
+            full = counts.total() > self.limit
+            if full:
+                counts.add(index, -1)
+        if full:
             if not self._warned:  # once per time the port fills up, not per connection
                 self._warned = True
                 log.warning(
@@ -598,6 +612,9 @@ class ConnectionCount:
 
     def give_back(self) -> None:
         self.open -= 1
+        if self._shared is not None:
+            counts, index = self._shared
+            counts.add(index, -1)
         if self.open < self.limit * 3 // 4:
             self._warned = False
 

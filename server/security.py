@@ -428,6 +428,8 @@ class SecurityOptions:
     # A frontend of --workers N: the supervisor's table of call counts (a memfd) and this
     # frontend's place in it, so that --max-concurrent-rpcs holds for the whole server.
     shared_call_counts: tuple[int, int] | None = None
+    # ... and its table of REST connections, so that --max-connections does too.
+    shared_connection_counts: tuple[int, int] | None = None
     connection_idle_timeout_s: float = DEFAULT_CONNECTION_IDLE_TIMEOUT_S
 
     def __post_init__(self) -> None:
@@ -453,13 +455,31 @@ class SecurityOptions:
             )
         RestrictedApiInterceptor(self.restricted_apis)  # refuses a group restricted twice
 
+    def connection_table(self) -> tuple[CallCounts, int] | None:
+        """A frontend of --workers N: every frontend's REST connections, and its place."""
+        if self.shared_connection_counts is None:
+            return None
+        fd, index = self.shared_connection_counts
+        return CallCounts(fd), index
+
+    @property
+    def frontend_max_connections(self) -> int:
+        """The gRPC connections this process may hold: a frontend of --workers N holds
+        its share of `max_connections` (gRPC counts inside each server, where no other
+        process can see), N from the shared table's size."""
+        frontends = 1
+        if self.shared_connection_counts is not None:
+            frontends = CallCounts(self.shared_connection_counts[0]).frontends
+        return -(-self.max_connections // frontends)
+
     def connection_options(self, listeners: int = 1) -> list[tuple[str, int]]:
         """The connection limits of each of `listeners` gRPC servers sharing the port.
         gRPC counts connections per server (a connection over the count is closed as it
         arrives), and the kernel spreads them over the servers: each holds its share of
-        `max_connections`. One idle for the timeout gets a GOAWAY."""
+        `frontend_max_connections`. One idle for the timeout gets a GOAWAY."""
+        share = -(-self.frontend_max_connections // listeners)
         return [
-            ("grpc.max_allowed_incoming_connections", -(-self.max_connections // listeners)),
+            ("grpc.max_allowed_incoming_connections", share),
             ("grpc.max_connection_idle_ms", round(self.connection_idle_timeout_s * 1e3)),
         ]
 

@@ -97,13 +97,16 @@ def role_command(
     device: str | None = None,
     metrics_peers: Sequence[str] = (),
     call_counts_fd: int | None = None,
+    connection_counts_fd: int | None = None,
+    http_port: int | None = None,
 ) -> list[str]:
     """The command line of one process: the user's arguments, one process, its role.
     A frontend's `socket_name` lists every executor's, comma-separated."""
     args = list(argv)
     for option in ("--workers", "--grpc-port", "--metrics-port", "--process-role",
                    "--executor-socket", "--frontend-index", "--ready-fd", "--executor-device",
-                   "--peer-executors", "--call-counts-fd"):
+                   "--peer-executors", "--call-counts-fd", "--connection-counts-fd",
+                   "--http-port"):
         args = _drop_option(args, option)
     args += ["--workers", "1", "--process-role", role, "--executor-socket", socket_name]
     if role == EXECUTOR:
@@ -119,9 +122,12 @@ def role_command(
     else:
         # Frontends share the port on purpose (SO_REUSEPORT); a lone server binds it alone.
         args += ["--grpc-port", str(grpc_port), "--reuse-port", "--metrics-port", "-1"]
+        args += ["--http-port", str(-1 if http_port is None else http_port)]
         args += ["--frontend-index", str(index)]
         if call_counts_fd is not None:
             args += ["--call-counts-fd", str(call_counts_fd)]
+        if connection_counts_fd is not None:
+            args += ["--connection-counts-fd", str(connection_counts_fd)]
     return [sys.executable, "-m", "ferry.server.cli", *args]
 
 
@@ -168,10 +174,14 @@ class Supervisor:
         grpc_port: int,
         metrics_port: int | None,
         devices: Sequence[str] = ("cpu",),
+        http_port: int | None = None,
     ) -> None:
         self.argv = list(argv)
         self.workers = workers
         self.grpc_port = grpc_port or free_port(host)
+        # The frontends share one REST port as they share the gRPC one: a port of 0 is
+        # chosen here, once (each frontend would otherwise bind a port of its own).
+        self.http_port = http_port or (None if http_port is None else free_port(host))
         # Chosen once, so that a restarted executor serves metrics where the first did.
         self.metrics_port = metrics_port or (None if metrics_port is None else free_port(host))
         base = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
@@ -188,6 +198,9 @@ class Supervisor:
         # server; a frontend that died with calls has its count set back before restarting.
         self._call_counts_fd = create_call_counts(workers)
         self._call_counts = CallCounts(self._call_counts_fd)
+        # ... and the REST connections of each, for a --max-connections of the server.
+        self._connection_counts_fd = create_call_counts(workers, "ferry-connection-counts")
+        self._connection_counts = CallCounts(self._connection_counts_fd)
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -211,8 +224,9 @@ class Supervisor:
             executors = "one executor"
         else:
             executors = f"{len(self.devices)} executors ({', '.join(map(str, self.devices))})"
-        log.info("serving on gRPC port %d: %d frontends and %s",
-                 self.grpc_port, self.workers, executors)
+        rest = "" if self.http_port is None else f"; REST on port {self.http_port}"
+        log.info("serving on gRPC port %d: %d frontends and %s%s",
+                 self.grpc_port, self.workers, executors, rest)
         while self._children:
             try:
                 pid, status = os.waitpid(-1, 0)
@@ -247,6 +261,7 @@ class Supervisor:
                 self._stop(signal.SIGTERM)
         else:
             self._call_counts.reset(child.index)
+            self._connection_counts.reset(child.index)
             self._start_frontend(child.index)
 
     def _too_many_restarts(self) -> bool:
@@ -301,10 +316,12 @@ class Supervisor:
             self.argv, FRONTEND, socket_name=",".join(self.socket_names),
             grpc_port=self.grpc_port,
             metrics_port=self.metrics_port, index=index, call_counts_fd=self._call_counts_fd,
+            connection_counts_fd=self._connection_counts_fd, http_port=self.http_port,
         )
         with _signals_held():
             process = subprocess.Popen(
-                command, pass_fds=(self._call_counts_fd,), preexec_fn=_child_setup
+                command, pass_fds=(self._call_counts_fd, self._connection_counts_fd),
+                preexec_fn=_child_setup,
             )
             self._children[process.pid] = _Child(FRONTEND, index, process)
             if self._stopping:  # the stop came while it was being started
