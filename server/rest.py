@@ -537,9 +537,14 @@ class RestServer:
             if not connections.take():
                 if ssl_context is None:
                     return _RefusedConnection(refused, connections)
-                return cast(
-                    asyncio.BaseProtocol,
-                    _tls(loop, _RefusedConnection(refused, connections), ssl_context, handshake_s),
+                # Counted before its handshake, which a client may never finish: past
+                # the bound, a flood of silent connections is closed at once.
+                if not connections.linger():
+                    return _ClosedAtOnce()
+                return _RefusedTlsConnection(
+                    _tls(loop, _RefusedConnection(refused, connections, counted=True),
+                         ssl_context, min(handshake_s, REFUSED_LINGER_S)),
+                    connections,
                 )
             if ssl_context is None:
                 return _CountedConnection(handlers(), connections)
@@ -612,10 +617,12 @@ class ConnectionCount:
 
     def give_back(self) -> None:
         self.open -= 1
+        held = self.open
         if self._shared is not None:
             counts, index = self._shared
             counts.add(index, -1)
-        if self.open < self.limit * 3 // 4:
+            held = counts.total()  # the limit is the server's: so is what holds it
+        if held < self.limit * 3 // 4:
             self._warned = False
 
 
@@ -714,9 +721,11 @@ class _RefusedConnection(asyncio.Protocol):
     """A connection over the limit: told so in a 503, then read until the client closes
     (what it sends is thrown away) for a short while, so that the 503 reaches it."""
 
-    def __init__(self, answer: bytes, count: ConnectionCount) -> None:
+    def __init__(self, answer: bytes, count: ConnectionCount, counted: bool = False) -> None:
         self._answer = answer
         self._count = count
+        # Counted among the lingering refusals by its TLS wrapper (_RefusedTlsConnection).
+        self._counted = counted
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._discarded = 0
@@ -737,7 +746,7 @@ class _RefusedConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         writer = cast(asyncio.Transport, transport)  # uvloop's are not asyncio's classes
         writer.write(self._answer)
-        if not self._count.linger():
+        if not self._counted and not self._count.linger():
             writer.close()
             return
         self._transport = writer
@@ -756,9 +765,31 @@ class _RefusedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._transport = None
-            self._count.stop_lingering()
+            if not self._counted:
+                self._count.stop_lingering()
         if self._timer is not None:
             self._timer.cancel()
+
+
+class _RefusedTlsConnection(_CountedTlsConnection):
+    """A refused TLS connection, counted among the lingering refusals from the TCP
+    connection's start, handshake included (one that never finishes it never reaches the
+    503 inside), to its end."""
+
+    __slots__ = ()
+
+    def _give_back(self) -> None:
+        count, self._count = self._count, None
+        if count is not None:
+            count.stop_lingering()
+
+
+class _ClosedAtOnce(asyncio.Protocol):
+    """A refused TLS connection past MAX_LINGERING_REFUSALS: closed without a word (its
+    503 could only follow a handshake)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 def _listening_socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -141,6 +141,45 @@ def _share_run_memory(limit: int) -> None:
         _shared_run_memory = limit
 
 
+# A one-value session on the shared arena whose runs give its wholly free regions back.
+_arena_shrinker: tuple[ort.InferenceSession, ort.RunOptions] | None = None
+
+
+def _may_fit_after_freeing(exc: Exception, memory_limit: int) -> bool:
+    """Did a run fail for want of room in the capped arena, asking for no more than the
+    cap (a run asking for more is refused at once, however empty the arena)?"""
+    full = _ARENA_FULL.search(str(exc)) if memory_limit else None
+    return full is not None and int(full.group(2)) <= memory_limit
+
+
+def _free_run_memory() -> None:
+    """Give back to the system the regions of the shared CPU arena that no run holds
+    (onnxruntime shrinks an arena at the end of a run that asks for it)."""
+    global _arena_shrinker
+    with _shared_run_memory_lock:
+        if _arena_shrinker is None:
+            from onnx import TensorProto, helper
+
+            graph = helper.make_graph(
+                [helper.make_node("Identity", ["x"], ["y"])], "shrink",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            )
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+            model.ir_version = 8
+            options = ort.SessionOptions()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+            options.log_severity_level = 3
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=[CPU_PROVIDER.name]
+            )
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+            _arena_shrinker = (session, run_options)
+        session, run_options = _arena_shrinker
+    session.run(None, {"x": np.zeros(1, np.float32)}, run_options)
+
+
 def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
@@ -325,11 +364,19 @@ class OnnxInstance:
         if self._executor is not None:
             rows = len(next(iter(inputs.values())))
             return self.run_batch([inputs], rows, output_names)[0]
+        names = output_names if isinstance(output_names, list) else list(output_names)
+        feeds = inputs if isinstance(inputs, dict) else dict(inputs)
         try:
-            values = self.session.run(
-                output_names if isinstance(output_names, list) else list(output_names),
-                inputs if isinstance(inputs, dict) else dict(inputs),
-            )
+            try:
+                values = self.session.run(names, feeds)
+            except Exception as exc:
+                # The capped arena cannot join its free regions: after runs of growing
+                # sizes it may hold the whole cap in regions no larger run fits. Give the
+                # free ones back and try once more before calling the run too large.
+                if not _may_fit_after_freeing(exc, self._memory_limit):
+                    raise
+                _free_run_memory()
+                values = self.session.run(names, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise _run_error(exc, self._memory_limit) from exc
         return dict(zip(output_names, values, strict=True))
@@ -342,7 +389,15 @@ class OnnxInstance:
         if self._executor is None:
             return self.run(gather(parts), output_names), 0
         try:
-            return self._executor.run(parts, rows, output_names)
+            try:
+                return self._executor.run(parts, rows, output_names)
+            except FerryError:
+                raise
+            except Exception as exc:
+                if not _may_fit_after_freeing(exc, self._memory_limit):
+                    raise
+                _free_run_memory()  # as in `run`
+                return self._executor.run(parts, rows, output_names)
         except FerryError:
             raise
         except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
