@@ -108,6 +108,19 @@ def test_the_run_memory_cap_reaches_the_executor_of_workers_and_rest(tmp_path: P
         server.close()
 
 
+def tls_server(
+    tmp_path: Path, start_server: StartServer, pki: Pki, max_connections: int
+) -> RunningServer:
+    """A server with TLS on both ports and `max_connections`, serving one identity model."""
+    identity_model(tmp_path / "repo" / "m" / "1" / "model.onnx", "FP32")
+    return start_server(
+        tmp_path / "repo",
+        security=SecurityOptions(
+            tls=TlsFiles(pki.server.cert, pki.server.key), max_connections=max_connections
+        ),
+    )
+
+
 def test_silent_tls_connections_past_the_limit_are_not_held_without_bound(
     tmp_path: Path, start_server: StartServer, pki: Pki
 ) -> None:
@@ -116,13 +129,7 @@ def test_silent_tls_connections_past_the_limit_are_not_held_without_bound(
     that never send a ClientHello were each held for the 60 s handshake timeout however
     many came: a client opening them as fast as it could held a socket (and a TLS object)
     of the server per connection. Past the bound they are closed at once."""
-    identity_model(tmp_path / "repo" / "m" / "1" / "model.onnx", "FP32")
-    server = start_server(
-        tmp_path / "repo",
-        security=SecurityOptions(
-            tls=TlsFiles(pki.server.cert, pki.server.key), max_connections=2
-        ),
-    )
+    server = tls_server(tmp_path, start_server, pki, max_connections=2)
     host, port = server.http_address.split(":")
     opened: list[socket.socket] = []
     try:
@@ -316,13 +323,7 @@ def test_a_refused_tls_client_that_finishes_its_handshake_reads_the_503(
     """Over the limit, a TLS client that finishes its handshake (within the linger time)
     reads the 503 naming --max-connections inside TLS; the places and lingering
     refusals all come back."""
-    identity_model(tmp_path / "repo" / "m" / "1" / "model.onnx", "FP32")
-    server = start_server(
-        tmp_path / "repo",
-        security=SecurityOptions(
-            tls=TlsFiles(pki.server.cert, pki.server.key), max_connections=1
-        ),
-    )
+    server = tls_server(tmp_path, start_server, pki, max_connections=1)
     host, port = server.http_address.split(":")
     context = ssl.create_default_context(cafile=str(pki.ca.cert_path))
     with (
