@@ -229,10 +229,12 @@ class InstanceExecutor:
         t1 = timer()
         try:
             outputs, padded_rows = self.runner.run_batch([inputs], rows, output_names)
-        except Exception:
+        except Exception as exc:
             if len(items) == 1 and target == longest:
                 raise  # what the request would meet alone: the scheduler reports it
-            return self._each_alone(padding, items, output_names, target, retrying, t0)
+            # A batch too large together for --max-run-memory says nothing of its length.
+            too_long = None if _out_of_run_memory(exc) else target
+            return self._each_alone(padding, items, output_names, too_long, retrying, t0)
         if retrying:
             log.warning("a padded batch ran at length %d again: its bucket is back", target)
             self._too_long = None
@@ -252,11 +254,12 @@ class InstanceExecutor:
         padding: PaddingSettings,
         items: Sequence[BatchItem],
         output_names: Sequence[str],
-        failed_at: int,
+        failed_at: int | None,
         retried: bool,
         t0: int,
     ) -> ExecutedBatch:
-        """After a padded batch failed: each request at its own length, on its own."""
+        """After a padded batch failed: each request at its own length, on its own.
+        `failed_at`: the padded length to mark too long if they all run (None: none)."""
         timer = self._timer
         t1 = timer()
         results: list[Tensors | BaseException] = []
@@ -274,7 +277,7 @@ class InstanceExecutor:
             except Exception as exc:
                 results.append(exc)
         ran_alone = not any(isinstance(result, BaseException) for result in results)
-        if ran_alone:
+        if ran_alone and failed_at is not None:
             self._mark_too_long(failed_at, retried, t0)
         t2 = timer()
         real = sum(item.rows * item.length for item in items)
@@ -312,6 +315,11 @@ def _may_be_a_callers(exc: Exception) -> bool:
 
 
 _CALLERS_KINDS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
+
+
+def _out_of_run_memory(exc: Exception) -> bool:
+    """A run refused by --max-run-memory (the runtime's TOO_LARGE)."""
+    return isinstance(exc, FerryError) and exc.kind is ErrorKind.TOO_LARGE
 
 
 Outcome = ExecutedBatch | BaseException

@@ -12,6 +12,7 @@ import pytest
 
 from ferry.server.batching import Batch, BatchPolicy, BatchQueue, PendingRequest
 from ferry.server.config import ConfigError, read_config_file, settings_from
+from ferry.server.errors import ErrorKind, FerryError
 from ferry.server.executor import (
     BUCKET_RETRY_AFTER_S,
     BUCKET_RETRY_MAX_S,
@@ -553,6 +554,38 @@ def test_a_bucket_past_the_models_length_is_tried_again_ever_more_rarely() -> No
         clock.now_ns += 1
         executor.execute(items_of(40, 38), ["states"])
         assert model.runs[-3:] == [64, 40, 38], wait  # tried, failed, each alone
+
+
+class MemoryCappedModel(ShortModel):
+    """A ShortModel whose runs of more than `cap` elements are refused as past
+    --max-run-memory (the runtime's TOO_LARGE)."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(longest=1024)
+        self.cap = cap
+
+    def run_batch(
+        self, parts: list[dict[str, np.ndarray]], rows: int, output_names: list[str]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        ids = parts[0]["ids"]
+        if ids.size > self.cap:
+            self.runs.append(ids.shape[1])
+            raise FerryError(ErrorKind.TOO_LARGE, "the run needs more than --max-run-memory")
+        return super().run_batch(parts, rows, output_names)
+
+
+def test_a_padded_batch_too_large_for_the_run_memory_teaches_nothing_of_its_length() -> None:
+    """Two requests padded to 64 are over the memory cap together and fit alone: they are
+    answered one at a time, and the bucket of 64 stays (the failure was the batch's
+    size, not its length: concurrent large requests must not turn bucketing off)."""
+    model = MemoryCappedModel(cap=100)
+    padding = PaddingSettings(1, {"ids": 0}, LengthBuckets(), {"states": 1})
+    executor = InstanceExecutor(model, padding=padding)
+    first = executor.execute(items_of(40, 38), ["states"])
+    assert [r["states"].shape for r in first.outputs] == [(1, 40), (1, 38)]  # type: ignore[index]
+    assert model.runs == [64, 40, 38]
+    executor.execute(items_of(45), ["states"])
+    assert model.runs[3:] == [64]  # still padded to its bucket
 
 
 def test_one_request_the_model_refuses_fails_alone_and_teaches_nothing() -> None:
