@@ -169,7 +169,7 @@ def _free_run_memory() -> None:
             model.ir_version = 8
             options = ort.SessionOptions()
             options.add_session_config_entry("session.use_env_allocators", "1")
-            options.log_severity_level = 3
+            options.log_severity_level = 4
             session = ort.InferenceSession(
                 model.SerializeToString(), options, providers=[CPU_PROVIDER.name]
             )
@@ -297,7 +297,9 @@ class OnnxInstance:
         options.graph_optimization_level = ort.GraphOptimizationLevel(
             _optimization_level(settings.graph_optimization_level)
         )
-        options.log_severity_level = 3  # errors only; load problems are reported by Ferry
+        # Fatal only: Ferry reports load and run errors itself, and its log of refused
+        # requests is rate-limited, where onnxruntime would write a line per failed run.
+        options.log_severity_level = 4
         # On a GPU, onnxruntime's own gpu_mem_limit applies instead.
         self._memory_limit = settings.max_run_memory if all(
             p.name == CPU_PROVIDER.name for p in settings.providers

@@ -25,6 +25,9 @@ from .executor import BatchExecutor, BatchItem, ExecutedBatch, ExecutionLane, Ou
 from .rows import Tensors
 
 log = logging.getLogger(__name__)
+# Errors of a run that the request itself caused: the caller's, not the server's.
+_CALLERS_ERRORS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
+
 
 class BatchTimings(NamedTuple):  # one per batch: a tuple is the cheapest record to build
     """What one execution cost, in nanoseconds; queue times are per request."""
@@ -367,7 +370,11 @@ class ModelScheduler:
         start_ns = running.start_ns
         if not isinstance(outcome, ExecutedBatch):
             error = self._execution_error(outcome)
-            log.error(
+            # A failure the caller's request caused (values the model refuses, a run past
+            # --max-run-memory) is the rejection log's, which is rate-limited: a line
+            # here for each would let one client write the log as fast as it sends.
+            report = log.debug if error.kind in _CALLERS_ERRORS else log.error
+            report(
                 "model '%s': batch of %d rows from %d requests failed: %s",
                 self.name, batch.rows, len(requests), error.message,
             )

@@ -82,6 +82,11 @@ def test_a_run_past_the_limit_is_refused_and_memory_stays_put(tmp_path: Path) ->
                 0, 1, 2, 3, 4
             ]
         assert server.process.poll() is None
+        # Refused runs are logged by Ferry's rate-limited log of refusals, not a line each
+        # by onnxruntime or as a failed batch.
+        assert "[E:onnxruntime" not in server.log, server.log[-2000:]
+        assert "requests failed" not in server.log, server.log[-2000:]
+        assert "fail with RESOURCE_EXHAUSTED" in server.log, server.log[-2000:]
     rise_mib = (peak - rss_before) / 1024
     print(f"peak rise {rise_mib:.0f} MiB for a run of 8 GiB against a limit of 64 MiB")
     assert rise_mib < 64, rise_mib
