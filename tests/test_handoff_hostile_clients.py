@@ -125,10 +125,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def memfd_mappings(pid: int) -> list[str]:
-    """The shared-memory regions process `pid` maps: inode and name, one each."""
+    """The hand-off's shared-memory regions process `pid` maps: inode and name, one each
+    (a frontend also maps the supervisor's tables of counts, which are not regions)."""
     regions = set()
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        if "memfd:ferry" in line:
+        if "memfd:ferry-frontend" in line:
             _, _, _, _, inode, name = line.split(None, 5)
             regions.add(f"{inode} {name}")
     return sorted(regions)
