@@ -136,3 +136,20 @@ def _machine_bytes() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no MemTotal in /proc/meminfo")
+
+
+def test_answers_waiting_to_be_encoded_do_not_hold_the_cap(tmp_path: Path) -> None:
+    """Eight callers at once of runs of 48 MiB against a cap of 64 MiB, on one instance
+    (one run at a time): each run fits alone, so each is answered. A large output used to
+    stay in the capped arena until its answer was encoded, while the next run had
+    started: 3 of 8 were answered, the others refused "0 left"."""
+    repo = ramp_repository(tmp_path / "repo")
+    size = 12 * MIB  # FP32 values: 48 MiB
+    with FerryProcess(repo, "--max-run-memory", str(64 * MIB), "--shutdown-grace", "0") as server:
+        options = [("grpc.max_receive_message_length", 64 * MIB)]
+        with grpc.insecure_channel(server.address, options=options) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            calls = [stub.ModelInfer.future(ramp_request(size), timeout=120) for _ in range(8)]
+            for call in calls:
+                answer = call.result()
+                assert len(answer.raw_output_contents[0]) == 4 * size
