@@ -49,6 +49,10 @@ class ErrorKind(enum.Enum):
         return _STATUS_OF_KIND[self]
 
 
+# The kinds of a failed run that its request caused (values the model refuses, a run past
+# --max-run-memory): the caller's errors, not the server's.
+CALLERS_RUN_ERRORS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
+
 _STATUS_OF_KIND = {
     ErrorKind.INVALID_INPUT: Status.INVALID_ARGUMENT,
     ErrorKind.NOT_FOUND: Status.NOT_FOUND,

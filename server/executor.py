@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
-from .errors import ErrorKind, FerryError
+from .errors import CALLERS_RUN_ERRORS, ErrorKind, FerryError
 from .padding import PaddingSettings
 from .rows import Array, Tensors, gather, gather_padded, scatter, scatter_unpadded
 
@@ -311,10 +311,7 @@ def _may_be_a_callers(exc: Exception) -> bool:
     much, or a batch too large together); any other FerryError is the server's (a model
     that cannot run, a device out of memory): every part would fail again. Other
     exceptions say nothing."""
-    return not isinstance(exc, FerryError) or exc.kind in _CALLERS_KINDS
-
-
-_CALLERS_KINDS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
+    return not isinstance(exc, FerryError) or exc.kind in CALLERS_RUN_ERRORS
 
 
 def _out_of_run_memory(exc: Exception) -> bool:

@@ -29,7 +29,7 @@ from aiohttp import HttpVersion11, web
 from ferry.proto import grpc_service_pb2 as pb
 
 from . import __version__
-from .call_counts import CallCounts
+from .call_counts import CallCounts, SharedCallSlots
 from .config import ModelSettings
 from .dataplane import DataPlane, refuse_oversized_answer, statistics_of
 from .errors import ErrorKind, FerryError, Status
@@ -579,10 +579,13 @@ class ConnectionCount:
         if limit < 1:
             raise ValueError(f"max connections must be >= 1, got {limit}")
         self.limit = limit
-        self.open = 0
+        self.open = 0  # this port's own
         self.lingering = 0  # refused connections still read until they close
         self._warned = False
-        self._shared = shared
+        # The places of the limit: this port's, or every frontend's.
+        self._places: CallPlaces = (
+            CallSlots(limit) if shared is None else SharedCallSlots(limit, *shared)
+        )
 
     def linger(self) -> bool:
         """May one more refused connection be read until it closes?"""
@@ -595,16 +598,7 @@ class ConnectionCount:
         self.lingering -= 1
 
     def take(self) -> bool:
-        shared = self._shared
-        if shared is None:
-            full = self.open >= self.limit
-        else:  # counted first and checked after, as call_counts.SharedCallSlots
-            counts, index = shared
-            counts.add(index, 1)
-            full = counts.total() > self.limit
-            if full:
-                counts.add(index, -1)
-        if full:
+        if not self._places.take():
             if not self._warned:  # once per time the port fills up, not per connection
                 self._warned = True
                 log.warning(
@@ -617,12 +611,8 @@ class ConnectionCount:
 
     def give_back(self) -> None:
         self.open -= 1
-        held = self.open
-        if self._shared is not None:
-            counts, index = self._shared
-            counts.add(index, -1)
-            held = counts.total()  # the limit is the server's: so is what holds it
-        if held < self.limit * 3 // 4:
+        self._places.give_back()
+        if self._places.in_use < self.limit * 3 // 4:  # what holds the limit, server-wide
             self._warned = False
 
 

@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 log = logging.getLogger(__name__)
 
 Array = npt.NDArray[np.generic]
+_T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class ExecutionProvider:
@@ -393,16 +395,7 @@ class OnnxInstance:
         names = output_names if isinstance(output_names, list) else list(output_names)
         feeds = inputs if isinstance(inputs, dict) else dict(inputs)
         try:
-            try:
-                values = self.session.run(names, feeds)
-            except Exception as exc:
-                # The capped arena cannot join its free regions: after runs of growing
-                # sizes it may hold the whole cap in regions no larger run fits. Give the
-                # free ones back and try once more before calling the run too large.
-                if not _may_fit_after_freeing(exc, self._memory_limit):
-                    raise
-                _free_run_memory()
-                values = self.session.run(names, feeds)
+            values = self._with_room(self.session.run, names, feeds)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
             raise _run_error(exc, self._memory_limit) from exc
         if self._memory_limit:
@@ -417,19 +410,27 @@ class OnnxInstance:
         if self._executor is None:
             return self.run(gather(parts), output_names), 0
         try:
-            try:
-                return self._executor.run(parts, rows, output_names)
-            except FerryError:
-                raise
-            except Exception as exc:
-                if not _may_fit_after_freeing(exc, self._memory_limit):
-                    raise
-                _free_run_memory()  # as in `run`
-                return self._executor.run(parts, rows, output_names)
+            return self._with_room(self._executor.run, parts, rows, output_names)
         except FerryError:
             raise
         except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
             raise _run_error(exc, self._memory_limit) from exc
+
+
+    def _with_room(self, run: Callable[..., _T], *args: Any) -> _T:
+        """`run(*args)`, tried once more if it found no room in the capped arena though
+        it asks for no more than the cap: the arena cannot join its free regions, so
+        after runs of growing sizes it may hold the whole cap in regions no larger run
+        fits. The free ones are given back first."""
+        try:
+            return run(*args)
+        except FerryError:
+            raise
+        except Exception as exc:
+            if not _may_fit_after_freeing(exc, self._memory_limit):
+                raise
+            _free_run_memory()
+            return run(*args)
 
 
 def _optimization_level(level: int) -> int:

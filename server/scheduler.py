@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from .batching import Batch, BatchPolicy, BatchQueue, PendingRequest
-from .errors import ErrorKind, FerryError
+from .errors import CALLERS_RUN_ERRORS, ErrorKind, FerryError
 from .event_loop import timer_delay
 from .executor import BatchExecutor, BatchItem, ExecutedBatch, ExecutionLane, Outcome
 from .rows import Tensors
 
 log = logging.getLogger(__name__)
-# Errors of a run that the request itself caused: the caller's, not the server's.
-_CALLERS_ERRORS = frozenset({ErrorKind.INVALID_INPUT, ErrorKind.TOO_LARGE})
 
 
 class BatchTimings(NamedTuple):  # one per batch: a tuple is the cheapest record to build
@@ -373,7 +371,7 @@ class ModelScheduler:
             # A failure the caller's request caused (values the model refuses, a run past
             # --max-run-memory) is the rejection log's, which is rate-limited: a line
             # here for each would let one client write the log as fast as it sends.
-            report = log.debug if error.kind in _CALLERS_ERRORS else log.error
+            report = log.debug if error.kind in CALLERS_RUN_ERRORS else log.error
             report(
                 "model '%s': batch of %d rows from %d requests failed: %s",
                 self.name, batch.rows, len(requests), error.message,
