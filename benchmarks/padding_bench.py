@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,9 +51,13 @@ class Result:
     p99_ms: float
     mean_batch_rows: float | None  # from the statistics extension (Ferry only)
     padded_per_real: float | None  # padded / real elements along the sequence axis
+    server_cpu_us: float  # the server's CPU (every thread) per answered request
+    load_cpu_us: float  # the load generator's (this process's) CPU per answered request
 
 
-def config_text(padding: bool, max_batch_size: int, delay_us: int) -> str:
+def config_text(
+    padding: bool, max_batch_size: int, delay_us: int, length_buckets: str = ""
+) -> str:
     text = (
         f"max_batch_size: {max_batch_size}\n"
         f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}\n"
@@ -62,11 +67,19 @@ def config_text(padding: bool, max_batch_size: int, delay_us: int) -> str:
             'parameters { key: "padding_inputs" value { string_value: '
             '"input_ids=0,attention_mask=0" } }\n'
         )
+    if length_buckets:
+        text += (
+            'parameters { key: "length_buckets" value { string_value: '
+            f'"{length_buckets}" }} }}\n'
+        )
     return text
 
 
-def make_repo(root: Path, padding: bool, args: argparse.Namespace) -> Path:
-    repo = root / ("padding-on" if padding else "padding-off")
+def make_repo(
+    root: Path, padding: bool, args: argparse.Namespace, length_buckets: str = ""
+) -> Path:
+    name = "padding-off" if not padding else "padding-on-listed" if length_buckets else "padding-on"
+    repo = root / name
     masked_encoder_model(
         repo / MODEL / "1" / "model.onnx",
         vocab=VOCAB,
@@ -75,7 +88,7 @@ def make_repo(root: Path, padding: bool, args: argparse.Namespace) -> Path:
         layers=args.layers,
     )
     (repo / MODEL / "config.pbtxt").write_text(
-        config_text(padding, args.max_batch_size, args.delay_us)
+        config_text(padding, args.max_batch_size, args.delay_us, length_buckets)
     )
     return repo
 
@@ -160,13 +173,15 @@ def measure(
     with RunningServer(variant, repo, [MODEL], logs / f"{name}.log") as server:
         asyncio.run(drive(server.target, pool, lengths, args.concurrency, args.warmup))
         padded_before = padded_elements(metrics_port) if metrics_port else 0.0
+        server_cpu, load_cpu = server.cpu_seconds(), time.process_time()
         latencies, errors, real, elapsed = asyncio.run(
             drive(server.target, pool, lengths, args.concurrency, args.duration)
         )
+        server_cpu, load_cpu = server.cpu_seconds() - server_cpu, time.process_time() - load_cpu
         server.check_alive()
         batch_rows = mean_batch_rows(server.target) if name != NAIVE else None
         ratio = None
-        if metrics_port and name == "ferry-padding":
+        if metrics_port and name.startswith("ferry-padding"):
             added = padded_elements(metrics_port) - padded_before
             ratio = (real + added) / real if real else None
     latencies.sort()
@@ -180,13 +195,16 @@ def measure(
         p99_ms=round(1e3 * latencies[int(0.99 * (len(latencies) - 1))], 2) if latencies else 0.0,
         mean_batch_rows=round(batch_rows, 2) if batch_rows else None,
         padded_per_real=round(ratio, 3) if ratio else None,
+        server_cpu_us=round(1e6 * server_cpu / max(1, len(latencies)), 1),
+        load_cpu_us=round(1e6 * load_cpu / max(1, len(latencies)), 1),
     )
 
 
 def in_process(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     """onnxruntime alone on the same lengths (no server): rows/s run one request at a
-    time, and run in batches of max_batch_size padded to the power of two of their
-    longest, as Ferry pads them; shows what batching can gain on this machine at all."""
+    time, and run in batches of up to max_batch_size rows that share a length bucket
+    (powers of two, and `--length-buckets` when given), each padded to its bucket, as
+    Ferry's fullest batches are; shows what batching can gain on this machine at all."""
     session = ort.InferenceSession(
         str(repo / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )
@@ -204,13 +222,28 @@ def in_process(repo: Path, args: argparse.Namespace) -> dict[str, float]:
     for length in lengths:
         session.run(None, feed(1, int(length)))
     alone = len(lengths) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for first in range(0, len(lengths), args.max_batch_size):
-        chunk = lengths[first : first + args.max_batch_size]
-        padded = 1 << (int(chunk.max()) - 1).bit_length()
-        session.run(None, feed(len(chunk), padded))
-    batched = len(lengths) / (time.perf_counter() - start)
-    return {"alone_rows_per_s": round(alone, 1), "padded_batches_rows_per_s": round(batched, 1)}
+
+    def bucketed(bucket_of: Callable[[int], int]) -> float:
+        by_bucket: dict[int, int] = {}
+        for length in lengths:
+            bucket = bucket_of(int(length))
+            by_bucket[bucket] = by_bucket.get(bucket, 0) + 1
+        start = time.perf_counter()
+        for bucket, count in by_bucket.items():
+            for first in range(0, count, args.max_batch_size):
+                session.run(None, feed(min(args.max_batch_size, count - first), bucket))
+        return round(len(lengths) / (time.perf_counter() - start), 1)
+
+    ceiling = {
+        "alone_rows_per_s": round(alone, 1),
+        "padded_batches_rows_per_s": bucketed(lambda n: 1 << (n - 1).bit_length()),
+    }
+    if args.length_buckets:
+        listed = sorted(int(n) for n in args.length_buckets.split(","))
+        ceiling["listed_buckets_rows_per_s"] = bucketed(
+            lambda n: next((b for b in listed if b >= n), n)
+        )
+    return ceiling
 
 
 def report(
@@ -222,14 +255,16 @@ def report(
         f"{args.concurrency}, {args.duration:.0f} s each; encoder width {args.width}, "
         f"{args.layers} layer(s)",
         "",
-        "| server | req/s | p50 ms | p99 ms | mean batch rows | padded/real | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server | req/s | p50 ms | p99 ms | mean batch rows | padded/real | errors "
+        "| server CPU us/req | load CPU us/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.server} | {r.throughput_rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
             f"{r.mean_batch_rows if r.mean_batch_rows is not None else '-'} | "
-            f"{r.padded_per_real if r.padded_per_real is not None else '-'} | {r.errors} |"
+            f"{r.padded_per_real if r.padded_per_real is not None else '-'} | {r.errors} | "
+            f"{r.server_cpu_us:.0f} | {r.load_cpu_us:.0f} |"
         )
     on, off, naive = (by_name.get(n) for n in ("ferry-padding", "ferry-no-padding", NAIVE))
     if on and off and naive:
@@ -246,7 +281,11 @@ def report(
             "",
             f"in-process onnxruntime on the same lengths: {ceiling['alone_rows_per_s']:.0f} "
             f"rows/s one request at a time, {ceiling['padded_batches_rows_per_s']:.0f} rows/s "
-            f"in padded batches of {args.max_batch_size}",
+            f"in batches of up to {args.max_batch_size} padded to power-of-two buckets"
+            + (
+                f", {ceiling['listed_buckets_rows_per_s']:.0f} rows/s to the listed buckets"
+                if "listed_buckets_rows_per_s" in ceiling else ""
+            ),
         ]
     return "\n".join(lines)
 
@@ -264,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--delay-us", type=int, default=0, help="max_queue_delay_microseconds")
     parser.add_argument("--pool", type=int, default=1024, help="distinct requests to cycle")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--length-buckets",
+        default="",
+        help='also run Ferry with padding to these lengths (config length_buckets, '
+        'e.g. "16,32,48,64,80,96,112,128") as ferry-padding-listed',
+    )
+    parser.add_argument("--server-args", default="", help="more flags for ferry serve")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser
 
@@ -273,11 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ferry-padding-bench-") as folder:
         root = Path(folder)
         on, off = make_repo(root, True, args), make_repo(root, False, args)
+        ferry = f"{FERRY} {args.server_args}".strip()
         runs = [
-            ("ferry-padding", FERRY, on),
-            ("ferry-no-padding", FERRY, off),
+            ("ferry-padding", ferry, on),
+            ("ferry-no-padding", ferry, off),
             (NAIVE, DEFAULT_SERVERS[NAIVE], off),
         ]
+        if args.length_buckets:
+            listed = make_repo(root, True, args, args.length_buckets)
+            runs.insert(1, ("ferry-padding-listed", ferry, listed))
         results = [
             measure(name, command, repo, args, root / "logs") for name, command, repo in runs
         ]

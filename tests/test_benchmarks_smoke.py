@@ -216,3 +216,26 @@ def test_the_in_process_benchmark_measures_each_concurrency() -> None:
     figures = re.findall(r"mlp_small c=(\d+): ([\d.]+) us/request", done.stdout)
     assert [c for c, _ in figures] == ["1", "8"], done.stdout
     assert all(float(us) > 0 for _, us in figures)
+
+
+def test_the_padding_benchmark_runs_every_server_and_the_listed_buckets(tmp_path: Path) -> None:
+    """`python -m benchmarks.padding_bench`, briefly, with listed length buckets: four
+    servers answer every request, and the in-process ceiling is measured both ways."""
+    out = tmp_path / "padding.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.padding_bench", "--duration", "0.5",
+         "--warmup", "0.2", "--concurrency", "4", "--pool", "16", "--min-length", "2",
+         "--max-length", "32", "--width", "16", "--layers", "1", "--max-batch-size", "8",
+         "--length-buckets", "8,16,24,32", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(out.read_text())
+    results = {r["server"]: r for r in document["results"]}
+    assert set(results) == {"ferry-padding", "ferry-padding-listed", "ferry-no-padding", "naive"}
+    assert all(r["requests"] > 0 and r["errors"] == 0 for r in results.values()), results
+    assert all(r["server_cpu_us"] > 0 for r in results.values()), results
+    assert results["ferry-padding-listed"]["padded_per_real"] >= 1
+    assert set(document["in_process"]) == {
+        "alone_rows_per_s", "padded_batches_rows_per_s", "listed_buckets_rows_per_s"
+    }
