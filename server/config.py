@@ -426,6 +426,14 @@ def settings_from(
     inputs = _merge_tensors("input", graph.inputs, config.input, batching)
     outputs = _merge_tensors("output", graph.outputs, config.output, batching)
     warnings = list(warnings or ())  # the caller's list is left as it was
+    optional = [f"'{spec.name}'" for spec in inputs if spec.optional]
+    if optional:
+        # Every input of the graph is one onnxruntime needs: one with a default is an
+        # initializer, a weight that is not an input at all.
+        warnings.append(
+            f"config marks input {', '.join(optional)} optional, but the graph has no "
+            "default for it: a request that leaves it out is refused (INVALID_ARGUMENT)"
+        )
     queue = _queue_settings(config, max_batch_size, warnings)
     devices = _device_settings(config, warnings)
     buckets = _batch_buckets(

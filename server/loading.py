@@ -111,7 +111,34 @@ def build_sessions(
     )
     if created.warnings:
         settings = dataclasses.replace(settings, warnings=(*settings.warnings, *created.warnings))
+    check_batch_rows(settings, created.instances[0])
     return with_output_axes(settings, created.instances[0]), created.instances
+
+
+def check_batch_rows(settings: ModelSettings, instance: Runner) -> None:
+    """A batching model must answer one output row per input row, since each caller gets
+    its own rows back: run two zero rows through it once, and refuse the load of a model
+    whose output's first dimension is something else (a sum over the batch, a list of
+    detections) rather than fail every batch of its callers."""
+    if not settings.batchable:
+        return
+    inputs = [(spec.name, spec.datatype, spec.dims) for spec in settings.inputs]
+    samples = bucket_samples([2], inputs)
+    if not samples or _row_bytes(inputs) > CALIBRATION_MAX_SAMPLE_BYTES:
+        return  # a dimension known only at run time, or rows too large to try
+    try:
+        outputs = instance.run(sample_arrays(samples[0]), settings.output_names)
+    except FerryError as exc:  # a model that refuses zeros: its callers' rows will tell
+        log.debug("model '%s': not checking its batch rows: %s", settings.name, exc.message)
+        return
+    for name, value in outputs.items():
+        if value.shape[:1] != (2,):
+            raise ConfigError(
+                f"output '{name}' has shape {list(value.shape)} for a batch of 2 rows: its "
+                "first dimension does not follow the batch, so requests cannot share a "
+                "run; set max_batch_size: 0 in the model's config.pbtxt to serve it "
+                "unbatched"
+            )
 
 
 def with_output_axes(settings: ModelSettings, instance: Runner) -> ModelSettings:
@@ -162,15 +189,20 @@ def _calibration_samples(settings: ModelSettings) -> list[dict[str, Array]]:
     inputs = [(spec.name, spec.datatype, spec.dims) for spec in settings.inputs]
     if any(-1 in dims for _, _, dims in inputs):
         return []
-    row_bytes = sum(
-        math.prod(dims) * (8 if datatype == "BYTES" else NUMPY_DTYPES[datatype].itemsize)
-        for _, datatype, dims in inputs
-    )
+    row_bytes = _row_bytes(inputs)
     if row_bytes > CALIBRATION_MAX_SAMPLE_BYTES:
         return []
     rows = min(settings.max_batch_size, CALIBRATION_MAX_SAMPLE_BYTES // max(1, row_bytes))
     sizes = [1, rows] if settings.batchable else [0]
     return [sample_arrays(sample) for sample in bucket_samples(sorted(set(sizes)), inputs)]
+
+
+def _row_bytes(inputs: Sequence[tuple[str, str, tuple[int, ...]]]) -> int:
+    """The bytes of one row of fixed-shape inputs (a BYTES element counted as 8)."""
+    return sum(
+        math.prod(dims) * (8 if datatype == "BYTES" else NUMPY_DTYPES[datatype].itemsize)
+        for _, datatype, dims in inputs
+    )
 
 
 def policy_for(settings: ModelSettings) -> BatchPolicy:

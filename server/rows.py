@@ -32,7 +32,8 @@ def scatter(
             raise FerryError(
                 ErrorKind.INTERNAL,
                 f"output '{name}' has shape {list(array.shape)}, which does not carry the "
-                f"{total} rows of the batch along its first dimension",
+                f"{total} rows of the batch along its first dimension (a model whose "
+                "outputs do not follow its batch is served with max_batch_size: 0)",
             )
     if len(rows) == 1:  # a lone request: its outputs are the batch's, no views needed
         return [{name: outputs[name] for name in wanted[0]}]

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from .binding import BindingCounters, BindingPlan, BoundExecutor, bindable
 from .errors import ErrorKind, FerryError
 from .rows import gather
-from .signatures import datatype_of_runtime_type
+from .signatures import datatype_of_runtime_type, stored_bytes
 
 try:
     import onnxruntime as ort
@@ -223,8 +223,9 @@ def default_intra_op_threads(instances: int, processes: int = 1) -> int:
     return max(1, usable_cores() // (max(1, instances) * max(1, processes)))
 
 
-# Models bigger than this are not calibrated: a second session would cost their load time
-# and memory again, and a model that size gains from every thread anyway.
+# Models bigger than this (external data files counted) are not calibrated: a second
+# session would cost their load time and memory again, and a model that size gains from
+# every thread anyway.
 CALIBRATION_MAX_FILE_BYTES = 64 * 1024 * 1024
 CALIBRATION_BUDGET_NS = 100_000_000  # per sample and candidate
 # One thread wins when it is within this factor of the pool (see calibrated_intra_op_threads).
@@ -256,7 +257,11 @@ def calibrated_intra_op_threads(
     two (best of 15 runs in a row), and keeps both.
     """
     threads = base.intra_op_threads
-    if threads <= 1 or not samples or model_file.stat().st_size > CALIBRATION_MAX_FILE_BYTES:
+    if (
+        threads <= 1
+        or not samples
+        or stored_bytes(model_file, CALIBRATION_MAX_FILE_BYTES) > CALIBRATION_MAX_FILE_BYTES
+    ):
         return threads
     measured: dict[int, list[tuple[int, int]]] = {}
     try:
@@ -444,13 +449,23 @@ def _optimization_level(level: int) -> int:
 # signature: "...failed:/onnxruntime_src/.../model.cc:256 onnxruntime::Model::Model(...)
 # Unsupported model IR version: 14, max supported IR version: 13".
 _SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ (?:[\w:~<>]+\(.*?\) )?")
+# Some name the function alone: "failed:void onnxruntime::model_load_utils::
+# ValidateOpsetForDomain(const std::unordered_map<...>&, ...) ONNX Runtime only...".
+_SIGNATURE = re.compile(r"(?:\w+ )?onnxruntime::[\w:~<>]+\([^()]*\) ")
 _IR_VERSION = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+_UNKNOWN_OPERATOR = re.compile(r"(\S+?)(?:\(-?\d+\))? is not a registered function/op")
 
 
 def _load_reason(reason: str) -> str:
     """onnxruntime's reason without its source location, and for the commonest trap (an
     onnx newer than the onnxruntime: its default IR version is too new), what to do."""
-    reason = _SOURCE_LOCATION.sub("", reason)
+    reason = _SIGNATURE.sub("", _SOURCE_LOCATION.sub("", reason))
+    unknown = _UNKNOWN_OPERATOR.search(reason)
+    if unknown is not None:
+        reason += (
+            "; Ferry loads no custom-operator libraries: export the model with standard "
+            f"ONNX operators in place of {unknown.group(1)}"
+        )
     too_new = _IR_VERSION.search(reason)
     if too_new is not None:
         reason += (
@@ -461,6 +476,8 @@ def _load_reason(reason: str) -> str:
     return reason
 
 
+# What onnxruntime's Python binding says of a run without one of the graph's inputs.
+_MISSING_INPUTS = re.compile(r"Required inputs \(\[(.*?)\]\) are missing")
 # What onnxruntime's capped arena says when a run's allocation does not fit.
 _ARENA_FULL = re.compile(r"Available memory of (\d+) is smaller than requested bytes of (\d+)")
 
@@ -478,6 +495,13 @@ def _run_error(exc: Exception, memory_limit: int = 0) -> FerryError:
             f"the run needs {int(full.group(2))} bytes at once, more than the "
             f"{int(full.group(1))} left of --max-run-memory ({memory_limit} bytes for the "
             "runs of every model together)",
+        )
+    missing = _MISSING_INPUTS.search(str(exc)) if isinstance(exc, ValueError) else None
+    if missing is not None:  # an input the config calls optional, left out
+        return FerryError(
+            ErrorKind.INVALID_INPUT,
+            f"the model needs input {missing.group(1)} on every run: its graph has no "
+            "default for it, though its config calls it optional",
         )
     invalid = type(exc).__name__ == "InvalidArgument" and type(exc).__module__.startswith(
         "onnxruntime"

@@ -81,10 +81,56 @@ def read_signature(model_file: Path) -> GraphSignature:
             f"{model_file.name} is not an ONNX model (its graph has no outputs)",
         )
     initializers = {tensor.name for tensor in graph.initializer}
+    # A graph may list one output twice (onnx.checker allows it); an answer carries it once.
+    outputs: dict[str, onnx.ValueInfoProto] = {}
+    for value in graph.output:
+        outputs.setdefault(value.name, value)
     return GraphSignature(
         inputs=tuple(_tensor(v, model_file) for v in graph.input if v.name not in initializers),
-        outputs=tuple(_tensor(v, model_file) for v in graph.output),
+        outputs=tuple(_tensor(v, model_file) for v in outputs.values()),
     )
+
+
+def _what_to_do(kind: str | None) -> str:
+    """For a tensor type Ferry cannot serve: how to export the model so that it can."""
+    if kind in ("sequence_type", "map_type"):
+        # sklearn classifiers' probabilities, as skl2onnx exports them by default
+        return (
+            "the protocol carries tensors only. A sequence of maps is sklearn's ZipMap: "
+            "export the classifier without it (skl2onnx: to_onnx(model, X, "
+            "options={'zipmap': False})) to get the probabilities as one tensor"
+        )
+    if kind == "optional_type":
+        return "export the model with a plain tensor input instead of an optional one"
+    return (
+        "add a Cast node to a type the protocol carries (BFLOAT16 to FLOAT16 or FLOAT, say) "
+        "and export the model again"
+    )
+
+
+def stored_bytes(model_file: Path, bound: int) -> int:
+    """The bytes a model reads at load: its file and the external data files its weights
+    are in (torch.onnx.export writes a large model's weights next to a small model.onnx).
+    Once over `bound` the count stops: the file of a large model is not parsed."""
+    size = model_file.stat().st_size
+    if size > bound:
+        return size
+    try:
+        model = onnx.load(str(model_file), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return size  # the load itself reports what is wrong with the file
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    for location in locations:
+        try:
+            size += (model_file.parent / location).stat().st_size
+        except (OSError, ValueError):
+            pass  # a missing file: onnxruntime refuses the load, naming it
+    return size
 
 
 def _tensor(value: onnx.ValueInfoProto, model_file: Path) -> TensorSignature:
@@ -98,7 +144,7 @@ def _tensor(value: onnx.ValueInfoProto, model_file: Path) -> TensorSignature:
         raise FerryError(
             ErrorKind.INVALID_INPUT,
             f"{model_file.name}: tensor '{value.name}' has type {described}, which Ferry "
-            "cannot serve",
+            f"cannot serve; {_what_to_do(kind)}",
         )
     dims = value.type.tensor_type.shape.dim
     shape = tuple(
