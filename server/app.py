@@ -380,11 +380,14 @@ class FerryServer:
         deadline = clock() + grace
         await self.manager.close(grace)
         # Keep answering UNAVAILABLE until clients stop sending (or the grace ends): a
-        # call that reaches gRPC just as the port closes would be cut off as CANCELLED.
+        # call that reaches gRPC just as the port closes would be cut off as CANCELLED,
+        # and a REST body still arriving would be dropped unanswered.
         while clock() < deadline and not self._aborted:
             quiet_for = self.dataplane.quiet_for()
             if quiet_for >= QUIET_PERIOD_S:
-                break
+                if not self.rest.uploads_in_progress:
+                    break
+                quiet_for = 0.0  # look again in a quiet period
             await asyncio.sleep(min(QUIET_PERIOD_S - quiet_for, deadline - clock()))
         grace_left = max(0.0, min(deadline - clock(), 1.0))
         await asyncio.gather(

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import Status
 from .outcomes import RequestOutcome
@@ -187,6 +189,8 @@ class MalformedHttpLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError):  # a body that failed after its answer
+            error = error.__cause__
         if not isinstance(error, HttpProcessingError):
             return True
         kind = type(error).__name__
@@ -196,11 +200,17 @@ class MalformedHttpLog(logging.Filter):
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "malformed HTTP request answered %d (%s)%s: %s"
         # The first line names the error; the lines after it quote the request (a header
-        # line, which may hold an API key).
-        what = (error.message or "").split("\n", 1)[0].rstrip(": ")
+        # line, which may hold an API key), as may its end ("Got more than 8190 bytes
+        # when reading: b'...'", "Invalid HTTP header: b'...'").
+        what = _QUOTED.split((error.message or "").split("\n", 1)[0], 1)[0].rstrip(": ")
         record.args = (error.code, kind, reported[1], printable(what))
         record.exc_info = record.exc_text = None
         return True
+
+
+# Where aiohttp's message starts to quote the request: a repr of bytes or a bytearray,
+# or a string after a colon.
+_QUOTED = re.compile(r"""\bb['"]|bytearray\(|:\s*['"]""")
 
 
 def quiet_malformed_http(logger_name: str = "aiohttp.server") -> None:

@@ -24,7 +24,9 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
-from aiohttp import HttpVersion11, web
+from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from ferry.proto import grpc_service_pb2 as pb
 
@@ -59,7 +61,7 @@ from .security import (
     CallPlaces,
     CallSlots,
 )
-from .servicer import EXTENSIONS, SERVER_NAME
+from .servicer import EXTENSIONS, SERVER_NAME, bounded_message
 from .tensors import DecodedRequest, TensorLimits
 
 log = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ HTTP_STATUS: dict[Status, int] = {
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=dumps({"error": message}), content_type=JSON_TYPE)
+    # Cut as a gRPC client's is: it may quote megabytes the client sent.
+    body = dumps({"error": bounded_message(message)})
+    return web.Response(status=status, body=body, content_type=JSON_TYPE)
 
 
 def json_response(value: Any) -> web.Response:
@@ -126,6 +130,8 @@ class RestFrontDoor:
         self._slots = (
             CallSlots(max_concurrent) if isinstance(max_concurrent, int) else max_concurrent
         )
+        # Bodies still arriving: the drain waits for them (within its grace) to answer them.
+        self.uploads = 0
 
     def application(self) -> web.Application:
         app = web.Application(client_max_size=self._max_body_bytes)
@@ -166,12 +172,16 @@ class RestFrontDoor:
     ) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
         """The answer to `Expect: 100-continue`: a request without its group's key gets
         its 401 before it is invited to send its body (aiohttp's default invites every
-        body, which a restricted route then reads and throws away)."""
+        body, which a restricted route then reads and throws away), and a body declared
+        over --max-message-size its 413."""
         key = self._api_keys.get(group)
 
         async def expect(request: web.Request) -> web.StreamResponse | None:
             if key is not None and not _has_key(request, *key):
                 return _unauthorized(group, key[0])
+            declared = request.content_length
+            if declared is not None and declared > self._max_body_bytes and _plain(request):
+                raise self._too_large(request)  # what Expect is for: refused unsent
             if request.version != HttpVersion11:
                 return None
             if request.headers.get("Expect", "").lower() != "100-continue":
@@ -333,7 +343,7 @@ class RestFrontDoor:
 
         def decode(settings: ModelSettings) -> DecodedRequest:
             nonlocal parsed
-            parsed = parse_infer(body, header_length, name, version, settings)
+            parsed = parse_infer(body, header_length, name, version, settings, limits)
             return parsed.decode(settings, limits)
 
         max_answer = self._max_body_bytes
@@ -395,10 +405,24 @@ class RestFrontDoor:
         try:
             if request.content.is_eof():  # all there (the common case): no timer to arm
                 return await request.read()
-            size = request.content_length or self._max_body_bytes
+            declared = request.content_length
+            if declared is not None and declared > self._max_body_bytes and _plain(request):
+                raise self._too_large(request)  # refused before it is read
+            size = declared or self._max_body_bytes
             allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
-            async with asyncio.timeout(allowed_s):
-                return await request.read()
+            self.uploads += 1
+            try:
+                async with asyncio.timeout(allowed_s):
+                    return await request.read()
+            finally:
+                self.uploads -= 1
+        except RequestPayloadError as error:  # a body that does not decode or is cut off
+            unreadable = web.HTTPBadRequest(
+                text=dumps({"error": _unreadable_body(request, error)}).decode(),
+                content_type=JSON_TYPE,
+            )
+            unreadable.force_close()  # where the next request would start is unknown
+            raise unreadable from None
         except TimeoutError:
             raise web.HTTPRequestTimeout(
                 text=dumps({
@@ -408,16 +432,23 @@ class RestFrontDoor:
                 }).decode(),
                 content_type=JSON_TYPE,
             ) from None
-        except web.HTTPRequestEntityTooLarge:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=self._max_body_bytes,
-                actual_size=request.content_length or 0,
-                text=dumps({
-                    "error": f"the request body is larger than {self._max_body_bytes} bytes, "
-                    "the limit (--max-message-size)"
-                }).decode(),
-                content_type=JSON_TYPE,
-            ) from None
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's, or ours from the declared length
+            raise self._too_large(request) from None
+
+    def _too_large(self, request: web.Request) -> web.HTTPRequestEntityTooLarge:
+        refusal = web.HTTPRequestEntityTooLarge(
+            max_size=self._max_body_bytes,
+            actual_size=request.content_length or 0,
+            text=dumps({
+                "error": f"the request body is larger than {self._max_body_bytes} bytes, "
+                "the limit (--max-message-size)"
+            }).decode(),
+            content_type=JSON_TYPE,
+        )
+        # The rest of the body is never read: kept alive, the connection would take the
+        # client's next request for it.
+        refusal.force_close()
+        return refusal
 
 
 # Decoding JSON costs 16-20 times its size for flat numbers (a Python object per number,
@@ -438,6 +469,20 @@ def _statistics_json(model: LoadedModel) -> dict[str, Any]:
     stats.inference_stats.cache_hit.SetInParent()
     stats.inference_stats.cache_miss.SetInParent()
     return message_json(stats)
+
+
+def _plain(request: web.Request) -> bool:
+    """Is the body sent as it is (its Content-Length is its size once decoded)?"""
+    return request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+
+
+def _unreadable_body(request: web.Request, error: RequestPayloadError) -> str:
+    """What is wrong with a body aiohttp could not read, without quoting it."""
+    if isinstance(error.__cause__, ContentEncodingError):
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")[:40]
+        return f"the request body does not decode as its Content-Encoding {encoding!r}"
+    return ("the request body is cut short or malformed (its Content-Length or chunked "
+            "Transfer-Encoding)")
 
 
 def _unauthorized(group: ApiGroup, header: str) -> web.Response:
@@ -488,6 +533,7 @@ class RestServer:
         shared_connections: tuple[CallCounts, int] | None = None,
     ) -> None:
         self._app = front_door.application()
+        self._front_door = front_door
         # By the time the port closes the models have answered every accepted request;
         # this only bounds the writing of the last responses.
         self._close_timeout_s = close_timeout_s
@@ -500,6 +546,11 @@ class RestServer:
     @property
     def open_connections(self) -> int:
         return self._connections.open
+
+    @property
+    def uploads_in_progress(self) -> int:
+        """Requests whose bodies are still arriving."""
+        return self._front_door.uploads
 
     async def start(
         self,

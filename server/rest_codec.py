@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,14 @@ from ferry.proto.codec import NUMPY_DTYPES, encode_bytes_elements, to_raw
 from .config import ModelSettings
 from .dataplane import OutputFloor, text_bytes
 from .errors import ErrorKind, FerryError, invalid_input
-from .tensors import Array, DecodedRequest, TensorLimits, decode_request
+from .tensors import (
+    Array,
+    DecodedRequest,
+    TensorLimits,
+    check_bytes_count,
+    decode_request,
+    shown_shape,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ANSWER_LIMIT = "the largest answer the server sends (--max-message-size)"
@@ -86,11 +94,13 @@ def parse_infer(
     model_name: str,
     version: str,
     settings: ModelSettings | None = None,
+    limits: TensorLimits | None = None,
 ) -> RestRequest:
     """Parse an inference body; raises FerryError (invalid input) naming what is wrong.
     With the model's `settings`, an input's name and datatype are checked before its
     JSON `data` is read, so that a misspelt input or a wrong datatype is named as such
-    (with the same words as over gRPC), not as a count of values."""
+    (with the same words as over gRPC), not as a count of values; with `limits`, BYTES
+    data is held to --max-tensor-bytes by its count before a step per element."""
     view = memoryview(body)
     if header_length is None:
         json_end = len(body)
@@ -121,7 +131,7 @@ def parse_infer(
         raise invalid_input("'inputs' must be a non-empty list of tensors")
     offset = json_end
     for tensor in inputs:
-        offset = _add_input(request, tensor, view, offset, settings)
+        offset = _add_input(request, tensor, view, offset, settings, limits)
     if offset != len(body):
         raise invalid_input(
             f"the body has {len(body) - offset} bytes after the last input's binary data; "
@@ -176,6 +186,7 @@ def _add_input(
     body: memoryview,
     offset: int,
     settings: ModelSettings | None = None,
+    limits: TensorLimits | None = None,
 ) -> int:
     """Append one input tensor; returns where the next binary input starts."""
     if not isinstance(tensor, dict):
@@ -190,7 +201,8 @@ def _add_input(
     if not isinstance(shape, list) or not all(
         type(dim) is int and _INT64_RANGE[0] <= dim <= _INT64_RANGE[1] for dim in shape
     ):
-        raise invalid_input(f"input '{name}': 'shape' must be a list of integers, got {shape!r}")
+        shown = shown_shape(shape) if isinstance(shape, list) else repr(shape)
+        raise invalid_input(f"input '{name}': 'shape' must be a list of integers, got {shown}")
     size = _mapping(tensor.get("parameters"), f"parameters of input '{name}'").get(
         "binary_data_size"
     )
@@ -210,22 +222,30 @@ def _add_input(
         raise invalid_input(f"input '{name}' has neither 'data' nor binary_data_size")
     if settings is not None:
         _check_declared(name, datatype, shape, settings)
-    request.raw_input_contents.append(_json_to_raw(name, datatype, shape, data))
+    request.raw_input_contents.append(
+        _json_to_raw(name, datatype, shape, data, limits, len(body))
+    )
     return offset
 
 
 def _check_declared(name: str, datatype: str, shape: list[int], settings: ModelSettings) -> None:
-    """The input is one of the model's, of its datatype (decode_request's words)."""
+    """The input is one of the model's, of its datatype and rank (decode_request's words):
+    the rank before the dimensions are multiplied, which takes time quadratic in it."""
     spec = settings.inputs_by_name.get(name)
     if spec is None:
         raise invalid_input(
             f"unknown input '{name}': model '{settings.name}' takes "
             + ", ".join(f"'{known}'" for known in settings.inputs_by_name)
         )
+    expected = settings.client_shapes[name]
     if datatype != spec.datatype:
-        expected = list(settings.client_shapes[name])
         raise invalid_input(
-            f"input '{name}': expected {spec.datatype} {expected}, got {datatype} {shape}"
+            f"input '{name}': expected {spec.datatype} {list(expected)}, "
+            f"got {datatype} {shown_shape(shape)}"
+        )
+    if len(shape) != len(expected):
+        raise invalid_input(
+            f"input '{name}': expected shape {list(expected)}, got {shown_shape(shape)}"
         )
 
 
@@ -242,7 +262,14 @@ def _add_output(request: pb.ModelInferRequest, output: object) -> str:
     return name
 
 
-def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> bytes:
+def _json_to_raw(
+    name: str,
+    datatype: str,
+    shape: list[int],
+    data: object,
+    limits: TensorLimits | None = None,
+    text_bytes: int = 0,
+) -> bytes:
     """JSON `data` (flat, or nested as the shape) as raw bytes of `datatype`."""
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
@@ -254,15 +281,18 @@ def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> by
         data = [data]  # a scalar, as Triton accepts for a one-element tensor
     if any(dim < 0 for dim in shape):
         raise invalid_input(
-            f"input '{name}': expected dimensions >= 0, got shape {shape} "
+            f"input '{name}': expected dimensions >= 0, got shape {shown_shape(shape)} "
             "with a negative dimension"
         )
     count = math.prod(shape)
     if datatype == "BYTES":
+        if limits is not None:  # 4 MiB of "", took 330 MB before decode_request refused it
+            check_bytes_count(name, shape, limits)
         elements = _flat_strings(name, data)
         if len(elements) != count:
             raise invalid_input(
-                f"input '{name}' BYTES {shape}: expected {count} values in 'data', "
+                f"input '{name}' BYTES {shown_shape(shape)}: expected {count} values in "
+                "'data', "
                 f"got {len(elements)}"
             )
         return encode_bytes_elements(elements)
@@ -272,24 +302,46 @@ def _json_to_raw(name: str, datatype: str, shape: list[int], data: object) -> by
         if data and isinstance(data[0], list) and shape[0] != count:
             per_row = count // shape[0] if shape[0] else 0
             raise invalid_input(
-                f"input '{name}' {datatype} {shape}: expected {_counted(shape[0], 'row')} "
+                f"input '{name}' {datatype} {shown_shape(shape)}: expected "
+                f"{_counted(shape[0], 'row')} "
                 f"of {_counted(per_row, 'value')} in 'data' (nested as the shape) or "
                 f"{count} values (flat), got {_counted(len(data), 'row')}"
             )
         raise invalid_input(
-            f"input '{name}' {datatype} {shape}: expected {count} values in 'data', "
+            f"input '{name}' {datatype} {shown_shape(shape)}: expected {count} values in 'data', "
             f"got {len(data)}"
         )
+    if count * text_bytes > _MOST_PADDED_CHARS and _holds_strings(data):
+        raise invalid_input(f"input '{name}' is {datatype}: 'data' must hold numbers, got strings")
     try:
         values = np.asarray(data)
     except ValueError as exc:  # ragged nesting
         raise invalid_input(f"input '{name}': 'data' is not a regular array: {exc}") from exc
     if values.size != count:
         raise invalid_input(
-            f"input '{name}' {datatype} {shape}: expected {count} values in 'data', "
+            f"input '{name}' {datatype} {shown_shape(shape)}: expected {count} values in 'data', "
             f"got {values.size}"
         )
     return to_raw(_as_datatype(name, datatype, dtype, values, data).reshape(-1))
+
+
+# numpy reads numbers with a string among them as strings, each padded to the longest (4
+# bytes a character): 60,000 characters among 511 numbers took 123 MB. Past this many
+# characters of padding at worst (count times the body's length), data is first looked
+# over for strings, which costs about what numpy's own reading does.
+_MOST_PADDED_CHARS = 4 * 1024 * 1024
+
+
+def _holds_strings(data: list[Any]) -> bool:
+    values: Iterable[Any] = data
+    row = data
+    while row and isinstance(row[0], list):  # nested as the shape: each level flattened
+        row = row[0]
+        values = chain.from_iterable(values)
+    try:
+        return str in set(map(type, values))
+    except TypeError:  # a number where a row should be: ragged, which numpy refuses next
+        return False
 
 
 def _counted(number: int, noun: str) -> str:
@@ -446,8 +498,9 @@ _OUTPUT_CEILING = 128
 # Elements of an output rendered at a time when the answer may be over the limit.
 JSON_SLICE = 65536
 # The most bytes orjson writes for one element, comma included, by numpy kind and size:
-# "-3.4028235e+38", "-2.2250738585072014e-308", "-9223372036854775808", "false".
-_FLOAT_CHARS = {2: 16, 4: 16, 8: 25}
+# "-0.0000010003218" (FP32 and FP16), "-2.2250738585072014e-308", "-9223372036854775808",
+# "false".
+_FLOAT_CHARS = {2: 17, 4: 17, 8: 25}
 _MOST_ELEMENT_CHARS = 33  # a float wider than 8 bytes
 
 

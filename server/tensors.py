@@ -73,8 +73,20 @@ class DecodedRequest(NamedTuple):  # one per request: a tuple is the cheapest re
     length: int = 0  # along the padded axis, for a model that pads its inputs
 
 
-def _describe(datatype: str, shape: object) -> str:
-    return f"{datatype} {list(shape)}"  # type: ignore[call-overload]
+def _describe(datatype: str, shape: Sequence[int]) -> str:
+    return f"{datatype} {shown_shape(shape)}"
+
+
+# Dimensions of a shape an error message shows: a client may send millions (a byte each
+# in the message), whose text took 20 times the request and seconds of the event loop.
+SHOWN_DIMS = 16
+
+
+def shown_shape(shape: Sequence[object]) -> str:
+    """A shape as an error message shows it: whole, or its first SHOWN_DIMS and its rank."""
+    if len(shape) <= SHOWN_DIMS:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:SHOWN_DIMS]))}, ...] ({len(shape)} dimensions)"
 
 
 def decode_request(
@@ -175,9 +187,10 @@ def _known_input(
     if plan is None:
         return None
     datatype, expected, itemsize = plan
-    shape = tuple(tensor.shape)
-    if tensor.datatype != datatype or len(shape) != len(expected):
+    dims = tensor.shape
+    if tensor.datatype != datatype or len(dims) != len(expected):
         return None
+    shape = tuple(dims)
     elements = 1
     for given, wanted in zip(shape, expected, strict=True):
         if given < 0 or (given != wanted and wanted != -1):
@@ -365,17 +378,18 @@ def _check_shape(
     model: ModelSettings,
     limits: TensorLimits,
 ) -> tuple[int, ...]:
-    shape = tuple(tensor.shape)
+    dims = tensor.shape  # checked by its length before it is copied or shown
     expected = model.client_shapes[spec.name]
     if tensor.datatype != spec.datatype:
         raise invalid_input(
             f"input '{spec.name}': expected {_describe(spec.datatype, expected)}, got "
-            f"{_describe(tensor.datatype or '(no datatype)', shape)}"
+            f"{_describe(tensor.datatype or '(no datatype)', dims)}"
         )
-    if len(shape) != len(expected):
+    if len(dims) != len(expected):
         raise invalid_input(
-            f"input '{spec.name}': expected shape {list(expected)}, got {list(shape)}"
+            f"input '{spec.name}': expected shape {list(expected)}, got {shown_shape(dims)}"
         )
+    shape = tuple(dims)
     # One plain loop (every request passes here): the dimensions the model fixes must
     # match, and none may be negative.
     negative = False
@@ -427,16 +441,30 @@ def _check_bytes(
         if raw is not None:
             size = max(size, len(raw))
     if size > limits.max_bytes:
-        what = (
-            f" ({BYTES_ELEMENT_OVERHEAD} bytes per element plus the content)"
-            if spec.datatype == "BYTES"
-            else ""
-        )
-        raise invalid_input(
-            f"input '{spec.name}' {_describe(spec.datatype, shape)} decodes to at least "
-            f"{size} bytes{what}, more than {limits.max_bytes}, the limit per tensor "
-            "(--max-tensor-bytes)"
-        )
+        raise _over_tensor_bytes(spec.name, spec.datatype, shape, size, limits)
+
+
+def check_bytes_count(name: str, shape: Sequence[int], limits: TensorLimits) -> None:
+    """A BYTES tensor of this shape, refused if its elements alone (before any content)
+    pass --max-tensor-bytes: for a front door with work per element to do first."""
+    size = BYTES_ELEMENT_OVERHEAD * math.prod(shape)
+    if size > limits.max_bytes:
+        raise _over_tensor_bytes(name, "BYTES", shape, size, limits)
+
+
+def _over_tensor_bytes(
+    name: str, datatype: str, shape: Sequence[int], size: int, limits: TensorLimits
+) -> FerryError:
+    what = (
+        f" ({BYTES_ELEMENT_OVERHEAD} bytes per element plus the content)"
+        if datatype == "BYTES"
+        else ""
+    )
+    return invalid_input(
+        f"input '{name}' {_describe(datatype, shape)} decodes to at least "
+        f"{size} bytes{what}, more than {limits.max_bytes}, the limit per tensor "
+        "(--max-tensor-bytes)"
+    )
 
 
 def _decode_tensor(
