@@ -213,6 +213,14 @@ class BoundExecutor:
         self._session.run_with_iobinding(shape.binding, shape.run_options)
         return self._read_outputs(shape, rows, output_names), padded - rows
 
+    def forget_bindings(self) -> None:
+        """Drop the bindings kept per shape, and so the outputs onnxruntime allocated for
+        each one's last run, which stay bound (in the capped arena of --max-run-memory)
+        until the next run of that shape. Any thread may call this: a run in progress
+        keeps its own binding."""
+        self._shapes.clear()
+        self._direct.clear()
+
     def _run_direct(
         self,
         key: tuple[object, ...],

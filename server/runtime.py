@@ -14,6 +14,7 @@ import re
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,22 +107,48 @@ def default_max_run_memory() -> int:
     return _memory_bytes() * 3 // 4
 
 
-def _memory_bytes() -> int:
+def _memory_bytes(root: Path = Path("/")) -> int:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit_file in ("/sys/fs/cgroup/memory.max",  # cgroup v2; "max": none
-                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for limit_file in _cgroup_limit_files(root):
         try:
-            text = Path(limit_file).read_text().strip()
+            text = limit_file.read_text().strip()
         except OSError:
             continue
-        if text.isdigit():
+        if text.isdigit():  # cgroup v2's "max": none
             total = min(total, int(text))
     return total
 
 
+def _cgroup_limit_files(root: Path) -> list[Path]:
+    """The memory limits of this process's cgroup and of each one above it (a limit on a
+    parent holds too: a systemd slice, a pod), cgroup v2's and v1's. /sys/fs/cgroup's own
+    files are the root cgroup's: a container's only when it has a cgroup namespace."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    files = []
+    for line in lines:  # "0::/system.slice/x.service" (v2), "4:memory:/docker/id" (v1)
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if not controllers:
+            base, name = root / "sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        if ".." in parts:  # a cgroup outside this namespace: its root is all there is
+            parts = []
+        files += [base.joinpath(*parts[:depth], name) for depth in range(len(parts) + 1)]
+    return files
+
+
 # The limit of the arena that CPU sessions created from now on share (None: none yet).
 _shared_run_memory: int | None = None
-_shared_run_memory_lock = threading.Lock()
+_shared_run_memory_lock = threading.RLock()
 
 
 def _share_run_memory(limit: int) -> None:
@@ -141,10 +168,16 @@ def _share_run_memory(limit: int) -> None:
             ort.OrtArenaCfg({"max_mem": limit}),
         )
         _shared_run_memory = limit
+        # The arena never gives back its first region, shrunk or not, and the first
+        # allocation sizes it: a tiny one now, before any session on it can run, or a
+        # first run of half the cap would keep half for good.
+        _free_run_memory()
 
 
 # A one-value session on the shared arena whose runs give its wholly free regions back.
 _arena_shrinker: tuple[ort.InferenceSession, ort.RunOptions] | None = None
+# The IO-binding executors on the shared arena, whose bindings hold their last outputs.
+_capped_executors: weakref.WeakSet[BoundExecutor] = weakref.WeakSet()
 
 
 def _may_fit_after_freeing(exc: Exception, memory_limit: int) -> bool:
@@ -383,6 +416,9 @@ class OnnxInstance:
                 pinned=on_gpu,
             )
             self._executor = BoundExecutor(self.session, ort, plan)
+            if self._memory_limit:
+                with _shared_run_memory_lock:
+                    _capped_executors.add(self._executor)
 
     @property
     def counters(self) -> BindingCounters | None:
@@ -434,6 +470,10 @@ class OnnxInstance:
         except Exception as exc:
             if not _may_fit_after_freeing(exc, self._memory_limit):
                 raise
+            with _shared_run_memory_lock:  # not while a load adds one
+                executors = list(_capped_executors)
+            for executor in executors:
+                executor.forget_bindings()
             _free_run_memory()
             return run(*args)
 
