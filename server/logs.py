@@ -126,7 +126,7 @@ class _Class:
     suppressed: int = 0
 
 
-class _Throttle:
+class Throttle:
     """Lets the first report of each kind through, then at most one per `interval_s`,
     counting those it holds back."""
 
@@ -157,7 +157,7 @@ class RejectionLog:
     def __init__(
         self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._throttle = _Throttle(interval_s, clock)
+        self._throttle = Throttle(interval_s, clock)
 
     def request_finished(self, outcome: RequestOutcome) -> None:
         if outcome.status in QUIET_STATUSES:
@@ -185,7 +185,7 @@ class MalformedHttpLog(logging.Filter):
         self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__()
-        self._throttle = _Throttle(interval_s, clock)
+        self._throttle = Throttle(interval_s, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None

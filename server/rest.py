@@ -21,6 +21,7 @@ import hmac
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
@@ -36,7 +37,7 @@ from .config import ModelSettings
 from .dataplane import DataPlane, refuse_oversized_answer, statistics_of
 from .errors import ErrorKind, FerryError, Status
 from .loaded_model import LoadedModel
-from .logs import quiet_malformed_http
+from .logs import Throttle, quiet_malformed_http
 from .ports import bare_host, host_port, socket_family
 from .repository import ModelControl
 from .rest_codec import (
@@ -584,7 +585,21 @@ class RestServer:
         # A TLS handshake may take no longer than a connection may stay idle.
         handshake_s = min(self._idle_timeout_s, TLS_HANDSHAKE_TIMEOUT_S)
 
+        failures = Throttle(60.0, time.monotonic)  # a log line per kind and minute
+
         def accept() -> asyncio.BaseProtocol:
+            """The protocol of a new connection. Nothing may escape from here: on uvloop a
+            protocol factory that raises stops the port from accepting for good."""
+            try:
+                return counted()
+            except Exception as exc:
+                reported = failures.report(type(exc).__name__)
+                if reported is not None:
+                    log.error("a REST connection could not be set up, so it is closed%s",
+                              reported[1], exc_info=True)
+                return _ClosedAtOnce()
+
+        def counted() -> asyncio.BaseProtocol:
             if not connections.take():
                 if ssl_context is None:
                     return _RefusedConnection(refused, connections)
@@ -597,13 +612,17 @@ class RestServer:
                          ssl_context, min(handshake_s, REFUSED_LINGER_S)),
                     connections,
                 )
-            if ssl_context is None:
-                return _CountedConnection(handlers(), connections)
-            # Counted outside TLS: a connection that leaves before its handshake ends
-            # never reaches the protocol inside, but still gives its place back.
-            return _CountedTlsConnection(
-                _tls(loop, handlers(), ssl_context, handshake_s), connections
-            )
+            try:
+                if ssl_context is None:
+                    return _CountedConnection(handlers(), connections)
+                # Counted outside TLS: a connection that leaves before its handshake ends
+                # never reaches the protocol inside, but still gives its place back.
+                return _CountedTlsConnection(
+                    _tls(loop, handlers(), ssl_context, handshake_s), connections
+                )
+            except BaseException:  # no protocol holds the place, to give it back on close
+                connections.give_back()
+                raise
 
         # Not an aiohttp site: the protocol of each connection is wrapped to count it, and
         # TLS is wrapped inside the count (not given to create_server).
@@ -827,7 +846,7 @@ class _RefusedTlsConnection(_CountedTlsConnection):
 
 class _ClosedAtOnce(asyncio.Protocol):
     """A refused TLS connection past MAX_LINGERING_REFUSALS: closed without a word (its
-    503 could only follow a handshake)."""
+    503 could only follow a handshake); or one that could not be set up."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.close()

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -59,9 +59,26 @@ RESTART_WINDOW_S = 60.0
 
 def free_port(host: str) -> int:
     """A port nobody listens on now, for frontends that must all bind the same one."""
-    with socket.socket(socket_family(host), socket.SOCK_STREAM) as probe:
-        probe.bind((bare_host(host), 0))
-        return int(probe.getsockname()[1])
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str, count: int, taken: Collection[int] = ()) -> list[int]:
+    """`count` distinct ports nobody listens on now, none of them in `taken`: the probes
+    stay bound until all are chosen, since the kernel may hand a closed one out again."""
+    probes: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            probe = socket.socket(socket_family(host), socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind((bare_host(host), 0))
+            port = int(probe.getsockname()[1])
+            if port not in taken and port not in ports:
+                ports.append(port)
+    finally:
+        for probe in probes:
+            probe.close()
+    return ports
 
 
 def socket_address(name: str) -> str:
@@ -178,12 +195,15 @@ class Supervisor:
     ) -> None:
         self.argv = list(argv)
         self.workers = workers
-        self.grpc_port = grpc_port or free_port(host)
         # The frontends share one REST port as they share the gRPC one: a port of 0 is
-        # chosen here, once (each frontend would otherwise bind a port of its own).
-        self.http_port = http_port or (None if http_port is None else free_port(host))
-        # Chosen once, so that a restarted executor serves metrics where the first did.
-        self.metrics_port = metrics_port or (None if metrics_port is None else free_port(host))
+        # chosen here, once (each frontend would otherwise bind a port of its own), and
+        # the metrics port too, so that a restarted executor serves where the first did.
+        # Chosen together, so that no two are the same.
+        asked = (grpc_port, http_port, metrics_port)
+        chosen = iter(free_ports(host, asked.count(0), {p for p in asked if p}))
+        self.grpc_port = grpc_port or next(chosen)
+        self.http_port = http_port if http_port != 0 else next(chosen)
+        self.metrics_port = metrics_port if metrics_port != 0 else next(chosen)
         base = f"ferry-{os.getpid()}-{secrets.token_hex(4)}"
         # One executor per device; a single one loads every instance, as it always has.
         self.devices: list[str | None] = list(devices) if len(devices) > 1 else [None]

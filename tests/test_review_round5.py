@@ -3,7 +3,12 @@ before its fix (see the docstrings for what happened before)."""
 
 from __future__ import annotations
 
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -133,3 +138,69 @@ def test_the_default_run_memory_follows_the_process_s_own_cgroup(
     (tmp_path / "sys" / "fs" / "cgroup" / "memory.max").write_text("max\n")  # not a root's
     assert _memory_bytes(tmp_path) == min(GIB, _memory_bytes(tmp_path / "nothing"))
     assert _memory_bytes(tmp_path / "nothing") > GIB  # this machine's own memory
+
+
+def test_the_supervisor_chooses_distinct_ports_none_of_them_one_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ports of --workers N given as 0 are chosen together: probes opened and closed
+    one after the other may be handed the same port, which two servers then fight over."""
+    from ferry.server import workers
+
+    handed = iter([9001, 9001, 9002, 9003])  # the kernel repeats a port, then one given
+
+    class Probe:
+        def __init__(self, *_: object) -> None:
+            self.port = 0
+
+        def bind(self, _: object) -> None:
+            self.port = next(handed)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(workers.socket, "socket", Probe)
+    assert workers.free_ports("127.0.0.1", 2, taken={9002}) == [9001, 9003]
+    monkeypatch.undo()
+
+    given = workers.free_port("127.0.0.1")
+    supervisor = workers.Supervisor(["serve"], 2, "127.0.0.1", 0, 0, http_port=given)
+    chosen = {supervisor.grpc_port, supervisor.metrics_port}
+    assert len(chosen) == 2 and given not in chosen and 0 not in chosen
+    unasked = workers.Supervisor(["serve"], 2, "127.0.0.1", 0, None, http_port=None)
+    assert unasked.http_port is None and unasked.metrics_port is None and unasked.grpc_port
+
+
+def test_a_rest_connection_whose_handler_cannot_be_made_gives_its_place_back(
+    tmp_path: Path, start_server: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection whose protocol cannot be made is closed, its place given back (it is
+    counted before its protocol exists), and the port keeps accepting: on uvloop an
+    exception out of the protocol factory had stopped the port from accepting for good."""
+    from aiohttp import web_server
+
+    from ferry.server.security import SecurityOptions
+    from tests.models import identity_model
+
+    identity_model(tmp_path / "repo" / "m" / "1" / "model.onnx", "FP32")
+    server = start_server(tmp_path / "repo", security=SecurityOptions(max_connections=1))
+    made = web_server.Server.__call__
+    failed = threading.Event()
+
+    def fails_once(self: web_server.Server) -> Any:
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("no handler for this connection")
+        return made(self)
+
+    monkeypatch.setattr(web_server.Server, "__call__", fails_once)
+    host, port = server.http_address.split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as lost:
+        assert lost.recv(1) == b""  # closed at once
+    assert failed.is_set()
+    assert server.server.rest.open_connections == 0
+    with urllib.request.urlopen(f"http://{server.http_address}/v2/health/live", timeout=10) as ok:
+        assert ok.status == 200
