@@ -186,13 +186,12 @@ class BoundExecutor:
         """Run the rows of `parts` (same non-batch dimensions) as one batch; returns the
         outputs, `rows` long, and how many padding rows were run and dropped."""
         padded = bucket_for(rows, self.plan.buckets)
-        counters = self.counters
-        counters.batches += 1
-        counters.padded_rows += padded - rows
         first = parts[0]
         key = (padded, *[(first[name].dtype, first[name].shape[1:]) for name in self._inputs])
         if len(parts) == 1 and padded == rows and not self.plan.device_inputs:
-            return self._run_direct(key, first, rows, output_names), 0
+            outputs = self._run_direct(key, first, rows, output_names)
+            self.counters.batches += 1
+            return outputs, 0
         shape = self._shapes.get(key)
         if shape is None:
             shape = self._bind(key, padded, first)
@@ -211,6 +210,10 @@ class BoundExecutor:
             if device is not None:
                 device.update_inplace(host)
         self._session.run_with_iobinding(shape.binding, shape.run_options)
+        # Counted once the run is done: a run that found the capped arena full is tried
+        # again (runtime's _with_room), and counts once.
+        self.counters.batches += 1
+        self.counters.padded_rows += padded - rows
         return self._read_outputs(shape, rows, output_names), padded - rows
 
     def forget_bindings(self) -> None:
@@ -240,8 +243,8 @@ class BoundExecutor:
                 binding.bind_output(name, "cpu")
         for name in self._inputs:
             binding.bind_cpu_input(name, np.ascontiguousarray(inputs[name]))
-        self.counters.direct_batches += 1
         self._session.run_with_iobinding(binding)
+        self.counters.direct_batches += 1
         values = dict(zip(self._outputs, binding.copy_outputs_to_cpu(), strict=True))
         return {name: values[name] for name in output_names}
 

@@ -780,6 +780,23 @@ def _microseconds_parameter(
     return int(text) / 1e6
 
 
+# An output whose rank the graph does not declare (onnxruntime, and so Triton, reads it
+# as a scalar: Triton's autocomplete gives it dims [1]) is shown as one variable
+# dimension, KServe's -1, rather than as a scalar; configured dims of any rank fit it.
+# Outputs only: what a request's inputs must be is decode_request's to check.
+_ANY_RANK = (-1,)
+
+
+def _any_rank(sig: TensorSignature, role: str) -> bool:
+    return role == "output" and not sig.rank_known
+
+
+def _graph_dims(sig: TensorSignature, role: str, batching: bool) -> tuple[int, ...]:
+    if _any_rank(sig, role):
+        return _ANY_RANK
+    return sig.shape[1:] if batching else sig.shape
+
+
 def _merge_tensors(
     role: str,
     graph: tuple[TensorSignature, ...],
@@ -789,9 +806,7 @@ def _merge_tensors(
     by_name = {t.name: t for t in graph}
     entries = list(configured)  # type: ignore[call-overload]
     if not entries:
-        return tuple(
-            TensorSpec(t.name, t.datatype, t.shape[1:] if batching else t.shape) for t in graph
-        )
+        return tuple(TensorSpec(t.name, t.datatype, _graph_dims(t, role, batching)) for t in graph)
     specs = []
     for entry in entries:
         sig = by_name.get(entry.name)
@@ -800,7 +815,7 @@ def _merge_tensors(
                 f"config {role} '{entry.name}' is not in the graph, whose {role}s are "
                 f"{', '.join(repr(n) for n in by_name)}"
             )
-        graph_dims = sig.shape[1:] if batching else sig.shape
+        graph_dims = _graph_dims(sig, role, batching)
         datatype = sig.datatype
         if entry.data_type:
             configured_type = DATATYPES_BY_CONFIG_NAME.get(mc.DataType.Name(entry.data_type))
@@ -815,9 +830,9 @@ def _merge_tensors(
                 f"config {role} '{entry.name}' has dims {list(dims)}: each is -1 (variable) "
                 "or a size of at least 0"
             )
-        if len(dims) != len(graph_dims) or any(
+        if not _any_rank(sig, role) and (len(dims) != len(graph_dims) or any(
             g != -1 and c != g for c, g in zip(dims, graph_dims, strict=True)
-        ):
+        )):
             raise ConfigError(
                 f"config {role} '{entry.name}' has dims {list(dims)}, which do not fit the "
                 f"graph's {list(graph_dims)}" + (" (batch dimension excluded)" if batching else "")

@@ -254,9 +254,10 @@ async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, 
     """Every version the source's policy selects, ready to take requests."""
     versions = source.selected_versions()
     if not versions:
+        found = f"; {'; '.join(source.misplaced)}" if source.misplaced else ""
         raise ConfigError(
             f"no version folder with a model file in {source.folder} "
-            f"(expected {source.folder}/<version>/{source.filename})"
+            f"(expected {source.folder}/<version>/{source.filename}){found}"
         )
     loaded: dict[str, LoadedModel] = {}
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,9 @@ class ModelSource:
     folder: Path
     config: ParsedConfig | None  # None: no config.pbtxt, everything from the graph
     versions: dict[int, Path]  # version -> model file
+    # Version folders where something other than a file has the model file's name, in
+    # words: "1/model.onnx is a directory, not a file".
+    misplaced: tuple[str, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -148,13 +152,17 @@ class ModelRepository:
             config = read_config_file(config_path)
         filename = ModelSource(name, folder, config, {}).filename
         versions: dict[int, Path] = {}
+        misplaced: list[str] = []
         for entry in folder.iterdir():
             number = version_number(entry.name)
-            if number is not None and entry.is_dir() and (entry / filename).is_file():
-                versions[number] = entry / filename
+            if number is not None and entry.is_dir():
+                if (entry / filename).is_file():
+                    versions[number] = entry / filename
+                elif (found := _not_a_file(entry / filename)) is not None:
+                    misplaced.append(f"{entry.name}/{filename} is {found}, not a file")
         for path in versions.values():
             self._check_inside(name, path)
-        return ModelSource(name, folder, config, versions)
+        return ModelSource(name, folder, config, versions, tuple(sorted(misplaced)))
 
     def _check_inside(self, name: str, path: Path) -> None:
         """Refuse a model file or config that is a symlink out of the repository."""
@@ -185,6 +193,21 @@ class ModelRepository:
         if not folder.is_dir():
             raise not_found(f"model '{name}' is not in the model repository")
         return folder
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What is at `path`, which is not a regular file: None where there is nothing."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a symbolic link to nothing" if path.is_symlink() else None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
 
 
 def _select_versions(source: ModelSource, config: mc.ModelConfig | None) -> list[int]:

@@ -130,8 +130,10 @@ def parse_infer(
     if not isinstance(inputs, list) or not inputs:
         raise invalid_input("'inputs' must be a non-empty list of tensors")
     offset = json_end
+    # Past _MOST_PADDED_CHARS of text, every input's data is looked over anyway.
+    booleans = json_end <= _MOST_PADDED_CHARS and _mentions_booleans(body, json_end)
     for tensor in inputs:
-        offset = _add_input(request, tensor, view, offset, settings, limits)
+        offset = _add_input(request, tensor, view, offset, settings, limits, booleans)
     if offset != len(body):
         raise invalid_input(
             f"the body has {len(body) - offset} bytes after the last input's binary data; "
@@ -187,8 +189,10 @@ def _add_input(
     offset: int,
     settings: ModelSettings | None = None,
     limits: TensorLimits | None = None,
+    booleans: bool = True,
 ) -> int:
-    """Append one input tensor; returns where the next binary input starts."""
+    """Append one input tensor; returns where the next binary input starts. Without
+    `booleans`, the body's JSON text holds no true or false."""
     if not isinstance(tensor, dict):
         raise invalid_input("each entry of 'inputs' must be a JSON object")
     name = tensor.get("name")
@@ -223,7 +227,7 @@ def _add_input(
     if settings is not None:
         _check_declared(name, datatype, shape, settings)
     request.raw_input_contents.append(
-        _json_to_raw(name, datatype, shape, data, limits, len(body))
+        _json_to_raw(name, datatype, shape, data, limits, len(body), booleans)
     )
     return offset
 
@@ -269,6 +273,7 @@ def _json_to_raw(
     data: object,
     limits: TensorLimits | None = None,
     text_bytes: int = 0,
+    booleans: bool = True,
 ) -> bytes:
     """JSON `data` (flat, or nested as the shape) as raw bytes of `datatype`."""
     dtype = NUMPY_DTYPES.get(datatype)
@@ -311,8 +316,21 @@ def _json_to_raw(
             f"input '{name}' {datatype} {shown_shape(shape)}: expected {count} values in 'data', "
             f"got {len(data)}"
         )
-    if count * text_bytes > _MOST_PADDED_CHARS and _holds_strings(data):
-        raise invalid_input(f"input '{name}' is {datatype}: 'data' must hold numbers, got strings")
+    numeric = dtype.kind != "b"
+    if count * text_bytes > _MOST_PADDED_CHARS or (booleans and numeric):
+        kinds = _leaf_types(data)
+        if str in kinds:
+            raise invalid_input(
+                f"input '{name}' is {datatype}: 'data' must hold numbers, got strings"
+            )
+        if bool in kinds and numeric:
+            # numpy reads true among numbers as 1 (Triton refuses it: a JSON boolean is
+            # for BOOL only); all true/false is refused by _as_datatype.
+            among = "" if kinds == {bool} else " among them"
+            raise invalid_input(
+                f"input '{name}' is {datatype}: 'data' must hold "
+                f"{_WANTED[dtype.kind]}, got true/false{among}"
+            )
     try:
         values = np.asarray(data)
     except ValueError as exc:  # ragged nesting
@@ -328,20 +346,41 @@ def _json_to_raw(
 # numpy reads numbers with a string among them as strings, each padded to the longest (4
 # bytes a character): 60,000 characters among 511 numbers took 123 MB. Past this many
 # characters of padding at worst (count times the body's length), data is first looked
-# over for strings, which costs about what numpy's own reading does.
+# over for strings, which costs about what numpy's own reading does. Below it, data is
+# looked over (for true or false among numbers, which numpy reads as 1 and 0) only when
+# the body's text holds a true or false somewhere.
 _MOST_PADDED_CHARS = 4 * 1024 * 1024
+_MOST_R_LOOKED_AT = 8
+_WANTED = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
 
 
-def _holds_strings(data: list[Any]) -> bool:
+def _leaf_types(data: list[Any]) -> set[type]:
     values: Iterable[Any] = data
     row = data
     while row and isinstance(row[0], list):  # nested as the shape: each level flattened
         row = row[0]
         values = chain.from_iterable(values)
     try:
-        return str in set(map(type, values))
+        return set(map(type, values))
     except TypeError:  # a number where a row should be: ragged, which numpy refuses next
-        return False
+        return set()
+
+
+def _mentions_booleans(text: bytes, end: int) -> bool:
+    """Whether JSON text may hold true or false, by single-byte searches at memchr's
+    speed (0.2 us for 3 KB, where looking for the two words takes 4 us): a request's keys
+    and numbers hold no lowercase f, and an r only in a few keys ("parameters"), each one
+    looked at; a body with more r's than that is looked over."""
+    if text.find(b"f", 0, end) >= 0:
+        return True
+    at = text.find(b"r", 0, end)
+    for _ in range(_MOST_R_LOOKED_AT):
+        if at < 0:
+            return False
+        if text[max(at - 1, 0) : at + 3] == b"true":
+            return True
+        at = text.find(b"r", at + 1, end)
+    return True
 
 
 def _counted(number: int, noun: str) -> str:
@@ -366,9 +405,8 @@ def _as_datatype(
         return _exact_integers(name, datatype, dtype, data)
     accepted = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
     if kind not in accepted:
-        wanted = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
         raise invalid_input(
-            f"input '{name}' is {datatype}: 'data' must hold {wanted[dtype.kind]}, "
+            f"input '{name}' is {datatype}: 'data' must hold {_WANTED[dtype.kind]}, "
             f"got {_describe_kind(values)}"
         )
     if dtype.kind == "f" and dtype.itemsize < values.dtype.itemsize:

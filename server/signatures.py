@@ -29,6 +29,7 @@ class TensorSignature:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    rank_known: bool = True  # False: the graph gives no shape at all, not even a rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,4 +152,6 @@ def _tensor(value: onnx.ValueInfoProto, model_file: Path) -> TensorSignature:
         d.dim_value if d.WhichOneof("value") == "dim_value" and d.dim_value >= 0 else -1
         for d in dims
     )
-    return TensorSignature(value.name, datatype, shape)
+    return TensorSignature(
+        value.name, datatype, shape, rank_known=value.type.tensor_type.HasField("shape")
+    )
