@@ -27,7 +27,7 @@ from .event_loop import loop_name
 from .grpc_status import shield_servicer
 from .healthcheck import HealthService, add_health_service
 from .loading import InstanceWrapper, LoadOptions
-from .logs import AccessLog, RejectionLog
+from .logs import AccessLog, RejectionLog, quiet_lost_answers
 from .manager import ModelManager
 from .metrics import MetricsEndpoint, ModelView, ServerMetrics
 from .outcomes import OutcomeObserver
@@ -228,6 +228,7 @@ class FerryServer:
         # One RPC limit for every listener, not one each.
         # One count of calls in flight for the gRPC listeners and the REST port together.
         slots = options.security.call_slots()
+        self.call_places = slots  # --max-concurrent-rpcs, both ports (None: no limit)
         interceptors = options.security.interceptors(self._refused, slots)
         # Each listener takes its share of --max-connections, and the kernel spreads the
         # connections over them at random: a small limit goes to fewer listeners (one
@@ -259,6 +260,7 @@ class FerryServer:
         self, interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]], listeners: int
     ) -> grpc.aio.Server:
         """One gRPC listener with every service registered, not yet bound."""
+        quiet_lost_answers()
         security = self.options.security
         message_limit = self.options.max_message_bytes
         server = grpc.aio.server(

@@ -149,16 +149,20 @@ class ExecutorLink:
                 responses.close()
             sock.setblocking(False)
             channel = Channel(self._on_messages, self._connection_lost, RELEASE)
+            # Set up before the connection is made: the executor's catalog may be read
+            # before create_unix_connection returns, and a link that was not connected
+            # then left its frontend unhealthy for good (unknown models: UNAVAILABLE).
+            self._request_region, self._response_region = requests, responses
+            self._request_blocks = BlockAllocator(size)
+            self._lost = asyncio.Event()
+            # A new channel counts its flushes from 0 again: the next outcome starts a list.
+            self._outbox_flush = -1
+            self._channel = channel
             await loop.create_unix_connection(lambda: channel, sock=sock)
         except BaseException:
             sock.close()
+            self._channel = None
             raise
-        self._request_region, self._response_region = requests, responses
-        self._request_blocks = BlockAllocator(size)
-        self._lost = asyncio.Event()
-        # A new channel counts its flushes from 0 again: the next outcome starts a list.
-        self._outbox_flush = -1
-        self._channel = channel
 
     def _connection_lost(self) -> None:
         """The executor went away: answer everyone waiting, and let the link reconnect."""
