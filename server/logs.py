@@ -174,18 +174,22 @@ class RejectionLog:
         )
 
 
-class MalformedHttpLog(logging.Filter):
-    """For the logger of aiohttp's server: a request that is not valid HTTP (a bad chunk
-    size, a request line over the limit) is the client's error, already answered 400.
-    aiohttp logs each at ERROR with a traceback, about ten lines a request; this reports
-    each kind once per `interval_s` on one line, with how many it did not report. Any
-    other record passes unchanged: an error of the server's own keeps its traceback."""
+class _ThrottledFilter(logging.Filter):
+    """A log filter that lets each kind of record through once per `interval_s`."""
 
     def __init__(
         self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
         super().__init__()
         self._throttle = Throttle(interval_s, clock)
+
+
+class MalformedHttpLog(_ThrottledFilter):
+    """For the logger of aiohttp's server: a request that is not valid HTTP (a bad chunk
+    size, a request line over the limit) is the client's error, already answered 400.
+    aiohttp logs each at ERROR with a traceback, about ten lines a request; this reports
+    each kind once per `interval_s` on one line, with how many it did not report. Any
+    other record passes unchanged: an error of the server's own keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
@@ -213,19 +217,13 @@ class MalformedHttpLog(logging.Filter):
 _QUOTED = re.compile(r"""\bb['"]|bytearray\(|:\s*['"]""")
 
 
-class LostAnswerLog(logging.Filter):
+class LostAnswerLog(_ThrottledFilter):
     """For gRPC's own logger: an answer that could not be sent because its client had
     gone (it cancelled or closed its channel as the answer was being sent) is logged by
     grpc.aio at ERROR with a traceback, a record any client can cause at will (16 in 3.5
     minutes of clients that vanish, with --workers). This reports it once per method and
     `interval_s` on one WARNING line, with how many it did not report; any other record
     passes unchanged."""
-
-    def __init__(
-        self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        super().__init__()
-        self._throttle = Throttle(interval_s, clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
