@@ -180,8 +180,7 @@ class RestFrontDoor:
         async def expect(request: web.Request) -> web.StreamResponse | None:
             if key is not None and not _has_key(request, *key):
                 return _unauthorized(group, key[0])
-            declared = request.content_length
-            if declared is not None and declared > self._max_body_bytes and _plain(request):
+            if self._declared_too_large(request):
                 raise self._too_large(request)  # what Expect is for: refused unsent
             if request.version != HttpVersion11:
                 return None
@@ -406,10 +405,9 @@ class RestFrontDoor:
         try:
             if request.content.is_eof():  # all there (the common case): no timer to arm
                 return await request.read()
-            declared = request.content_length
-            if declared is not None and declared > self._max_body_bytes and _plain(request):
+            if self._declared_too_large(request):
                 raise self._too_large(request)  # refused before it is read
-            size = declared or self._max_body_bytes
+            size = request.content_length or self._max_body_bytes
             allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
             self.uploads += 1
             try:
@@ -435,6 +433,12 @@ class RestFrontDoor:
             ) from None
         except web.HTTPRequestEntityTooLarge:  # aiohttp's, or ours from the declared length
             raise self._too_large(request) from None
+
+    def _declared_too_large(self, request: web.Request) -> bool:
+        """A plain body whose Content-Length is over --max-message-size (a compressed
+        one is counted once decoded)."""
+        declared = request.content_length
+        return declared is not None and declared > self._max_body_bytes and _plain(request)
 
     def _too_large(self, request: web.Request) -> web.HTTPRequestEntityTooLarge:
         refusal = web.HTTPRequestEntityTooLarge(

@@ -457,7 +457,6 @@ class OnnxInstance:
         except Exception as exc:  # onnxruntime's exceptions, or a buffer that does not fit
             raise _run_error(exc, self._memory_limit) from exc
 
-
     def _with_room(self, run: Callable[..., _T], *args: Any) -> _T:
         """`run(*args)`, tried once more if it found no room in the capped arena though
         it asks for no more than the cap: the arena cannot join its free regions, so
