@@ -90,6 +90,9 @@ class TensorSpec:
     datatype: str
     dims: tuple[int, ...]
     optional: bool = False
+    # An input whose rank the graph does not give and no config fixes: requests may send
+    # it at any rank (its dims show as one variable dimension, KServe's -1).
+    any_rank: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,8 +492,11 @@ def _max_batch_size(graph: GraphSignature, config: mc.ModelConfig, set_fields: s
     max_batch_size = config.max_batch_size
     if max_batch_size < 0:
         raise ConfigError(f"max_batch_size must be >= 0, got {max_batch_size}")
-    if max_batch_size > 0 and not graph_batchable:
-        fixed = [f"'{t.name}' {list(t.shape)}" for t in tensors if t.shape[:1] != (-1,)]
+    # A tensor of unknown rank may have one: batching it is the config's to say.
+    fixed = [
+        f"'{t.name}' {list(t.shape)}" for t in tensors if t.rank_known and t.shape[:1] != (-1,)
+    ]
+    if max_batch_size > 0 and fixed:
         raise ConfigError(
             f"max_batch_size {max_batch_size} needs a variable first dimension on every "
             f"input and output, but the graph has {', '.join(fixed)}"
@@ -714,8 +720,9 @@ def _warmup_sample(
                 f"but the model takes {CONFIG_TYPE_NAMES[spec.datatype]}"
             )
         dims = tuple(tensor.dims)
-        if len(dims) != len(spec.dims) or any(
-            d < 0 or (s != -1 and d != s) for d, s in zip(dims, spec.dims, strict=True)
+        fits = (-1,) * len(dims) if spec.any_rank else spec.dims
+        if len(dims) != len(fits) or any(
+            d < 0 or (s != -1 and d != s) for d, s in zip(dims, fits, strict=True)
         ):
             raise ConfigError(
                 f"{label}: input '{name}' has dims {list(dims)}, which do not fit "
@@ -780,19 +787,15 @@ def _microseconds_parameter(
     return int(text) / 1e6
 
 
-# An output whose rank the graph does not declare (onnxruntime, and so Triton, reads it
+# A tensor whose rank the graph does not declare (onnxruntime, and so Triton, reads it
 # as a scalar: Triton's autocomplete gives it dims [1]) is shown as one variable
 # dimension, KServe's -1, rather than as a scalar; configured dims of any rank fit it.
-# Outputs only: what a request's inputs must be is decode_request's to check.
+# Such an input is taken at any rank unless a config gives its dims (TensorSpec.any_rank).
 _ANY_RANK = (-1,)
 
 
-def _any_rank(sig: TensorSignature, role: str) -> bool:
-    return role == "output" and not sig.rank_known
-
-
-def _graph_dims(sig: TensorSignature, role: str, batching: bool) -> tuple[int, ...]:
-    if _any_rank(sig, role):
+def _graph_dims(sig: TensorSignature, batching: bool) -> tuple[int, ...]:
+    if not sig.rank_known:
         return _ANY_RANK
     return sig.shape[1:] if batching else sig.shape
 
@@ -806,7 +809,11 @@ def _merge_tensors(
     by_name = {t.name: t for t in graph}
     entries = list(configured)  # type: ignore[call-overload]
     if not entries:
-        return tuple(TensorSpec(t.name, t.datatype, _graph_dims(t, role, batching)) for t in graph)
+        return tuple(
+            TensorSpec(t.name, t.datatype, _graph_dims(t, batching),
+                       any_rank=role == "input" and not t.rank_known)
+            for t in graph
+        )
     specs = []
     for entry in entries:
         sig = by_name.get(entry.name)
@@ -815,7 +822,7 @@ def _merge_tensors(
                 f"config {role} '{entry.name}' is not in the graph, whose {role}s are "
                 f"{', '.join(repr(n) for n in by_name)}"
             )
-        graph_dims = _graph_dims(sig, role, batching)
+        graph_dims = _graph_dims(sig, batching)
         datatype = sig.datatype
         if entry.data_type:
             configured_type = DATATYPES_BY_CONFIG_NAME.get(mc.DataType.Name(entry.data_type))
@@ -830,16 +837,17 @@ def _merge_tensors(
                 f"config {role} '{entry.name}' has dims {list(dims)}: each is -1 (variable) "
                 "or a size of at least 0"
             )
-        if not _any_rank(sig, role) and (len(dims) != len(graph_dims) or any(
+        if sig.rank_known and (len(dims) != len(graph_dims) or any(
             g != -1 and c != g for c, g in zip(dims, graph_dims, strict=True)
         )):
             raise ConfigError(
                 f"config {role} '{entry.name}' has dims {list(dims)}, which do not fit the "
                 f"graph's {list(graph_dims)}" + (" (batch dimension excluded)" if batching else "")
             )
-        specs.append(
-            TensorSpec(entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)))
-        )
+        specs.append(TensorSpec(
+            entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)),
+            any_rank=role == "input" and not sig.rank_known and not entry.dims,
+        ))
     if role == "input":
         missing = [n for n in by_name if n not in {s.name for s in specs}]
         if missing:

@@ -38,6 +38,7 @@ from .tensors import (
     TensorLimits,
     check_bytes_count,
     decode_request,
+    expected_dims,
     shown_shape,
 )
 
@@ -248,9 +249,7 @@ def _check_declared(name: str, datatype: str, shape: list[int], settings: ModelS
             f"got {datatype} {shown_shape(shape)}"
         )
     if len(shape) != len(expected):
-        raise invalid_input(
-            f"input '{name}': expected shape {list(expected)}, got {shown_shape(shape)}"
-        )
+        expected_dims(spec, settings, shape)
 
 
 def _add_output(request: pb.ModelInferRequest, output: object) -> str:

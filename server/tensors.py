@@ -89,6 +89,30 @@ def shown_shape(shape: Sequence[object]) -> str:
     return f"[{', '.join(map(str, shape[:SHOWN_DIMS]))}, ...] ({len(shape)} dimensions)"
 
 
+# The most dimensions an input of any rank may have (TensorSpec.any_rank): numpy's limit.
+MAX_ANY_RANK = 64
+
+
+def expected_dims(spec: TensorSpec, model: ModelSettings, shape: Sequence[int]) -> tuple[int, ...]:
+    """The dimensions to check a shape of a rank other than the input's client shape
+    against: any, for an input of any rank (with its batch dimension when the model
+    batches, and at most MAX_ANY_RANK); otherwise FerryError naming the shape expected."""
+    least = 1 if model.batchable else 0
+    if not spec.any_rank:
+        raise invalid_input(
+            f"input '{spec.name}': expected shape {list(model.client_shapes[spec.name])}, "
+            f"got {shown_shape(shape)}"
+        )
+    if not least <= len(shape) <= MAX_ANY_RANK:
+        raise invalid_input(
+            f"input '{spec.name}': the model takes it at any shape of "
+            + (f"1 to {MAX_ANY_RANK} dimensions, the batch first" if least
+               else f"at most {MAX_ANY_RANK} dimensions")
+            + f", got {shown_shape(shape)}"
+        )
+    return (-1,) * len(shape)
+
+
 def decode_request(
     request: pb.ModelInferRequest,
     model: ModelSettings,
@@ -386,9 +410,7 @@ def _check_shape(
             f"{_describe(tensor.datatype or '(no datatype)', dims)}"
         )
     if len(dims) != len(expected):
-        raise invalid_input(
-            f"input '{spec.name}': expected shape {list(expected)}, got {shown_shape(dims)}"
-        )
+        expected = expected_dims(spec, model, dims)
     shape = tuple(dims)
     # One plain loop (every request passes here): the dimensions the model fixes must
     # match, and none may be negative.
