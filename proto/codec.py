@@ -132,7 +132,23 @@ def to_raw(array: npt.NDArray[np.generic]) -> bytes:
     return data.tobytes()
 
 
-def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> npt.NDArray[np.generic]:
+# Below this, copying a tensor costs less than making a view of it (measured: 1.4 us
+# against 0.7 to join 64 KiB, 0.45 against 0.49 us at 16 KiB).
+RAW_VIEW_MIN_BYTES = 32 * 1024
+
+
+def raw_view(array: npt.NDArray[np.generic]) -> bytes | memoryview:
+    """`to_raw`'s bytes, without copying a numeric tensor that is already laid out so:
+    for a caller that copies them once anyway (joining them into a body), and for
+    tensors of RAW_VIEW_MIN_BYTES or more."""
+    if array.dtype.kind in "OSU" or array.dtype.byteorder == ">":
+        return to_raw(array)
+    return memoryview(np.ascontiguousarray(array)).cast("B")
+
+
+def from_raw(
+    raw: bytes | memoryview, datatype: str, shape: Sequence[int]
+) -> npt.NDArray[np.generic]:
     """Decode raw content into an array of `shape`; numeric data is not copied.
 
     Raises ValueError when the byte length does not fit the shape.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -27,7 +27,13 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ferry.proto import grpc_service_pb2 as pb
-from ferry.proto.codec import NUMPY_DTYPES, encode_bytes_elements, to_raw
+from ferry.proto.codec import (
+    NUMPY_DTYPES,
+    RAW_VIEW_MIN_BYTES,
+    encode_bytes_elements,
+    raw_view,
+    to_raw,
+)
 
 from .config import ModelSettings
 from .dataplane import OutputFloor, text_bytes
@@ -59,9 +65,12 @@ class RestRequest:
     request: pb.ModelInferRequest
     binary_outputs: frozenset[str] | None
     has_id: bool
+    # Each input's content, as raw_input_contents would hold it: kept out of the protobuf,
+    # which would copy it in and copy it out again (a binary input is a view of the body).
+    raw_contents: Sequence[bytes | memoryview] = ()
 
     def decode(self, settings: ModelSettings, limits: TensorLimits) -> DecodedRequest:
-        return decode_request(self.request, settings, limits)
+        return decode_request(self.request, settings, limits, self.raw_contents)
 
 
 def parse_json(text: bytes | memoryview, what: str) -> Any:
@@ -133,8 +142,9 @@ def parse_infer(
     offset = json_end
     # Past _MOST_PADDED_CHARS of text, every input's data is looked over anyway.
     booleans = json_end <= _MOST_PADDED_CHARS and _mentions_booleans(body, json_end)
+    raw: list[bytes | memoryview] = []
     for tensor in inputs:
-        offset = _add_input(request, tensor, view, offset, settings, limits, booleans)
+        offset = _add_input(request, raw, tensor, view, offset, settings, limits, booleans)
     if offset != len(body):
         raise invalid_input(
             f"the body has {len(body) - offset} bytes after the last input's binary data; "
@@ -144,7 +154,9 @@ def parse_infer(
     binary_all = parameters.get("binary_data_output") is True
     outputs = header.get("outputs")
     if outputs is None:
-        return RestRequest(request, None if binary_all else frozenset(), request_id is not None)
+        return RestRequest(
+            request, None if binary_all else frozenset(), request_id is not None, raw
+        )
     if not isinstance(outputs, list):
         raise invalid_input("'outputs' must be a list of requested outputs")
     binary: set[str] = set()
@@ -153,7 +165,7 @@ def parse_infer(
         options = _mapping(output.get("parameters"), f"parameters of output '{name}'")
         if options.get("binary_data", binary_all) is True:
             binary.add(name)
-    return RestRequest(request, frozenset(binary), request_id is not None)
+    return RestRequest(request, frozenset(binary), request_id is not None, raw)
 
 
 def _mapping(value: object, what: str) -> dict[str, Any]:
@@ -185,6 +197,7 @@ def set_parameters(target: Any, parameters: Mapping[str, Any]) -> None:
 
 def _add_input(
     request: pb.ModelInferRequest,
+    raw: list[bytes | memoryview],
     tensor: object,
     body: memoryview,
     offset: int,
@@ -192,8 +205,9 @@ def _add_input(
     limits: TensorLimits | None = None,
     booleans: bool = True,
 ) -> int:
-    """Append one input tensor; returns where the next binary input starts. Without
-    `booleans`, the body's JSON text holds no true or false."""
+    """Append one input tensor to `request` and its content to `raw`; returns where the
+    next binary input starts. Without `booleans`, the body's JSON text holds no true or
+    false."""
     if not isinstance(tensor, dict):
         raise invalid_input("each entry of 'inputs' must be a JSON object")
     name = tensor.get("name")
@@ -221,15 +235,13 @@ def _add_input(
                 f"input '{name}': binary_data_size {size!r} does not fit the "
                 f"{len(body) - offset} bytes left in the body"
             )
-        request.raw_input_contents.append(bytes(body[offset : offset + size]))
+        raw.append(body[offset : offset + size])
         return offset + size
     if data is None:
         raise invalid_input(f"input '{name}' has neither 'data' nor binary_data_size")
     if settings is not None:
         _check_declared(name, datatype, shape, settings)
-    request.raw_input_contents.append(
-        _json_to_raw(name, datatype, shape, data, limits, len(body), booleans)
-    )
+    raw.append(_json_to_raw(name, datatype, shape, data, limits, len(body), booleans))
     return offset
 
 
@@ -483,7 +495,7 @@ def encode_infer(
     binary_names = request.binary_outputs
     datatypes = settings.output_datatypes
     described: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    chunks: list[bytes | memoryview] = []
     in_json: list[Array] = []
     # What the answer may take, at first with the widest element for every value.
     ceiling = _HEADER_CEILING + 6 * (len(settings.name) + len(version))
@@ -494,7 +506,8 @@ def encode_infer(
             "shape": array.shape,
         }
         if binary_names is None or name in binary_names:
-            raw = to_raw(array)
+            # Copied once, into the joined body.
+            raw = raw_view(array) if array.nbytes >= RAW_VIEW_MIN_BYTES else to_raw(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
             ceiling += _OUTPUT_CEILING + 6 * len(name) + 21 * array.ndim + len(raw)

@@ -117,11 +117,16 @@ def decode_request(
     request: pb.ModelInferRequest,
     model: ModelSettings,
     limits: TensorLimits = TensorLimits(),
+    raw_contents: Sequence[bytes | memoryview] | None = None,
 ) -> DecodedRequest:
-    """The request in the server's terms, or FerryError saying what is wrong with it."""
+    """The request in the server's terms, or FerryError saying what is wrong with it.
+    `raw_contents` stands for the request's raw_input_contents (the REST port's, kept
+    out of the protobuf)."""
+    if raw_contents is None:
+        raw_contents = request.raw_input_contents
     # In this order whichever path decodes: the inputs, the outputs, then the batch key and
     # the padded size, so that a request with several faults hears of the same one first.
-    plain = _decode_plain_raw(request, model, limits)
+    plain = _decode_plain_raw(request, raw_contents, model, limits)
     if plain is not None:
         arrays, rows, shape_key = plain
         outputs = _requested_outputs(request, model)
@@ -130,7 +135,7 @@ def decode_request(
             length, shape_key = batch_key(arrays, model)
             _check_padded_size(arrays, model.padding, length, limits)  # type: ignore[arg-type]
     else:  # anything else, errors included, takes the general path
-        arrays = _decode_inputs(request, model, limits)
+        arrays = _decode_inputs(request, raw_contents, model, limits)
         outputs = _requested_outputs(request, model)
         length, shape_key = batch_key(arrays, model)
         if model.padding is not None:
@@ -229,13 +234,15 @@ def _known_input(
 
 
 def _decode_plain_raw(
-    request: pb.ModelInferRequest, model: ModelSettings, limits: TensorLimits
+    request: pb.ModelInferRequest,
+    raw_contents: Sequence[bytes | memoryview],
+    model: ModelSettings,
+    limits: TensorLimits,
 ) -> tuple[dict[str, Array], int, tuple[tuple[int, ...], ...] | None] | None:
     """The common request in one pass: every input of the model once, fixed-size, in
     raw_input_contents, every check passing. Its arrays, rows and shape key (None for a
     padding model, whose key `batch_key` computes); None for anything else: the general
     path then decodes it, or says precisely what is wrong."""
-    raw_contents = request.raw_input_contents
     inputs = request.inputs
     count = len(inputs)
     if not raw_contents or len(raw_contents) != count or count != len(model.inputs):
@@ -282,10 +289,12 @@ def _decode_plain_raw(
 
 
 def _decode_inputs(
-    request: pb.ModelInferRequest, model: ModelSettings, limits: TensorLimits
+    request: pb.ModelInferRequest,
+    raw_contents: Sequence[bytes | memoryview],
+    model: ModelSettings,
+    limits: TensorLimits,
 ) -> dict[str, Array]:
     specs = model.inputs_by_name
-    raw_contents = request.raw_input_contents
     if raw_contents and len(raw_contents) != len(request.inputs):
         raise invalid_input(
             f"raw_input_contents has {len(raw_contents)} entries but the request has "
@@ -441,7 +450,7 @@ def _check_bytes(
     tensor: pb.ModelInferRequest.InferInputTensor,
     spec: TensorSpec,
     shape: tuple[int, ...],
-    raw: bytes | None,
+    raw: bytes | memoryview | None,
     limits: TensorLimits,
 ) -> None:
     """The decoded size of the tensor, bounded before any per-element work."""
@@ -493,7 +502,7 @@ def _decode_tensor(
     tensor: pb.ModelInferRequest.InferInputTensor,
     spec: TensorSpec,
     shape: tuple[int, ...],
-    raw: bytes | None,
+    raw: bytes | memoryview | None,
 ) -> Array:
     if raw is not None:
         if tensor.HasField("contents"):
@@ -505,7 +514,7 @@ def _decode_tensor(
     return _decode_typed(tensor, spec, shape)
 
 
-def _decode_raw(raw: bytes, spec: TensorSpec, shape: tuple[int, ...]) -> Array:
+def _decode_raw(raw: bytes | memoryview, spec: TensorSpec, shape: tuple[int, ...]) -> Array:
     try:
         array = from_raw(raw, spec.datatype, shape)
     except BytesFormatError as exc:

@@ -611,3 +611,35 @@ def test_json_values_out_of_range_of_their_datatype_are_refused() -> None:
                                    "data": [300] * 16}]}).encode()
     with pytest.raises(FerryError, match="values out of range for INT8"):
         parse_infer(body, None, "m", "")
+
+
+def test_binary_inputs_are_read_where_the_body_holds_them_and_outputs_copied_once() -> None:
+    """A binary input is a view of the body, not a copy (a 16 MiB input took 2.6 ms of
+    the loop in three copies: out of the body, into the protobuf and out of it again);
+    a large binary output is copied once, into the answer."""
+    from ferry.proto.codec import RAW_VIEW_MIN_BYTES
+    from ferry.server.config import ModelSettings, TensorSpec
+    from ferry.server.rest_codec import encode_infer, parse_infer
+    from ferry.server.tensors import TensorLimits
+
+    settings = ModelSettings(
+        "m", 4096, (TensorSpec("x", "FP32", (256,)),), (TensorSpec("y", "FP32", (256,)),)
+    )
+    values = np.arange(2048 * 256, dtype=np.float32).reshape(2048, 256)
+    header = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2048, 256],
+                                     "parameters": {"binary_data_size": values.nbytes}}],
+                         "parameters": {"binary_data_output": True}})
+    body = header.encode() + values.tobytes()
+    parsed = parse_infer(body, str(len(header)), "m", "", settings, TensorLimits())
+    decoded = parsed.decode(settings, TensorLimits()).inputs["x"]
+    assert np.array_equal(decoded, values)
+    assert decoded.base is body  # numpy keeps the body the view was cut from
+    assert not parsed.request.raw_input_contents
+
+    # Big enough to be joined from a view; still the same bytes.
+    outputs = {"y": values[: RAW_VIEW_MIN_BYTES // 1024 + 1] * 2}
+    payload, header_bytes = encode_infer(parsed, settings, "1", outputs)
+    assert header_bytes is not None
+    answer = json.loads(payload[:header_bytes])
+    assert answer["outputs"][0]["parameters"]["binary_data_size"] == outputs["y"].nbytes
+    assert payload[header_bytes:] == outputs["y"].tobytes()
