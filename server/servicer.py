@@ -20,6 +20,7 @@ from .dataplane import DataPlane, refuse_oversized_answer, statistics_of, text_b
 from .errors import FerryError, Status, cut
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
+from .raw_contents import SplitRequest
 from .repository import ModelControl
 from .rows import Array, Tensors
 from .streams import ReplyQueue, StreamLimits
@@ -158,7 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # Inference ----------------------------------------------------------------------
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Any
+        self, request: pb.ModelInferRequest | SplitRequest, context: Any
     ) -> pb.ModelInferResponse:
         try:
             return await self._infer(request, context.time_remaining(), 0)
@@ -167,7 +168,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise  # unreachable: abort raises
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest | MalformedMessage],
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest | SplitRequest | MalformedMessage],
         context: Any,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream are batched like any others; each response is sent as
@@ -178,14 +180,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         replies: ReplyQueue[pb.ModelStreamInferResponse] = ReplyQueue(self._stream_limits)
         pending: set[asyncio.Task[None]] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest | SplitRequest) -> None:
             try:
                 response = await self._infer(
                     request, context.time_remaining(), STREAM_FRAMING_BYTES
                 )
                 reply = pb.ModelStreamInferResponse(infer_response=response)
             except FerryError as error:
-                reply = _error_reply(error.message, request, self._max_response)
+                named = request.request if isinstance(request, SplitRequest) else request
+                reply = _error_reply(error.message, named, self._max_response)
             replies.put(reply, reply.ByteSize())
 
         async def read_all() -> None:
@@ -221,10 +224,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
     def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None, framing_bytes: int
+        self,
+        received: pb.ModelInferRequest | SplitRequest,
+        time_remaining: float | None,
+        framing_bytes: int,
     ) -> Coroutine[Any, Any, pb.ModelInferResponse]:
         """The data plane's call, for the handler to await: not a coroutine of its own, so
         that each of the request's steps through the loop resumes one frame fewer."""
+        if isinstance(received, SplitRequest):  # a large request, its contents kept apart
+            request, raw_contents = received
+        else:
+            request, raw_contents = received, None
         limits = self._tensor_limits
         max_response = self._max_response
 
@@ -233,7 +243,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # Refused from the outputs' sizes before anything is built; what is built is
             # then checked to the byte (names, shapes and framing count too). Typed or raw
             # as `encode_response` decides it (a typed floor is the lower of the two).
-            if request.raw_input_contents or not request.inputs:
+            if raw_contents is not None or request.raw_input_contents or not request.inputs:
                 # Raw: a numeric output's floor is its bytes, summed here without a call
                 # per output; the refusal (and any other datatype) as before.
                 total = framing_bytes
@@ -255,12 +265,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return encode_response(
                 request, settings, model.version, outputs,
                 max_bytes=max_response, framing_bytes=framing_bytes,
+                raw_inputs=raw_contents is not None,
             )
 
         return self._dataplane.infer(
             request.model_name,
             request.model_version,
-            lambda settings: decode_request(request, settings, limits),
+            lambda settings: decode_request(request, settings, limits, raw_contents),
             encode,
             time_remaining,
         )

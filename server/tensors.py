@@ -704,6 +704,7 @@ def encode_response(
     *,
     max_bytes: int | None = None,
     framing_bytes: int = 0,
+    raw_inputs: bool = False,
 ) -> pb.ModelInferResponse:
     """Outputs travel as raw_output_contents, as Triton sends them; a request whose inputs
     came as typed `contents` (grpcurl, ghz with JSON) is answered in typed contents too,
@@ -711,7 +712,13 @@ def encode_response(
     With `max_bytes`, an answer larger than that (`framing_bytes` added) is refused as
     `check_response_size` refuses it."""
     datatypes = model.output_datatypes
-    if not request.raw_input_contents and request.inputs and _all_typed(outputs, datatypes):
+    # `raw_inputs`: the request's raw_input_contents were kept apart from it.
+    if (
+        not raw_inputs
+        and not request.raw_input_contents
+        and request.inputs
+        and _all_typed(outputs, datatypes)
+    ):
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=version, id=request.id
         )

@@ -17,7 +17,10 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
+
+from .raw_contents import SPLIT_MIN_BYTES, SplitRequest, split_raw_contents
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,17 @@ def tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes],
             return MalformedMessage(type_name)
 
     return deserialize
+
+
+def tolerant_infer_request(data: bytes) -> pb.ModelInferRequest | SplitRequest | MalformedMessage:
+    """`tolerant`'s ModelInferRequest parser, which reads a large request's
+    raw_input_contents where the message holds them (a SplitRequest)."""
+    try:
+        if len(data) >= SPLIT_MIN_BYTES and (split := split_raw_contents(data)) is not None:
+            return SplitRequest(pb.ModelInferRequest.FromString(split[0]), split[1])
+        return pb.ModelInferRequest.FromString(data)
+    except DecodeError:
+        return MalformedMessage("ModelInferRequest")
 
 
 class _Recorder:
@@ -69,9 +83,11 @@ def add_inference_service(servicer: object, server: grpc.aio.Server) -> None:
     handlers = {}
     for name, handler in recorder.handlers.items():
         parse = handler.request_deserializer
-        type_name = parse.__self__.DESCRIPTOR.name  # type: ignore[union-attr]
+        message_type = parse.__self__  # type: ignore[union-attr]
         handlers[name] = handler._replace(  # type: ignore[attr-defined]
-            request_deserializer=tolerant(parse, type_name)  # type: ignore[arg-type]
+            request_deserializer=tolerant_infer_request
+            if message_type is pb.ModelInferRequest
+            else tolerant(parse, message_type.DESCRIPTOR.name)  # type: ignore[arg-type]
         )
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(recorder.service, handlers),)
