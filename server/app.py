@@ -37,7 +37,7 @@ from .providers import GpuFallback
 from .reflection import ReflectionPool, add_reflection_service
 from .repository import ModelControlMode, ModelRepository
 from .rest import RestFrontDoor, RestServer
-from .security import ApiGroup, SecurityOptions, api_group, api_keys
+from .security import ApiGroup, SecurityOptions, api_group, api_keys, warn_plain_text
 from .servicer import INFERENCE_SERVICE, InferenceServicer
 from .streams import StreamLimits
 from .wire import add_inference_service
@@ -164,6 +164,22 @@ def _register_in_pool(*files: object) -> None:
             POOL.FindFileByName(name)
         except KeyError:
             POOL.AddSerializedFile(file.serialized_pb)  # type: ignore[attr-defined]
+
+
+def nothing_to_serve(repository: Path) -> str:
+    """What a repository without a model folder is told: the layout wanted, and how to
+    serve an .onnx file found at its top as it is."""
+    message = (
+        f"{repository} holds no model to serve: a repository holds one folder per model, "
+        "<model>/<version>/model.onnx (with an optional <model>/config.pbtxt)"
+    )
+    try:
+        loose = sorted(p.name for p in repository.glob("*.onnx") if p.is_file())
+    except OSError:
+        loose = []
+    if loose:
+        message += f"; to serve one .onnx file as it is: ferry serve {repository / loose[0]}"
+    return message
 
 
 class FerryServer:
@@ -340,6 +356,8 @@ class FerryServer:
             log.info("serving the Open Inference Protocol's REST binding on %s://%s",
                      "https" if tls is not None else "http",
                      host_port(self.options.host, self.http_port))
+            if tls is None:
+                warn_plain_text("REST", self.options.host, self.http_port)
         model_control = self.options.security.model_control
         failed = await self.manager.load_all(model_control.models_at_start())
         await self._models_changed()  # an empty start-up set is ready now
@@ -348,7 +366,8 @@ class FerryServer:
             if not problem and not self.manager.loaded() and model_control.mode is not (
                 ModelControlMode.EXPLICIT
             ):
-                problem = f"{self.options.model_path} holds no model to serve"
+                await self.stop(0.0)
+                raise StartupError(nothing_to_serve(self.options.model_path))
             if problem:
                 await self.stop(0.0)
                 raise StartupError(f"{problem} (--exit-on-error=false serves what did load)")

@@ -81,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         "model_path",
         metavar="REPOSITORY|MODEL.onnx",
         type=Path,
+        nargs="?",
         help="a model repository folder, or one .onnx file to serve as version 1 of the "
         "model named after the file",
+    )
+    serve.add_argument(
+        "--model-repository", "--model-store",
+        type=Path,
+        action="append",
+        metavar="REPOSITORY",
+        help="Triton's flag for the REPOSITORY argument, taken in its place (one repository)",
     )
     serve.add_argument(
         "--host", default="0.0.0.0",
@@ -237,7 +245,7 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("security and limits")
     group.add_argument("--tls-cert", type=Path, metavar="PEM",
                        help="server certificate chain; with --tls-key, gRPC uses TLS "
-                       "(default: plain text)")
+                       "and the REST port speaks HTTPS only (default: plain text)")
     group.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     group.add_argument("--tls-client-ca", type=Path, metavar="PEM",
                        help="CA that signs client certificates: turns on mutual TLS")
@@ -494,8 +502,23 @@ async def serve(options: ServerOptions, frontend: tuple[str, int] | None = None)
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with Triton's --model-repository taken as the REPOSITORY."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = [*([args.model_path] if args.model_path else []), *(args.model_repository or [])]
+    if not given:
+        parser.error("the following arguments are required: REPOSITORY|MODEL.onnx "
+                     "(or Triton's --model-repository REPOSITORY)")
+    if len(given) > 1:
+        parser.error("Ferry serves one repository: give it once, as the argument or as "
+                     f"--model-repository (got {', '.join(map(str, given))})")
+    args.model_path = given[0]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
         check_values(args)

@@ -8,7 +8,7 @@ failure. Without a config, everything comes from the graph.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -454,6 +454,8 @@ def settings_from(
         )
     except PaddingConfigError as exc:
         raise ConfigError(str(exc)) from None
+    if padding is not None:
+        warnings.extend(_unpadded_variable_inputs(padding, inputs))
     if config.model_warmup:
         warmup = tuple(_warmup_sample(w, inputs, max_batch_size) for w in config.model_warmup)
     else:
@@ -480,6 +482,21 @@ def settings_from(
         padding=padding,
         warnings=tuple(warnings),
     )
+
+
+def _unpadded_variable_inputs(padding: PaddingSettings, inputs: Sequence[TensorSpec]) -> list[str]:
+    """A warning for each input that padding leaves out but whose padded axis is variable
+    too: if it has each request's length (a BERT export's token_type_ids), requests of
+    different lengths never share a batch, and nothing else would say so."""
+    axis = padding.axis
+    return [
+        f"parameter padding_inputs leaves out input '{spec.name}', whose axis {axis} is "
+        "variable too: if it has each request's length, requests of different lengths "
+        f"never share a batch; add it with its pad value ('{spec.name}=0')"
+        for spec in inputs
+        if spec.name not in padding.inputs and len(spec.dims) >= axis
+        and spec.dims[axis - 1] == -1
+    ]
 
 
 def _max_batch_size(graph: GraphSignature, config: mc.ModelConfig, set_fields: set[str]) -> int:
@@ -843,6 +860,8 @@ def _merge_tensors(
             raise ConfigError(
                 f"config {role} '{entry.name}' has dims {list(dims)}, which do not fit the "
                 f"graph's {list(graph_dims)}" + (" (batch dimension excluded)" if batching else "")
+                + (f"; Ferry does not apply reshape: write dims: {list(graph_dims)} and "
+                   "leave reshape out" if entry.HasField("reshape") else "")
             )
         specs.append(TensorSpec(
             entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)),

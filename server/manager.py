@@ -225,6 +225,9 @@ class ModelManager:
             if versions is None:
                 raise not_found(f"model '{shown(name)}' is not loaded")
             self._states[name] = ModelState.UNAVAILABLE
+            if self._startup is not None:
+                # Unloaded on purpose: no longer a model readiness waits for (as in Triton).
+                self._startup = self._startup - {name}
             for model in versions.values():
                 self._retire(model)
             log.info("model '%s' unloaded", name)

@@ -292,6 +292,7 @@ class RestFrontDoor:
 
     async def statistics(self, request: web.Request) -> web.Response:
         info = request.match_info
+        await self._models.refresh_statistics()  # with --workers, kept by the executors
         models = statistics_of(self._models, info.get("model", ""), info.get("version", ""))
         return json_response({"model_stats": [_statistics_json(m) for m in models]})
 

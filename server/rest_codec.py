@@ -43,6 +43,7 @@ from .tensors import (
     DecodedRequest,
     TensorLimits,
     check_bytes_count,
+    classification_refused,
     decode_request,
     expected_dims,
     shown_shape,
@@ -270,9 +271,7 @@ def _add_output(request: pb.ModelInferRequest, output: object) -> str:
     name: str = output["name"]
     options = _mapping(output.get("parameters"), f"parameters of output '{name}'")
     if options.get("classification"):
-        raise invalid_input(
-            f"output '{name}': Ferry does not implement the classification extension"
-        )
+        raise classification_refused(name)
     request.outputs.add(name=name)
     return name
 

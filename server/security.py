@@ -535,18 +535,9 @@ class SecurityOptions:
             if added == 0 or (bound and added != bound):
                 return 0
             bound = added
-        address = host_port(host, port)
+        address = host_port(host, bound)
         if self.tls is None:
-            who = (
-                "any process on this machine"
-                if _is_loopback(bare_host(host))
-                else "anyone who can reach this address"
-            )
-            log.warning(
-                "gRPC on %s is plain text (no TLS): %s can read and send requests; "
-                "--tls-cert and --tls-key turn on TLS",
-                address, who,
-            )
+            warn_plain_text("gRPC", host, bound)
         else:
             log.info(
                 "gRPC on %s uses TLS%s",
@@ -554,6 +545,20 @@ class SecurityOptions:
                 " and requires client certificates (mutual TLS)" if self.tls.client_ca else "",
             )
         return bound
+
+
+def warn_plain_text(port_name: str, host: str, port: int) -> None:
+    """Say that a port serves without TLS, and who can reach it."""
+    who = (
+        "any process on this machine"
+        if _is_loopback(bare_host(host))
+        else "anyone who can reach this address"
+    )
+    log.warning(
+        "%s on %s is plain text (no TLS): %s can read and send requests; "
+        "--tls-cert and --tls-key turn on TLS",
+        port_name, host_port(host, port), who,
+    )
 
 
 def _is_loopback(host: str) -> bool:

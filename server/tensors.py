@@ -113,6 +113,17 @@ def expected_dims(spec: TensorSpec, model: ModelSettings, shape: Sequence[int]) 
     return (-1,) * len(shape)
 
 
+def classification_refused(output: str) -> FerryError:
+    """The refusal of an output asked for with Triton's classification extension, which
+    answers "value:index:label" strings in place of the tensor: the caller would misread
+    the tensor Ferry sends. The same words on both ports."""
+    return invalid_input(
+        f"output '{output}': parameter 'classification' (Triton's classification "
+        "extension) is not supported; request the output without it and take the top "
+        "classes from the tensor"
+    )
+
+
 def decode_request(
     request: pb.ModelInferRequest,
     model: ModelSettings,
@@ -683,13 +694,7 @@ def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> t
                 + ", ".join(f"'{n}'" for n in names)
             )
         if "classification" in output.parameters:
-            # Triton's classification extension answers "value:index:label" strings in
-            # place of the tensor: the caller would misread the tensor Ferry sends.
-            raise invalid_input(
-                f"output '{output.name}': parameter 'classification' (Triton's "
-                "classification extension) is not supported; request the output without "
-                "it and take the top classes from the tensor"
-            )
+            raise classification_refused(output.name)
         if output.name in wanted:
             raise invalid_input(f"output '{output.name}' is requested more than once")
         wanted.append(output.name)

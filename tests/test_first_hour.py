@@ -405,3 +405,254 @@ def rest_server() -> Iterator[int]:
         REPO / "examples" / "model_repository", "--http-port", "0", "--metrics-port", "-1",
     ) as server:
         yield int(server.wait_for(REST)[0].group(2))
+
+
+# What a Triton user brings: configs, model control, statistics ---------------------------
+
+
+def _classifier(folder: Path) -> None:
+    """sklearn's LogisticRegression as skl2onnx writes it without ZipMap: 'label' is
+    [batch] (no dimension besides the batch), 'probabilities' [batch, 3]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.eye(4, 3, dtype=np.float32), "W")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["float_input", "W"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+            helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+        ],
+        "logreg",
+        [helper.make_tensor_value_info("float_input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 3])],
+        [weights],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    (folder / "1").mkdir(parents=True)
+    onnx.save(model, str(folder / "1" / "model.onnx"))
+
+
+def test_a_triton_config_with_reshape_is_refused_saying_what_to_write(tmp_path: Path) -> None:
+    """Triton's config for an output that has no dimension besides the batch (a label)
+    is `dims: [ 1 ] reshape: { shape: [ ] }`, and tritonclient users copy it unchanged.
+    Ferry does not apply reshape; the load failed with "config output 'label' has dims
+    [1], which do not fit the graph's []", a message that did not mention reshape. Now
+    it says what to write instead."""
+    _classifier(tmp_path / "iris")
+    (tmp_path / "iris" / "config.pbtxt").write_text(
+        'name: "iris"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
+        'input [ { name: "float_input" data_type: TYPE_FP32 dims: [ 4 ] } ]\n'
+        'output [\n'
+        '  { name: "label" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } },\n'
+        '  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }\n'
+        ']\n'
+    )
+    done = ferry(
+        "serve", str(tmp_path), "--host", "127.0.0.1", "--grpc-port", "0",
+        "--http-port", "-1", "--metrics-port", "-1",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "config output 'label' has dims [1]" in done.stderr, done.stderr
+    assert "Ferry does not apply reshape: write dims: [] and leave reshape out" in done.stderr
+
+
+def test_unloading_one_model_leaves_the_server_ready_as_in_triton(tmp_path: Path) -> None:
+    """Explicit model control, two models loaded at start, one unloaded through the API:
+    the server turned not ready (REST 503, health NOT_SERVING) while the other model
+    serves, so a Kubernetes readiness probe takes the replica out of every Service for
+    good. Triton's readiness skips models that were unloaded on purpose ("Okay if model
+    is not ready due to unload", server.cc). The same happened with --poll-repository
+    when a model folder is removed. Now an unload (API or poller) takes the model out of
+    the start-up set that readiness checks (ModelManager.unload)."""
+    _classifier(tmp_path / "iris")
+    _classifier(tmp_path / "other")
+    with FerryProcess(
+        tmp_path, "--model-control-mode", "explicit", "--load-model", "iris",
+        "--load-model", "other",
+    ) as server, triton.InferenceServerClient(server.address) as client:
+        assert client.is_server_ready()
+        client.unload_model("other")
+        assert not client.is_model_ready("other")
+        assert client.is_model_ready("iris")
+        assert client.is_server_ready(), "one model unloaded on purpose: still ready"
+        assert server.stop() == 0
+
+
+def test_rest_statistics_count_the_requests_with_several_workers() -> None:
+    """With --workers 2, GET /v2/models/{m}/stats (tritonclient.http's
+    get_inference_statistics) answered zeros after 360 rows had been served, or whatever a
+    gRPC ModelStatistics call on the same frontend had last fetched; `perf_analyzer -i
+    http` (README: "works unchanged") then fails every pass with "failed to find the
+    requested model version" and exits 99, its statistics never changing. The REST
+    handler reads RemoteStatistics.latest without calling refresh_statistics, as the gRPC
+    servicer does. Fix: await
+    `self._models.refresh_statistics()` in RestFrontDoor.statistics (a FerryError as its
+    status) before statistics_of."""
+    import tritonclient.http as triton_http
+
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--workers", "2", "--http-port", "0",
+        ready_count=2,
+    ) as server:
+        port = int(server.wait_for(REST)[0].group(2))
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
+        x = triton_http.InferInput("pixels", [2, 64], "FP32")
+        x.set_data_from_numpy(np.zeros((2, 64), np.float32))
+        for _ in range(5):
+            client.infer("digits", [x])
+        stats = client.get_inference_statistics("digits")["model_stats"][0]
+        assert stats["inference_stats"]["success"]["count"] == 5, stats
+        assert stats["inference_count"] == 10, stats
+        client.close()
+        assert server.stop() == 0
+
+
+def test_rest_and_grpc_say_the_same_about_the_classification_extension() -> None:
+    """README, REST: errors carry "the message a gRPC client would get". An output asked
+    for with class_count (tritonclient's InferRequestedOutput(..., class_count=3)) gets
+    over gRPC a message that says what to do instead ("request the output without it and
+    take the top classes from the tensor"), over REST only "Ferry does not implement the
+    classification extension" (server/rest_codec.py). Fix: raise the same message in
+    both codecs (one shared constant or function)."""
+    import tritonclient.http as triton_http
+
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--http-port", "0",
+    ) as server, triton.InferenceServerClient(server.address) as grpc_client:
+        port = int(server.wait_for(REST)[0].group(2))
+        x = triton.InferInput("pixels", [1, 64], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with pytest.raises(InferenceServerException) as over_grpc:
+            grpc_client.infer(
+                "digits", [x], outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]
+            )
+        http_client = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
+        y = triton_http.InferInput("pixels", [1, 64], "FP32")
+        y.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        with pytest.raises(InferenceServerException) as over_rest:
+            http_client.infer(
+                "digits", [y],
+                outputs=[triton_http.InferRequestedOutput("probabilities", class_count=3)],
+            )
+        http_client.close()
+        assert over_grpc.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert over_rest.value.message() == over_grpc.value.message()
+        assert server.stop() == 0
+
+
+def test_an_input_that_follows_the_length_but_is_not_padded_is_named_at_load(
+    tmp_path: Path,
+) -> None:
+    """A BERT-style export has input_ids, attention_mask and token_type_ids, all
+    [batch, seq]. With the README's setting, padding_inputs "input_ids=0,attention_mask=0",
+    the model loads without a word, and requests of different lengths never share a batch:
+    token_type_ids keeps its length in the grouping (measured: 200 concurrent requests of
+    lengths 1-39 ran in 183 batches, ferry_padded_elements_total 0). Fix: at load, a
+    warning per input whose padding axis is variable in the graph and that padding_inputs
+    leaves out, naming it and the setting to add (token_type_ids=0)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((16, 4), np.float32), "table")
+    types = numpy_helper.from_array(np.ones((2, 4), np.float32), "types")
+    axis = numpy_helper.from_array(np.array([2], np.int64), "axis")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["words"]),
+            helper.make_node("Gather", ["types", "token_type_ids"], ["kinds"]),
+            helper.make_node("Add", ["words", "kinds"], ["summed"]),
+            helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["mask", "axis"], ["mask3"]),
+            helper.make_node("Mul", ["summed", "mask3"], ["token_states"]),
+        ],
+        "bert_like",
+        [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+         for name in ("input_ids", "attention_mask", "token_type_ids")],
+        [helper.make_tensor_value_info("token_states", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [table, types, axis],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    (tmp_path / "bert" / "1").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "bert" / "1" / "model.onnx"))
+    (tmp_path / "bert" / "config.pbtxt").write_text(
+        "max_batch_size: 64\n"
+        "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
+        'parameters { key: "padding_inputs" value { string_value: '
+        '"input_ids=0,attention_mask=0" } }\n'
+    )
+    with FerryProcess(tmp_path) as server:
+        warnings = [
+            line for line in server.log.splitlines()
+            if "WARNING" in line and "token_type_ids" in line and "padding_inputs" in line
+        ]
+        assert warnings, server.log
+        assert server.stop() == 0
+
+
+# What the log and --help say ----------------------------------------------------------
+
+
+def test_the_plain_text_warning_names_the_bound_ports() -> None:
+    """README: Ferry listens "in plain text and with every API open, and logs a warning
+    saying so". With --grpc-port 0 the warning said "gRPC on 127.0.0.1:0 is plain text"
+    (server/security.py formats the asked port, not `bound`), and it never names the REST
+    port, which is plain HTTP on the same interface. Fix: format `bound`, and say the same
+    of the REST port (or one line for both) once it is bound."""
+    with FerryProcess(
+        REPO / "examples" / "model_repository", "--http-port", "0",
+    ) as server:
+        rest_port = server.wait_for(REST)[0].group(2)
+        warnings = " ".join(
+            line for line in server.log.splitlines() if "WARNING" in line and "plain" in line
+        )
+        assert f"127.0.0.1:{server.port} " in warnings, warnings
+        assert f"127.0.0.1:{rest_port} " in warnings, warnings
+        assert server.stop() == 0
+
+
+def test_serve_help_says_tls_covers_the_rest_port_too() -> None:
+    """README: "with --tls-cert it [the REST port] speaks HTTPS only"; `ferry serve --help`
+    says "--tls-cert PEM  server certificate chain; with --tls-key, gRPC uses TLS", which
+    reads as if REST stayed plain HTTP. Fix: the help of --tls-cert names both ports."""
+    text = serve_help()
+    tls = text.split("--tls-cert PEM ")[-1].split(" --tls-key PEM ")[0]
+    assert "REST" in tls or "HTTPS" in tls, tls
+
+
+def test_a_folder_of_onnx_files_says_what_layout_is_expected(tmp_path: Path) -> None:
+    """`ferry serve exports/` on a folder holding model.onnx directly (where an exporter
+    wrote it) said "exports holds no model to serve (--exit-on-error=false serves what did
+    load)": no word of the layout it wanted, and a hint that cannot help, since nothing
+    loaded. Fix: when a repository holds no model folder, say what layout is expected
+    (<model>/<version>/model.onnx) and, for .onnx files found at the top, that one file
+    can be served as it is (`ferry serve exports/model.onnx`)."""
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    shutil.copy(REPO / "examples" / "model_repository" / "digits" / "1" / "model.onnx", exports)
+    done = ferry(
+        "serve", str(exports), "--host", "127.0.0.1", "--grpc-port", "0",
+        "--http-port", "-1", "--metrics-port", "-1",
+    )
+    assert done.returncode == 1, done.stderr
+    assert "<version>/model.onnx" in done.stderr, done.stderr
+    assert "exports/model.onnx" in done.stderr, done.stderr
+
+
+def test_tritons_model_repository_flag_is_taken_for_the_repository() -> None:
+    """A Triton user's first command, `ferry serve --model-repository=models`, answered
+    only "the following arguments are required: REPOSITORY|MODEL.onnx". Triton's flag
+    (and its older --model-store) now stands for the argument; one repository only."""
+    repository = REPO / "examples" / "model_repository"
+    with FerryProcess(f"--model-repository={repository}") as server, \
+            triton.InferenceServerClient(server.address) as client:
+        assert client.is_model_ready("digits")
+        assert server.stop() == 0
+    for args, words in [
+        ((str(repository), "--model-store", str(repository)), "Ferry serves one repository"),
+        ((), "(or Triton's --model-repository REPOSITORY)"),
+    ]:
+        done = ferry("serve", *args, "--grpc-port", "0", "--metrics-port", "-1")
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr, done.stderr
