@@ -1,12 +1,14 @@
 # Ferry's container images, one target per runtime:
 #   docker build --target cpu -t ferry:cpu .
-#   docker run --rm -p 8001:8001 -p 8002:8002 \
+#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \
 #     -v "$PWD/examples/model_repository:/models:ro" ferry:cpu
-# The model repository is mounted read-only at /models. gRPC listens on 8001 and Prometheus
-# metrics on 8002; arguments after the image name replace `ferry serve /models`.
+# The model repository is mounted read-only at /models. REST listens on 8000, gRPC on 8001
+# and Prometheus metrics on 8002; arguments after the image name replace
+# `ferry serve /models`.
 # The `gpu` target runs onnxruntime-gpu on NVIDIA's CUDA + cuDNN runtime image:
 #   docker build --target gpu -t ferry:gpu .
-#   docker run --rm --gpus all -p 8001:8001 -p 8002:8002 -v "$PWD/models:/models:ro" ferry:gpu
+#   docker run --rm --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+#     -v "$PWD/models:/models:ro" ferry:gpu
 # CUDA_IMAGE's CUDA and cuDNN major versions must be those onnxruntime-gpu is built for (see
 # onnxruntime's CUDA execution provider requirements). `cpu` stays the default target: it is
 # the last stage.

@@ -93,9 +93,11 @@ def test_deployment_probes_drain_and_scraping_agree_with_ferry() -> None:
     http_port = int(flag(args, "http-port"))
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "readinessProbe"):
         # Native gRPC probes: grpc.health.v1 with the default service "".
         assert container[probe]["grpc"] == {"port": grpc_port}, probe
+    # Liveness: the REST port's /v2/health/live, 200 while draining or not ready.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     # The kubelet's SIGKILL must come after preStop's sleep plus Ferry's whole drain.
     command = container["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
