@@ -378,7 +378,8 @@ class FerryServer:
             self._poller.start()
         log.info(
             "serving the Open Inference Protocol on %s (%d models ready, %s event loop)",
-            host_port(self.options.host, self.grpc_port), len(self.manager.loaded()),
+            host_port(self.options.host, self.grpc_port),
+            len({model.settings.name for model in self.manager.loaded()}),  # not versions
             loop_name(asyncio.get_running_loop()),
         )
         return self.grpc_port
