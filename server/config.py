@@ -7,6 +7,7 @@ failure. Without a config, everything comes from the graph.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,8 +69,6 @@ _TENSORRT_PARAMETERS = ("precision_mode", "max_workspace_size_bytes", "trt_engin
 _IGNORED_BUT_KNOWN = {
     "dynamic_batching.preserve_ordering": "responses are sent as soon as each is ready",
     "dynamic_batching.priority_queue_policy": "every level uses default_queue_policy",
-    "input.reshape": "",
-    "output.reshape": "",
     "output.label_filename": "",
     "optimization.execution_accelerators.cpu_execution_accelerator": "",
     "optimization.input_pinned_memory": "",
@@ -93,6 +92,13 @@ class TensorSpec:
     # An input whose rank the graph does not give and no config fixes: requests may send
     # it at any rank (its dims show as one variable dimension, KServe's -1).
     any_rank: bool = False
+    # Triton's reshape: the dims the model itself has (clients see `dims`); None: `dims`.
+    reshape: tuple[int, ...] | None = None
+
+    @property
+    def model_dims(self) -> tuple[int, ...]:
+        """The dims as the model has them, the batch dimension excluded when it batches."""
+        return self.dims if self.reshape is None else self.reshape
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,18 +197,22 @@ class ModelSettings:
 
     def _tensors_to_proto(self, config: mc.ModelConfig) -> None:
         for spec in self.inputs:
-            config.input.add(
+            tensor = config.input.add(
                 name=spec.name,
                 data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
                 dims=spec.dims,
                 optional=spec.optional,
             )
+            if spec.reshape is not None:
+                tensor.reshape.shape.extend(spec.reshape)
         for spec in self.outputs:
-            config.output.add(
+            tensor = config.output.add(  # type: ignore[assignment]
                 name=spec.name,
                 data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
                 dims=spec.dims,
             )
+            if spec.reshape is not None:
+                tensor.reshape.shape.extend(spec.reshape)
 
     def _batching_to_proto(self, config: mc.ModelConfig) -> None:
         batching = config.dynamic_batching
@@ -455,6 +465,12 @@ def settings_from(
     except PaddingConfigError as exc:
         raise ConfigError(str(exc)) from None
     if padding is not None:
+        reshaped = [t.name for t in (*inputs, *outputs) if t.reshape is not None]
+        if reshaped:
+            raise ConfigError(
+                f"reshape ({', '.join(repr(n) for n in reshaped)}) cannot be combined with "
+                "parameter padding_inputs: padding works on the shapes the model has"
+            )
         warnings.extend(_unpadded_variable_inputs(padding, inputs))
     if config.model_warmup:
         warmup = tuple(_warmup_sample(w, inputs, max_batch_size) for w in config.model_warmup)
@@ -481,6 +497,23 @@ def settings_from(
         warmup=warmup,
         padding=padding,
         warnings=tuple(warnings),
+    )
+
+
+def _check_reshape(label: str, dims: tuple[int, ...], reshape: tuple[int, ...]) -> None:
+    """`dims` and `reshape` must hold the same elements whatever a request sends: both
+    fixed, or one variable dimension each (the rest equal in size), so that every request
+    `dims` admits reshapes, without a check per request."""
+    fixed = math.prod(d for d in dims if d != -1)
+    reshaped = math.prod(d for d in reshape if d != -1)
+    variable = (dims.count(-1), reshape.count(-1))
+    # A variable dimension against others of size 0 would leave it unknown.
+    if (variable == (0, 0) or (variable == (1, 1) and fixed > 0)) and fixed == reshaped:
+        return
+    raise ConfigError(
+        f"{label} has dims {list(dims)} and reshape {list(reshape)}, which do not hold the "
+        "same elements for every request: give both fixed sizes of one product, or one "
+        "variable (-1) dimension in each and the rest of one product"
     )
 
 
@@ -849,23 +882,28 @@ def _merge_tensors(
                     f"but the graph has {CONFIG_TYPE_NAMES[datatype]}"
                 )
         dims = tuple(entry.dims) or graph_dims
-        if any(d < -1 for d in dims):
-            raise ConfigError(
-                f"config {role} '{entry.name}' has dims {list(dims)}: each is -1 (variable) "
-                "or a size of at least 0"
-            )
-        if sig.rank_known and (len(dims) != len(graph_dims) or any(
-            g != -1 and c != g for c, g in zip(dims, graph_dims, strict=True)
+        reshape = tuple(entry.reshape.shape) if entry.HasField("reshape") else None
+        for what, values in (("dims", dims), ("reshape", reshape or ())):
+            if any(d < -1 for d in values):
+                raise ConfigError(
+                    f"config {role} '{entry.name}' has {what} {list(values)}: each is -1 "
+                    "(variable) or a size of at least 0"
+                )
+        model_dims = dims if reshape is None else reshape
+        if sig.rank_known and (len(model_dims) != len(graph_dims) or any(
+            g != -1 and c != g for c, g in zip(model_dims, graph_dims, strict=True)
         )):
+            said = f"dims {list(dims)}" if reshape is None else f"reshape {list(reshape)}"
             raise ConfigError(
-                f"config {role} '{entry.name}' has dims {list(dims)}, which do not fit the "
+                f"config {role} '{entry.name}' has {said}, which do not fit the "
                 f"graph's {list(graph_dims)}" + (" (batch dimension excluded)" if batching else "")
-                + (f"; Ferry does not apply reshape: write dims: {list(graph_dims)} and "
-                   "leave reshape out" if entry.HasField("reshape") else "")
             )
+        if reshape is not None:
+            _check_reshape(f"config {role} '{entry.name}'", dims, reshape)
         specs.append(TensorSpec(
             entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)),
             any_rank=role == "input" and not sig.rank_known and not entry.dims,
+            reshape=reshape if reshape != dims else None,
         ))
     if role == "input":
         missing = [n for n in by_name if n not in {s.name for s in specs}]

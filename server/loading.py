@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ferry.proto.codec import NUMPY_DTYPES
 
@@ -34,9 +35,9 @@ from .padding import (
 )
 from .providers import GpuFallback, create_instances, placements
 from .repository import ModelSource
-from .rows import Array
+from .reshaping import ReshapingInstance, has_reshape, model_dims
+from .rows import Array, Tensors
 from .runtime import (
-    OnnxInstance,
     SessionSettings,
     available_providers,
     calibrated_intra_op_threads,
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 BatchObserverFactory = Callable[[str, str], Sequence[BatchObserver]]
 # Tests wrap each instance (to hold it still, or count its batches); a wrapper has `run`.
-InstanceWrapper = Callable[[str, OnnxInstance], Runner]
+InstanceWrapper = Callable[[str, "Instance"], Runner]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +71,24 @@ class LoadOptions:
     device: str | None = None
 
 
+class Instance(Runner, Protocol):
+    """A model instance as loading hands it on: an OnnxInstance, or one reshaping its
+    tensors (server/reshaping.py)."""
+
+    device: str
+    device_id: int
+
+    @property
+    def may_run_on_loop(self) -> bool: ...
+
+    def run_batch(
+        self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
+    ) -> tuple[Tensors, int]: ...
+
+
 def build_sessions(
     source: ModelSource, version: int, options: LoadOptions
-) -> tuple[ModelSettings, list[OnnxInstance]]:
+) -> tuple[ModelSettings, list[Instance]]:
     """The settings and the sessions of one version (runs on a worker thread)."""
     config = source.config
     model_file = source.versions[version]
@@ -111,8 +127,11 @@ def build_sessions(
     )
     if created.warnings:
         settings = dataclasses.replace(settings, warnings=(*settings.warnings, *created.warnings))
-    check_batch_rows(settings, created.instances[0])
-    return with_output_axes(settings, created.instances[0]), created.instances
+    instances: list[Instance] = list(created.instances)
+    if has_reshape(settings):
+        instances = [ReshapingInstance(instance, settings) for instance in instances]
+    check_batch_rows(settings, instances[0])
+    return with_output_axes(settings, instances[0]), instances
 
 
 def check_batch_rows(settings: ModelSettings, instance: Runner) -> None:
@@ -186,7 +205,7 @@ def _calibration_samples(settings: ModelSettings) -> list[dict[str, Array]]:
     """Zero inputs of one row and of a full batch (or as many rows as fit the bound);
     none when a non-batch dimension is only known at run time (no shape to try it
     with), or when one row is over the bound."""
-    inputs = [(spec.name, spec.datatype, spec.dims) for spec in settings.inputs]
+    inputs = model_dims(settings.inputs)  # run by sessions of their own: no reshape
     if any(-1 in dims for _, _, dims in inputs):
         return []
     row_bytes = _row_bytes(inputs)

@@ -434,12 +434,13 @@ def _classifier(folder: Path) -> None:
     onnx.save(model, str(folder / "1" / "model.onnx"))
 
 
-def test_a_triton_config_with_reshape_is_refused_saying_what_to_write(tmp_path: Path) -> None:
+def test_a_triton_config_with_reshape_for_a_batch_only_output_loads(tmp_path: Path) -> None:
     """Triton's config for an output that has no dimension besides the batch (a label)
-    is `dims: [ 1 ] reshape: { shape: [ ] }`, and tritonclient users copy it unchanged.
-    Ferry does not apply reshape; the load failed with "config output 'label' has dims
-    [1], which do not fit the graph's []", a message that did not mention reshape. Now
-    it says what to write instead."""
+    is `dims: [ 1 ] reshape: { shape: [ ] }`: Triton requires at least one dim, and
+    tritonclient users copy this config unchanged. Ferry ignored reshape, checked `dims`
+    against the graph and failed the load with "config output 'label' has dims [1], which
+    do not fit the graph's []". Now the graph is checked against `reshape.shape` and the
+    client sees `dims`, as in Triton (tests/test_reshape.py has the rest)."""
     _classifier(tmp_path / "iris")
     (tmp_path / "iris" / "config.pbtxt").write_text(
         'name: "iris"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n'
@@ -449,13 +450,12 @@ def test_a_triton_config_with_reshape_is_refused_saying_what_to_write(tmp_path: 
         '  { name: "probabilities" data_type: TYPE_FP32 dims: [ 3 ] }\n'
         ']\n'
     )
-    done = ferry(
-        "serve", str(tmp_path), "--host", "127.0.0.1", "--grpc-port", "0",
-        "--http-port", "-1", "--metrics-port", "-1",
-    )
-    assert done.returncode == 1, done.stderr
-    assert "config output 'label' has dims [1]" in done.stderr, done.stderr
-    assert "Ferry does not apply reshape: write dims: [] and leave reshape out" in done.stderr
+    with FerryProcess(tmp_path) as server, triton.InferenceServerClient(server.address) as client:
+        x = triton.InferInput("float_input", [2, 4], "FP32")
+        x.set_data_from_numpy(np.eye(2, 4, dtype=np.float32))
+        result = client.infer("iris", [x])
+        assert result.as_numpy("label").tolist() == [[0], [1]]  # Triton's shape: [batch, 1]
+        assert server.stop() == 0
 
 
 def test_unloading_one_model_leaves_the_server_ready_as_in_triton(tmp_path: Path) -> None:
