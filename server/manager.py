@@ -62,8 +62,14 @@ class ModelManager:
         return name in self._models
 
     def known_names(self) -> list[str]:
-        """The models of the repository and those loaded, each once, sorted."""
-        return sorted(set(self.repository.model_names()) | set(self._models))
+        """The models of the repository and those loaded, each once, sorted; the loaded
+        ones alone while the repository cannot be read (a volume gone: the poller and the
+        index say so), so that a drain or an unload still completes."""
+        try:
+            listed = set(self.repository.model_names())
+        except OSError:
+            listed = set()
+        return sorted(listed | set(self._models))
 
     async def load_all(self, names: Sequence[str] | None = None) -> dict[str, str]:
         """Load the start-up set: these models (None: every model of the repository).
@@ -217,21 +223,25 @@ class ModelManager:
             self._states.pop(name, None)
 
     async def unload(self, name: str) -> None:
+        """Stop serving a model. One that failed to load has nothing to stop (NOT_FOUND),
+        but is forgotten all the same: its failure, and its place in readiness."""
         async with self._exclusive(name):
             self._refuse_while_closing(name, "unload")
             versions = self._models.pop(name, None)
             self._latest.pop(name, None)
-            self._failures.pop(name, None)
-            if versions is None:
-                raise not_found(f"model '{shown(name)}' is not loaded")
-            self._states[name] = ModelState.UNAVAILABLE
-            if self._startup is not None:
+            failed = self._failures.pop(name, None) is not None
+            if self._startup is not None and (versions is not None or failed):
                 # Unloaded on purpose: no longer a model readiness waits for (as in Triton).
                 self._startup = self._startup - {name}
-            for model in versions.values():
-                self._retire(model)
-            log.info("model '%s' unloaded", name)
-        await self._changed()
+            if versions is not None:
+                self._states[name] = ModelState.UNAVAILABLE
+                for model in versions.values():
+                    self._retire(model)
+                log.info("model '%s' unloaded", name)
+        if versions is not None or failed:
+            await self._changed()
+        if versions is None:
+            raise not_found(f"model '{shown(name)}' is not loaded")
 
     async def refresh_statistics(self) -> None:
         """Statistics are kept here, always up to date."""

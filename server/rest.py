@@ -185,7 +185,12 @@ class RestFrontDoor:
             if request.version != HttpVersion11:
                 return None
             if request.headers.get("Expect", "").lower() != "100-continue":
-                raise web.HTTPExpectationFailed(text=f"unknown Expect: {request.headers['Expect']}")
+                raise web.HTTPExpectationFailed(
+                    text=dumps({
+                        "error": f"unknown Expect: {request.headers['Expect'][:100]}"
+                    }).decode(),
+                    content_type=JSON_TYPE,
+                )
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # the answer proper starts after it
             return None

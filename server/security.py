@@ -61,6 +61,9 @@ class TlsFiles:
     client_ca: Path | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
+        # Checked as the REST port would load them first: gRPC refuses files it cannot use
+        # only by failing to bind, which reads as a port in use.
+        self.ssl_context()
         try:
             chain = self.cert.read_bytes()
             key = self.key.read_bytes()
@@ -82,7 +85,11 @@ class TlsFiles:
                 context.load_verify_locations(cafile=self.client_ca)
                 context.verify_mode = ssl.CERT_REQUIRED
         except (OSError, ssl.SSLError) as exc:
-            raise OSError(f"cannot read a TLS file: {exc}") from exc
+            raise OSError(
+                f"cannot use the TLS files (--tls-cert {self.cert}, --tls-key {self.key}"
+                + (f", --tls-client-ca {self.client_ca}" if self.client_ca else "")
+                + f"): {exc}"
+            ) from exc
         return context
 
 
