@@ -296,6 +296,31 @@ class ParsedConfig(NamedTuple):
     warnings: list[str]
 
 
+# What a Triton config may name for an ONNX model served by onnxruntime ("" when unset).
+_ONNX_PLATFORMS = ("", "onnxruntime_onnx")
+_ONNX_BACKENDS = ("", "onnxruntime", "onnx")
+
+
+def check_onnx_backend(config: mc.ModelConfig) -> None:
+    """Refuse, by name, a config written for another of Triton's backends: its model has
+    no model.onnx, or is not meant for onnxruntime (a platform Ferry would silently
+    ignore)."""
+    named = [
+        f"{field} '{value[:60]}'"
+        for field, value, allowed in (
+            ("platform", config.platform, _ONNX_PLATFORMS),
+            ("backend", config.backend, _ONNX_BACKENDS),
+        )
+        if value not in allowed
+    ]
+    if named:
+        raise ConfigError(
+            f"the config names {' and '.join(named)}: Ferry serves ONNX models with "
+            "onnxruntime only (platform 'onnxruntime_onnx', backend 'onnxruntime', or "
+            "neither)"
+        )
+
+
 def parse_config_json(text: str) -> ParsedConfig:
     """A JSON ModelConfig (Triton's load parameter 'config'), used instead of config.pbtxt."""
     try:

@@ -20,7 +20,7 @@ from typing import Protocol
 from ferry.proto.codec import NUMPY_DTYPES
 
 from .batching import BatchPolicy
-from .config import ConfigError, ModelSettings, TensorSpec, settings_from
+from .config import ConfigError, ModelSettings, TensorSpec, check_onnx_backend, settings_from
 from .devices import on_device
 from .errors import FerryError
 from .executor import BatchExecutor, InstanceExecutor, Runner, RunOnly
@@ -271,6 +271,8 @@ def describe(settings: ModelSettings, version: str, devices: Sequence[str] = ())
 
 async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, LoadedModel]:
     """Every version the source's policy selects, ready to take requests."""
+    if source.config is not None:
+        check_onnx_backend(source.config.message)
     versions = source.selected_versions()
     if not versions:
         found = f"; {'; '.join(source.misplaced)}" if source.misplaced else ""

@@ -656,3 +656,33 @@ def test_tritons_model_repository_flag_is_taken_for_the_repository() -> None:
         done = ferry("serve", *args, "--grpc-port", "0", "--metrics-port", "-1")
         assert done.returncode == 2, done.stderr
         assert words in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "file", "named"),
+    [
+        ('backend: "pytorch"\n', "model.pt", "backend 'pytorch'"),
+        ('platform: "tensorflow_savedmodel"\n', "model.onnx", "platform 'tensorflow_savedmodel'"),
+    ],
+    ids=["pytorch-folder", "onnx-file-under-another-platform"],
+)
+def test_a_model_of_another_backend_is_refused_by_name(
+    tmp_path: Path, config: str, file: str, named: str
+) -> None:
+    """A repository shared with Triton holds models of other backends: a pytorch model
+    failed with "no version folder with a model file ... expected pt/<version>/model.onnx",
+    and a model.onnx under `platform: "tensorflow_savedmodel"` loaded without a word."""
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    shutil.copy(
+        REPO / "examples" / "model_repository" / "digits" / "1" / "model.onnx",
+        tmp_path / "m" / "1" / file,
+    )
+    (tmp_path / "m" / "config.pbtxt").write_text(config)
+    done = ferry(
+        "serve", str(tmp_path), "--host", "127.0.0.1", "--grpc-port", "0",
+        "--http-port", "-1", "--metrics-port", "-1",
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"the config names {named}: Ferry serves ONNX models with onnxruntime only" in (
+        done.stderr
+    )
