@@ -283,7 +283,8 @@ async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, 
     loaded: dict[str, LoadedModel] = {}
     try:
         for number in versions:
-            model = await _load_version(source, number, options)
+            # The config's warnings once per model, not once per version.
+            model = await _load_version(source, number, options, warn=not loaded)
             loaded[model.version] = model
     except BaseException:
         # A later version failed (or the load was cancelled): the versions already built
@@ -293,13 +294,15 @@ async def load_versions(source: ModelSource, options: LoadOptions) -> dict[str, 
     return loaded
 
 
-async def _load_version(source: ModelSource, number: int, options: LoadOptions) -> LoadedModel:
+async def _load_version(
+    source: ModelSource, number: int, options: LoadOptions, warn: bool = True
+) -> LoadedModel:
     loop = asyncio.get_running_loop()
     settings, instances = await loop.run_in_executor(
         None, build_sessions, source, number, options
     )
     version = str(number)
-    for warning in settings.warnings:
+    for warning in settings.warnings if warn else ():
         log.warning("model '%s': %s", source.name, warning)
     devices = [f"{i.device}:{i.device_id}" if i.device != "cpu" else "cpu" for i in instances]
     wrap = options.wrap_instance

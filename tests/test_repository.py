@@ -413,3 +413,19 @@ def test_unknown_fields_are_found_at_any_depth() -> None:
         "response_cache",
         "sequence_batching",
     ]
+
+
+def test_a_configs_warning_is_logged_once_per_model_not_per_version(
+    tmp_path: Path, start_server: Callable[..., RunningServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README says once per model; with three versions served it was said three
+    times."""
+    caplog.set_level(logging.WARNING)
+    for version in (1, 2, 3):
+        mlp_model(tmp_path / "m" / str(version) / "model.onnx", seed=version)
+    write_config(tmp_path / "m", "version_policy: { all {} }\nresponse_cache { enable: true }\n")
+    server = start_server(tmp_path)
+    with triton.InferenceServerClient(server.address) as client:
+        assert [m.version for m in client.get_model_repository_index().models] == ["1", "2", "3"]
+    said = [r for r in caplog.records if "response_cache" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
