@@ -239,3 +239,21 @@ def test_the_padding_benchmark_runs_every_server_and_the_listed_buckets(tmp_path
     assert set(document["in_process"]) == {
         "alone_rows_per_s", "padded_batches_rows_per_s", "listed_buckets_rows_per_s"
     }
+
+
+def test_large_inputs_benchmark_times_every_case() -> None:
+    """benchmarks.large_inputs in seconds: one row per case and size, each a time."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.large_inputs", "--rows", "1", "3",
+         "--repeats", "1", "--budget-mb", "0.01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines()[2:]]
+    assert [(case.strip(), count.strip()) for case, count, _, _ in rows] == [
+        (case, count)
+        for case in ("grpc request", "rest binary request", "rest json request",
+                     "rest binary answer")
+        for count in ("1", "3")
+    ]
+    assert all(float(spent.replace(",", "")) > 0 for *_, spent in rows)
