@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
-from aiohttp import HttpVersion11, hdrs, web
+from aiohttp import HttpVersion11, StreamReader, hdrs, web
 from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -58,6 +58,7 @@ from .rows import Tensors
 from .security import (
     DEFAULT_CONNECTION_IDLE_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
+    TLS_HANDSHAKE_TIMEOUT_S,
     ApiGroup,
     CallPlaces,
     CallSlots,
@@ -182,6 +183,8 @@ class RestFrontDoor:
                 return _unauthorized(group, key[0])
             if self._declared_too_large(request):
                 raise self._too_large(request)  # what Expect is for: refused unsent
+            if not _plain(request):
+                _check_coding(request)
             if request.version != HttpVersion11:
                 return None
             if request.headers.get("Expect", "").lower() != "100-continue":
@@ -324,6 +327,11 @@ class RestFrontDoor:
         if not isinstance(given, dict):
             raise FerryError(ErrorKind.INVALID_INPUT, "'parameters' must be a JSON object")
         set_parameters(parameters, given)
+        # A value that is not a scalar (a config sent as a JSON object, not the JSON
+        # string Triton takes; a list; null) is not dropped, which loaded the repository's
+        # config with a 200: it is kept without a value, so that it is refused by name.
+        for name in given:
+            parameters.get_or_create(name)
         config = self._model_control.config_override(parameters)
         await self._models.load(request.match_info["model"], config_override=config)
         return web.Response()
@@ -406,21 +414,16 @@ class RestFrontDoor:
             )
 
     async def _body(self, request: web.Request) -> bytes:
-        """The request's body (read once, then kept by aiohttp), within the time it may
-        take: BODY_GRACE_S plus a second per MIN_UPLOAD_BYTES_PER_S of what it declares."""
+        """The request's body (read once, then kept), within the time it may take."""
         try:
+            if not _plain(request):
+                _check_coding(request)
+                return await self._decoded_body(request)
             if request.content.is_eof():  # all there (the common case): no timer to arm
                 return await request.read()
             if self._declared_too_large(request):
                 raise self._too_large(request)  # refused before it is read
-            size = request.content_length or self._max_body_bytes
-            allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
-            self.uploads += 1
-            try:
-                async with asyncio.timeout(allowed_s):
-                    return await request.read()
-            finally:
-                self.uploads -= 1
+            return await self._upload(request, request.read())
         except RequestPayloadError as error:  # a body that does not decode or is cut off
             unreadable = web.HTTPBadRequest(
                 text=dumps({"error": _unreadable_body(request, error)}).decode(),
@@ -428,6 +431,18 @@ class RestFrontDoor:
             )
             unreadable.force_close()  # where the next request would start is unknown
             raise unreadable from None
+        except web.HTTPRequestEntityTooLarge:  # aiohttp's, or ours from the declared length
+            raise self._too_large(request) from None
+
+    async def _upload(self, request: web.Request, reading: Awaitable[bytes]) -> bytes:
+        """`reading`, the read of a body still arriving, within BODY_GRACE_S plus a second
+        per MIN_UPLOAD_BYTES_PER_S that the request declares."""
+        size = request.content_length or self._max_body_bytes
+        allowed_s = BODY_GRACE_S + size / MIN_UPLOAD_BYTES_PER_S
+        self.uploads += 1
+        try:
+            async with asyncio.timeout(allowed_s):
+                return await reading
         except TimeoutError:
             raise web.HTTPRequestTimeout(
                 text=dumps({
@@ -437,8 +452,17 @@ class RestFrontDoor:
                 }).decode(),
                 content_type=JSON_TYPE,
             ) from None
-        except web.HTTPRequestEntityTooLarge:  # aiohttp's, or ours from the declared length
-            raise self._too_large(request) from None
+        finally:
+            self.uploads -= 1
+
+    async def _decoded_body(self, request: web.Request) -> bytes:
+        """A body sent with a Content-Encoding, decoded; kept on the request, since the
+        handler asks for it again and the stream gives it only once."""
+        kept = request.get(_DECODED_BODY)
+        if kept is None:
+            reading = _read_decoded(request.content, self._max_body_bytes)
+            kept = request[_DECODED_BODY] = await self._upload(request, reading)
+        return kept
 
     def _declared_too_large(self, request: web.Request) -> bool:
         """A plain body whose Content-Length is over --max-message-size (a compressed
@@ -482,9 +506,50 @@ def _statistics_json(model: LoadedModel) -> dict[str, Any]:
     return message_json(stats)
 
 
+# Where `_decoded_body` keeps a decoded body on its request (aiohttp 3.14's typed keys).
+_DECODED_BODY = web.RequestKey("decoded_body", bytes)
+
+
+async def _read_decoded(stream: StreamReader, max_bytes: int) -> bytes:
+    """A body with a Content-Encoding, decoded as aiohttp hands it out (64 KiB at a time)
+    and refused as soon as it passes `max_bytes`. Not aiohttp's `read()`: that raises the
+    stream's buffer to the whole limit first, so that it inflates up to `max_bytes` per
+    step and buffers twice that before the size is checked (a gzip body of 260 KB held
+    264 MiB against the default limit, and 8 of them at once 2 GiB)."""
+    body = bytearray()
+    async for piece in stream.iter_any():
+        body += piece
+        if len(body) > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(body))
+    return bytes(body)
+
+
 def _plain(request: web.Request) -> bool:
     """Is the body sent as it is (its Content-Length is its size once decoded)?"""
-    return request.headers.get(hdrs.CONTENT_ENCODING, "identity").lower() == "identity"
+    return request.headers.get(hdrs.CONTENT_ENCODING, "").lower() in ("", "identity")
+
+
+# The codings aiohttp decodes (br and zstd only with their libraries: without, it refuses
+# them itself). It hands a body of any other coding on as it came, so that "x-gzip" or
+# "gzip, gzip" was read as JSON ("not valid UTF-8") and "compress" as if it were plain.
+_DECODED_CODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
+
+
+def _check_coding(request: web.Request) -> None:
+    """Refuse (415, as RFC 9110 says) a body whose Content-Encoding the server does not
+    decode, before it is read."""
+    coding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    if coding.isascii() and coding.lower() in _DECODED_CODINGS:  # as aiohttp reads it
+        return
+    refusal = web.HTTPUnsupportedMediaType(
+        text=dumps({
+            "error": f"the request body's Content-Encoding {coding[:40]!r} is not one the "
+            "server decodes: send it as it is (identity), or with gzip or deflate"
+        }).decode(),
+        content_type=JSON_TYPE,
+    )
+    refusal.force_close()  # its body is never read
+    raise refusal
 
 
 def _unreadable_body(request: web.Request, error: RequestPayloadError) -> str:
@@ -592,8 +657,10 @@ class RestServer:
 
         loop = asyncio.get_running_loop()
         refused = _RefusedConnection.answer(connections.limit)
-        # A TLS handshake may take no longer than a connection may stay idle.
+        # A TLS handshake may take no longer than a connection may stay idle, nor may
+        # what is sent stay unread.
         handshake_s = min(self._idle_timeout_s, TLS_HANDSHAKE_TIMEOUT_S)
+        unread_s = self._idle_timeout_s
 
         failures = Throttle(60.0, time.monotonic)  # a log line per kind and minute
 
@@ -624,11 +691,11 @@ class RestServer:
                 )
             try:
                 if ssl_context is None:
-                    return _CountedConnection(handlers(), connections)
+                    return _CountedConnection(handlers(), connections, unread_s)
                 # Counted outside TLS: a connection that leaves before its handshake ends
                 # never reaches the protocol inside, but still gives its place back.
                 return _CountedTlsConnection(
-                    _tls(loop, handlers(), ssl_context, handshake_s), connections
+                    _tls(loop, handlers(), ssl_context, handshake_s), connections, unread_s
                 )
             except BaseException:  # no protocol holds the place, to give it back on close
                 connections.give_back()
@@ -699,16 +766,22 @@ class ConnectionCount:
 class _Counted:
     """A connection's protocol (`inner`), counted in `count` until the connection is lost,
     or until `connection_made` fails (the loop then closes the transport, maybe without
-    calling `connection_lost`)."""
+    calling `connection_lost`). With `unread_timeout_s`, closed by the kernel once what
+    it sends stays unread that long (see `_close_when_unread`)."""
 
-    __slots__ = ("_count", "_inner")
+    __slots__ = ("_count", "_inner", "_unread_s")
 
-    def __init__(self, inner: Any, count: ConnectionCount) -> None:
+    def __init__(
+        self, inner: Any, count: ConnectionCount, unread_timeout_s: float | None = None
+    ) -> None:
         self._inner = inner
         self._count: ConnectionCount | None = count
+        self._unread_s = unread_timeout_s
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         try:
+            if self._unread_s is not None:
+                _close_when_unread(transport, self._unread_s)
             self._inner.connection_made(transport)
         except BaseException:
             self._give_back()
@@ -733,6 +806,23 @@ class _Counted:
             count.give_back()
 
 
+def _close_when_unread(transport: asyncio.BaseTransport, timeout_s: float) -> None:
+    """Have the kernel close the connection once what it sends stays unacknowledged for
+    `timeout_s` (TCP_USER_TIMEOUT; Linux). A client that reads nothing of a large answer
+    advertises a zero window, and aiohttp has no write timeout nor counts a connection
+    with a request in progress as idle: such a client held its connection, the answer and
+    the request for good. One that reads, however slowly, acknowledges and stays."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = transport.get_extra_info("socket")
+    if option is None or sock is None:
+        return
+    try:
+        milliseconds = min(max(1, round(timeout_s * 1000)), 2**31 - 1)
+        sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
+    except OSError:  # not TCP, or a kernel without it: the answer waits, as before
+        pass
+
+
 class _CountedConnection(_Counted, asyncio.Protocol):
     """aiohttp's protocol for one plain connection, counted."""
 
@@ -753,10 +843,6 @@ class _CountedTlsConnection(_Counted, asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self._inner.buffer_updated(nbytes)
-
-
-# A TLS client has this long (at most the idle timeout) to finish its handshake.
-TLS_HANDSHAKE_TIMEOUT_S = 60.0
 
 
 def _tls(

@@ -46,6 +46,9 @@ DEFAULT_MAX_PING_STRIKES = 2
 # An idle gRPC client reconnects on its next call, as after any GOAWAY.
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_CONNECTION_IDLE_TIMEOUT_S = 300.0
+# A TLS client has this long (at most the idle timeout) to finish its handshake, on
+# either port.
+TLS_HANDSHAKE_TIMEOUT_S = 60.0
 
 
 # TLS ------------------------------------------------------------------------------------
@@ -485,9 +488,14 @@ class SecurityOptions:
         arrives), and the kernel spreads them over the servers: each holds its share of
         `frontend_max_connections`. One idle for the timeout gets a GOAWAY."""
         share = -(-self.frontend_max_connections // listeners)
+        # The idle timeout starts once the handshake is over, and gRPC's own bound on a
+        # handshake is 120 s: a connection that never finished its TLS handshake held its
+        # place that long, whatever the idle timeout said.
+        handshake_s = min(self.connection_idle_timeout_s, TLS_HANDSHAKE_TIMEOUT_S)
         return [
             ("grpc.max_allowed_incoming_connections", share),
             ("grpc.max_connection_idle_ms", round(self.connection_idle_timeout_s * 1e3)),
+            ("grpc.server_handshake_timeout_ms", max(1, round(handshake_s * 1e3))),
         ]
 
     def grpc_options(self) -> list[tuple[str, int]]:

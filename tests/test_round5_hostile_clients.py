@@ -25,6 +25,7 @@ from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import RunningServer
 from tests.models import identity_model, mlp_model
 from tests.process import FerryProcess
+from tests.raw_http import connect, read_answer
 
 INFER = "/v2/models/m/infer"
 
@@ -42,30 +43,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     running = RunningServer(root, max_message_bytes=1024 * 1024)
     yield running
     running.close()
-
-
-def connect(address: str) -> socket.socket:
-    host, port = address.rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=10)
-
-
-def read_answer(connection: socket.socket) -> tuple[bytes, bytes]:
-    """The status and header lines, and the body, of one HTTP answer."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = connection.recv(65536)
-        if not chunk:
-            return data, b""
-        data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    wanted = int(length.group(1)) if length else 0
-    while len(body) < wanted:
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head, body
 
 
 def post(address: str, headers: bytes, body: bytes, path: str = INFER) -> tuple[bytes, bytes]:
