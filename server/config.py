@@ -69,7 +69,6 @@ _TENSORRT_PARAMETERS = ("precision_mode", "max_workspace_size_bytes", "trt_engin
 _IGNORED_BUT_KNOWN = {
     "dynamic_batching.preserve_ordering": "responses are sent as soon as each is ready",
     "dynamic_batching.priority_queue_policy": "every level uses default_queue_policy",
-    "output.label_filename": "",
     "optimization.execution_accelerators.cpu_execution_accelerator": "",
     "optimization.input_pinned_memory": "",
     "optimization.output_pinned_memory": "",
@@ -94,6 +93,8 @@ class TensorSpec:
     any_rank: bool = False
     # Triton's reshape: the dims the model itself has (clients see `dims`); None: `dims`.
     reshape: tuple[int, ...] | None = None
+    # An output's labels for the classification extension: a file in the model's folder.
+    label_filename: str = ""
 
     @property
     def model_dims(self) -> tuple[int, ...]:
@@ -130,6 +131,8 @@ class ModelSettings:
     warmup: tuple[WarmupSample, ...] = ()
     # Variable-length inputs padded to a common length (server/padding.py); None: off.
     padding: PaddingSettings | None = None
+    # Each output's class labels (its label_filename, read at load), by index.
+    labels: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
     # Derived once here, so that no request rebuilds them.
     inputs_by_name: Mapping[str, TensorSpec] = field(init=False, repr=False, compare=False)
@@ -210,6 +213,7 @@ class ModelSettings:
                 name=spec.name,
                 data_type=CONFIG_TYPE_NAMES[spec.datatype],  # type: ignore[arg-type]
                 dims=spec.dims,
+                label_filename=spec.label_filename,
             )
             if spec.reshape is not None:
                 tensor.reshape.shape.extend(spec.reshape)
@@ -929,6 +933,7 @@ def _merge_tensors(
             entry.name, datatype, dims, optional=bool(getattr(entry, "optional", False)),
             any_rank=role == "input" and not sig.rank_known and not entry.dims,
             reshape=reshape if reshape != dims else None,
+            label_filename=getattr(entry, "label_filename", ""),
         ))
     if role == "input":
         missing = [n for n in by_name if n not in {s.name for s in specs}]

@@ -10,11 +10,13 @@ same batch queue, under the same limits, and is counted the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from typing import Protocol, TypeVar
 
+from .classification import ClassifiedOutputs, classified_settings, classify
 from .config import ModelSettings
 from .errors import ErrorKind, FerryError, Status, invalid_input
 from .loaded_model import LoadedModel
@@ -112,7 +114,10 @@ class DataPlane:
                 priority=1 if settings.priority_levels <= 1 else _priority(decoded, settings),
                 length=decoded.length,
             )
-            result = encode(model, outputs)
+            answered = model
+            if type(decoded.outputs) is ClassifiedOutputs:  # not the common request
+                outputs, answered = _as_classes(model, decoded.outputs, outputs)
+            result = encode(answered, outputs)
             status = Status.OK
             return result
         except FerryError as error:
@@ -137,6 +142,17 @@ class DataPlane:
             )
             for observer in model.observers if model is not None else self._observers:
                 observer.request_finished(outcome)
+
+
+def _as_classes(
+    model: LoadedModel, requested: ClassifiedOutputs, outputs: Tensors
+) -> tuple[Tensors, LoadedModel]:
+    """The outputs with those asked for as classes replaced by their top-k strings, and
+    the version as its answer is encoded (those outputs BYTES)."""
+    settings = model.settings
+    classified = classify(outputs, requested.classes, settings)
+    variant = classified_settings(settings, frozenset(requested.classes))
+    return classified, dataclasses.replace(model, settings=variant)
 
 
 def refuse_oversized_answer(

@@ -20,6 +20,7 @@ from typing import Protocol
 from ferry.proto.codec import NUMPY_DTYPES
 
 from .batching import BatchPolicy
+from .classification import read_labels
 from .config import ConfigError, ModelSettings, TensorSpec, check_onnx_backend, settings_from
 from .devices import on_device
 from .errors import FerryError
@@ -99,6 +100,12 @@ def build_sessions(
         config.set_fields if config else set(),
         config.warnings if config else [],
     )
+    if any(spec.label_filename for spec in settings.outputs):
+        try:
+            labels = read_labels(source.folder, settings)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        settings = dataclasses.replace(settings, labels=labels)
     devices = settings.devices
     if options.device is not None:
         devices = on_device(devices, options.device)

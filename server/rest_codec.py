@@ -35,6 +35,7 @@ from ferry.proto.codec import (
     to_raw,
 )
 
+from .classification import CLASSIFICATION_PARAMETER
 from .config import ModelSettings
 from .dataplane import OutputFloor, text_bytes
 from .errors import ErrorKind, FerryError, invalid_input
@@ -43,7 +44,6 @@ from .tensors import (
     DecodedRequest,
     TensorLimits,
     check_bytes_count,
-    classification_refused,
     decode_request,
     expected_dims,
     shown_shape,
@@ -270,9 +270,16 @@ def _add_output(request: pb.ModelInferRequest, output: object) -> str:
         raise invalid_input("each entry of 'outputs' must be a JSON object with a 'name'")
     name: str = output["name"]
     options = _mapping(output.get("parameters"), f"parameters of output '{name}'")
-    if options.get("classification"):
-        raise classification_refused(name)
-    request.outputs.add(name=name)
+    added = request.outputs.add(name=name)
+    if CLASSIFICATION_PARAMETER in options:
+        # As over gRPC: a whole number as int64_param; anything else as text, for
+        # decode_request to refuse in the same words.
+        count = options[CLASSIFICATION_PARAMETER]
+        parameter = added.parameters[CLASSIFICATION_PARAMETER]
+        if type(count) is int and _INT64_RANGE[0] <= count <= _INT64_RANGE[1]:
+            parameter.int64_param = count
+        else:
+            parameter.string_param = str(count)[:40]
     return name
 
 

@@ -42,7 +42,9 @@ MAX_ERROR_MESSAGE_CHARS = 2048
 MAX_ERROR_MESSAGE_WIRE_BYTES = 3 * MAX_ERROR_MESSAGE_CHARS
 # The limit an answer is held to, as its refusal names it.
 SENT_MESSAGE_LIMIT = "the largest message the server sends (--max-message-size)"
-EXTENSIONS = ("model_configuration", "statistics", "model_repository", "schedule_policy")
+EXTENSIONS = (
+    "classification", "model_configuration", "statistics", "model_repository", "schedule_policy"
+)
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):

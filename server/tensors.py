@@ -18,6 +18,8 @@ import numpy.typing as npt
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto.codec import CONTENTS_FIELDS, NUMPY_DTYPES, BytesFormatError, from_raw, to_raw
 
+from .classification import CLASSIFICATION_PARAMETER, ClassifiedOutputs
+from .classification import check_request as check_classification
 from .config import ModelSettings, TensorSpec
 from .errors import ErrorKind, FerryError, invalid_input
 from .padding import ABSENT_INPUT, PaddingSettings
@@ -111,17 +113,6 @@ def expected_dims(spec: TensorSpec, model: ModelSettings, shape: Sequence[int]) 
             + f", got {shown_shape(shape)}"
         )
     return (-1,) * len(shape)
-
-
-def classification_refused(output: str) -> FerryError:
-    """The refusal of an output asked for with Triton's classification extension, which
-    answers "value:index:label" strings in place of the tensor: the caller would misread
-    the tensor Ferry sends. The same words on both ports."""
-    return invalid_input(
-        f"output '{output}': parameter 'classification' (Triton's classification "
-        "extension) is not supported; request the output without it and take the top "
-        "classes from the tensor"
-    )
 
 
 def decode_request(
@@ -687,18 +678,28 @@ def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> t
         if name in names and not first.parameters:
             return (name,)
     wanted: list[str] = []
+    classes: dict[str, int] = {}
     for output in requested:
         if output.name not in names:
             raise invalid_input(
                 f"unknown output '{output.name}': model '{model.name}' gives "
                 + ", ".join(f"'{n}'" for n in names)
             )
-        if "classification" in output.parameters:
-            raise classification_refused(output.name)
         if output.name in wanted:
             raise invalid_input(f"output '{output.name}' is requested more than once")
+        if CLASSIFICATION_PARAMETER in output.parameters:
+            spec = next(s for s in model.outputs if s.name == output.name)
+            classes[output.name] = check_classification(
+                spec, _parameter_value(output.parameters[CLASSIFICATION_PARAMETER])
+            )
         wanted.append(output.name)
-    return tuple(wanted)
+    return ClassifiedOutputs(tuple(wanted), classes) if classes else tuple(wanted)
+
+
+def _parameter_value(parameter: pb.InferParameter) -> object:
+    """An InferParameter's value, None when it has none."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
 
 
 def encode_response(

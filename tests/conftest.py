@@ -113,6 +113,14 @@ class RunningServer:
             self.loop.close()
 
 
+def serving(model_path: Path, **options: Any) -> Iterator[RunningServer]:
+    """A RunningServer for a fixture to yield from (`yield from serving(repo)`), closed
+    after."""
+    running = RunningServer(model_path, **options)
+    yield running
+    running.close()
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., RunningServer]]:
     """Factory: start_server(model_path, **ServerOptions fields) -> RunningServer."""

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
@@ -22,8 +21,8 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from ferry.server.tensors import MAX_ANY_RANK
-from tests.conftest import RunningServer
-from tests.models import write_config
+from tests.conftest import RunningServer, serving
+from tests.models import save_graph, write_config
 
 
 def any_rank_model(path: Path) -> Path:
@@ -35,11 +34,7 @@ def any_rank_model(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # not onnx.checker's: it wants every graph input shaped
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path, check=False)  # onnx's checker wants inputs shaped
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +55,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
-    running = RunningServer(repo, exit_on_error=True)
-    yield running
-    running.close()
+    yield from serving(repo, exit_on_error=True)
 
 
 @pytest.fixture(scope="module")

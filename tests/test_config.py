@@ -173,7 +173,6 @@ def test_a_config_with_unsupported_fields_still_serves(tmp_path: Path) -> None:
             "dynamic_batching { priority_queue_policy { key: 1 value { max_queue_size: 2 } } }",
             "dynamic_batching.priority_queue_policy",
         ),
-        ('output [ { name: "scores" label_filename: "labels.txt" } ]', "output.label_filename"),
         ("optimization { cuda { output_copy_stream: true } }", "optimization.cuda"),
         (
             "optimization { input_pinned_memory { enable: true } }",

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
@@ -19,19 +18,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ferry.server.config import ConfigError, read_config_file, settings_from
 from ferry.server.signatures import read_signature
-from tests.conftest import RunningServer
-from tests.models import write_config
+from tests.conftest import RunningServer, serving
+from tests.models import save_graph, write_config
 
 Value = helper.make_tensor_value_info
-
-
-def save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 def classifier(path: Path) -> Path:
@@ -39,7 +29,7 @@ def classifier(path: Path) -> Path:
     weights = numpy_helper.from_array(
         np.arange(12, dtype=np.float32).reshape(4, 3) / 10 - 0.5, "W"
     )
-    return save(helper.make_graph(
+    return save_graph(helper.make_graph(
         [helper.make_node("MatMul", ["float_input", "W"], ["logits"]),
          helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
          helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0)],
@@ -54,7 +44,7 @@ def classifier(path: Path) -> Path:
 def image_sum(path: Path) -> Path:
     """pixels [batch, 3, 4] -> per-channel sums [batch, 3] and the pixels doubled."""
     axes = numpy_helper.from_array(np.array([2], np.int64), "axes")
-    return save(helper.make_graph(
+    return save_graph(helper.make_graph(
         [helper.make_node("ReduceSum", ["pixels", "axes"], ["sums"], keepdims=0),
          helper.make_node("Add", ["pixels", "pixels"], ["doubled"])],
         "image_sum",
@@ -68,7 +58,7 @@ def image_sum(path: Path) -> Path:
 def column(path: Path) -> Path:
     """x [batch, n, 1] -> y = x * 3, same shape: a variable dimension on both sides."""
     three = numpy_helper.from_array(np.array(3, np.float32), "three")
-    return save(helper.make_graph(
+    return save_graph(helper.make_graph(
         [helper.make_node("Mul", ["x", "three"], ["y"])],
         "column",
         [Value("x", TensorProto.FLOAT, ["batch", "n", 1])],
@@ -124,9 +114,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
-    running = RunningServer(repo, exit_on_error=True)
-    yield running
-    running.close()
+    yield from serving(repo, exit_on_error=True)
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,9 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
     metadata = client.get_server_metadata()
     assert metadata.name == "ferry"
     assert metadata.version == __version__
-    assert {"model_configuration", "statistics", "model_repository"} <= set(metadata.extensions)
+    assert {"classification", "model_configuration", "statistics", "model_repository"} <= set(
+        metadata.extensions
+    )
     as_json = client.get_server_metadata(as_json=True)
     assert as_json["name"] == "ferry"
 
