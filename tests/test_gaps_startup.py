@@ -147,6 +147,16 @@ async def test_a_matching_tls_pair_starts(repo: Path, pki: Pki) -> None:
         await server.stop(0.0)
 
 
+async def start_fails_naming_tls(repo: Path, tls: TlsFiles) -> None:
+    """The start fails with a message about the TLS files, not about --host/--grpc-port."""
+    server = FerryServer(options(repo, http_port=None, metrics_port=None,
+                                 security=SecurityOptions(tls=tls)))
+    with pytest.raises(OSError) as caught:
+        await server.start()
+    assert "TLS" in str(caught.value), str(caught.value)
+    assert "--grpc-port" not in str(caught.value)
+
+
 @pytest.mark.asyncio
 async def test_tls_files_that_are_not_pem_fail_the_start_naming_tls(
     repo: Path, tmp_path: Path
@@ -155,13 +165,7 @@ async def test_tls_files_that_are_not_pem_fail_the_start_naming_tls(
     TLS files, not about --host/--grpc-port."""
     (tmp_path / "cert.pem").write_text("not a certificate")
     (tmp_path / "key.pem").write_text("not a key")
-    tls = TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem")
-    server = FerryServer(options(repo, http_port=None, metrics_port=None,
-                                 security=SecurityOptions(tls=tls)))
-    with pytest.raises(OSError) as caught:
-        await server.start()
-    assert "TLS" in str(caught.value), str(caught.value)
-    assert "--grpc-port" not in str(caught.value)
+    await start_fails_naming_tls(repo, TlsFiles(tmp_path / "cert.pem", tmp_path / "key.pem"))
 
 
 @pytest.mark.asyncio
@@ -170,13 +174,7 @@ async def test_a_certificate_with_another_identitys_key_fails_the_start_naming_t
 ) -> None:
     """The common slip: the server certificate with the client's key (both valid PEM,
     not a pair). The start must say the TLS files do not go together."""
-    tls = TlsFiles(pki.server.cert, pki.client.key)
-    server = FerryServer(options(repo, http_port=None, metrics_port=None,
-                                 security=SecurityOptions(tls=tls)))
-    with pytest.raises(OSError) as caught:
-        await server.start()
-    assert "TLS" in str(caught.value), str(caught.value)
-    assert "--grpc-port" not in str(caught.value)
+    await start_fails_naming_tls(repo, TlsFiles(pki.server.cert, pki.client.key))
 
 
 @pytest.mark.asyncio
