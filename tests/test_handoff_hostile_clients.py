@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
-from tests.models import _save, spin_model, write_config
+from tests.models import save_graph, spin_model, write_config
 from tests.waiting import wait_until
 from tests.workers import Workers, established, shm_names
 
@@ -42,7 +42,7 @@ def sum_model(path: Path, features: int) -> Path:
         [helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])],
         [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def stub(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
@@ -328,7 +328,7 @@ def tile_model(path: Path, repeats: int) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", repeats])],
         [numpy_helper.from_array(np.array([1, repeats], dtype=np.int64), "repeats")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 def test_a_timeout_parameter_expires_in_the_executors_queue_and_large_outputs_come_back(

@@ -23,7 +23,7 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 from ferry.server.executor import Runner
 from tests.conftest import GatedInstance, RunningServer
-from tests.models import _save, mlp_model, write_config
+from tests.models import mlp_model, save_graph, write_config
 from tests.process import metric
 from tests.waiting import wait_until
 
@@ -41,7 +41,7 @@ def gather_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
         [numpy_helper.from_array(np.arange(4, dtype=np.float32), "data")],
     )
-    return _save(graph, path)
+    return save_graph(graph, path)
 
 
 @pytest.fixture
