@@ -414,6 +414,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_accepts(port: int, server: FerryProcess) -> bool:
+    """Whether 127.0.0.1:`port` takes a connection now (the server must still run)."""
+    import socket
+
+    assert server.process.poll() is None, server.log
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def test_not_ready_until_every_start_up_model_is_loaded(tmp_path: Path) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -427,8 +439,15 @@ def test_not_ready_until_every_start_up_model_is_loaded(tmp_path: Path) -> None:
     port = free_port()
     server = FerryProcess(repo, "--metrics-port", "-1", "--grpc-port", str(port), wait_ready=False)
     seen_not_ready = 0
+    # The port opens while 'b' warms up (seconds). A channel that tried before the port
+    # opened retries only after its reconnect backoff (1 s and more by default), which can
+    # outlast the warm-up: poll the port itself, and keep the channel's backoff short.
+    fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 20),
+                      ("grpc.min_reconnect_backoff_ms", 20),
+                      ("grpc.max_reconnect_backoff_ms", 50)]
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        wait_until(lambda: port_accepts(port, server), timeout=60, what=f"port {port}")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast_reconnect) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
             stub.ServerLive(pb.ServerLiveRequest(), timeout=60, wait_for_ready=True)
