@@ -237,8 +237,10 @@ def test_queued_requests_merge_into_one_batch(held_mlp: Held) -> None:
     reference = Reference(held_mlp.server.server.manager.repository.path / "mlp/1/model.onnx")
     blocker = held_mlp.hold_with([fp32_input("x", rows_of(seed=0, rows=2))])
     sent = [rows_of(seed=10 + i, rows=rows) for i, rows in enumerate([1, 4, 2, 3])]
-    futures = [held_mlp.submit([fp32_input("x", x)]) for x in sent]
-    held_mlp.wait_queued(len(sent))
+    futures = []
+    for queued, x in enumerate(sent, start=1):  # one queued, then the next: a known order
+        futures.append(held_mlp.submit([fp32_input("x", x)]))
+        held_mlp.wait_queued(queued)
     held_mlp.gate.release()
     blocker.result(30)
     for x, future in zip(sent, futures, strict=True):

@@ -211,13 +211,15 @@ def test_requests_that_send_different_optional_inputs_never_share_a_batch(
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
         calls = [stub.ModelInfer.future(request("a", 1.0), timeout=30)]
         assert runner.entered.wait(30)  # the first runs (held); the next two queue
-        calls += [stub.ModelInfer.future(request(n, v), timeout=30)
-                  for n, v in (("b", 2.0), ("a", 3.0))]
         scheduler = server.server.manager.get("pair").scheduler
-        deadline = time.monotonic() + 30
-        while scheduler.queue_depth < 2:
-            assert time.monotonic() < deadline, "the requests never queued"
-            time.sleep(0.005)
+        # One at a time, each seen queued before the next is sent: two calls sent
+        # together may reach the queue in either order.
+        for depth, (name, value) in enumerate((("b", 2.0), ("a", 3.0)), start=1):
+            calls.append(stub.ModelInfer.future(request(name, value), timeout=30))
+            deadline = time.monotonic() + 30
+            while scheduler.queue_depth < depth:
+                assert time.monotonic() < deadline, f"the request of {name!r} never queued"
+                time.sleep(0.005)
         runner.gate.set()
         answers = [np.frombuffer(c.result().raw_output_contents[0], np.float32) for c in calls]
     assert [a.tolist() for a in answers] == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]

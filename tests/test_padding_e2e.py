@@ -161,10 +161,12 @@ def test_queued_requests_of_different_lengths_run_as_one_padded_batch(
         blocker = request_of(seed=100, length=5)
         pending = [(blocker, submit(client, blocker))]
         assert gate.entered.acquire(timeout=20)
+        # One at a time, each seen queued before the next: the rows below are checked
+        # in arrival order, and calls sent together may arrive in either order.
         for i, length in enumerate(lengths):
             arrays = request_of(seed=i, length=length)
             pending.append((arrays, submit(client, arrays)))
-        wait_for_queue(server, len(lengths))
+            wait_for_queue(server, i + 1)
         gate.release()
         for arrays, future in pending:
             answers.append((arrays, future.result(timeout=30)))
@@ -187,8 +189,9 @@ def test_without_the_setting_different_lengths_never_share_a_batch(
         gate.hold()
         pending = [submit(client, request_of(seed=100, length=5))]
         assert gate.entered.acquire(timeout=20)
-        pending += [submit(client, request_of(seed=i, length=n)) for i, n in enumerate([9, 12])]
-        wait_for_queue(server, 2)
+        for i, length in enumerate([9, 12]):  # in this order (one queued, then the next)
+            pending.append(submit(client, request_of(seed=i, length=length)))
+            wait_for_queue(server, i + 1)
         gate.release()
         for future in pending:
             future.result(timeout=30)
