@@ -3,7 +3,8 @@
 "value:index" (":label" added when the output's config names a `label_filename` holding
 that index), in place of the tensor: [batch, k] for a model that batches (per row), [k]
 for one that does not. As Triton does: values in C's %f (integers as they are), ranked
-largest first, ties by index, k cut to the elements there are; numeric outputs other than
+largest first by their exact values (64-bit integers too), ties by index, k cut to the
+elements there are, an empty label line adding no label; numeric outputs other than
 FP16/BF16/BOOL only.
 """
 
@@ -84,15 +85,18 @@ def classify(outputs: Tensors, classes: Mapping[str, int], settings: ModelSettin
 
 def _top_classes(rows: Array, count: int, labels: tuple[str, ...]) -> Array:
     count = min(count, rows.shape[1])
-    # Largest first, ties by index: a stable sort of the negated values (NaN last).
-    order = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
+    # Largest first, ties by index: a stable sort of the values reversed in their own
+    # type (NaN last). As float64, 64-bit integers past 2**53 would tie; bitwise not
+    # reverses integers exactly where negation overflows (a signed minimum, unsigned).
+    reversed_values = np.invert(rows) if rows.dtype.kind in "iu" else np.negative(rows)
+    order = np.argsort(reversed_values, axis=1, kind="stable")[:, :count]
     integers = rows.dtype.kind in "iu"
     answer = np.empty((rows.shape[0], count), dtype=object)
     for row in range(rows.shape[0]):
         for rank, index in enumerate(order[row].tolist()):
             value = rows[row, index]
             text = f"{int(value)}:{index}" if integers else f"{float(value):f}:{index}"
-            if index < len(labels):
+            if index < len(labels) and labels[index]:  # Triton skips an empty label
                 text += f":{labels[index]}"
             answer[row, rank] = text
     return answer
@@ -100,8 +104,10 @@ def _top_classes(rows: Array, count: int, labels: tuple[str, ...]) -> Array:
 
 def classified_settings(settings: ModelSettings, names: frozenset[str]) -> ModelSettings:
     """The settings an answer with `names` classified is encoded with: those outputs are
-    BYTES. Kept per model and set of names (at most one per subset of its outputs), so
-    that the encoders' caches, keyed by settings, see the same object each time."""
+    BYTES. Kept per model and set of names, so that the encoders' caches, keyed by
+    settings, see the same object each time; only the sets asked for last, since callers
+    choose them and a model of n outputs has 2**n (a set asked for again after it went is
+    made again, and answered the same)."""
     variants = _VARIANTS.setdefault(id(settings), (settings, {}))
     if variants[0] is not settings:  # a settings object gone, whose id() came back
         variants = _VARIANTS[id(settings)] = (settings, {})
@@ -109,6 +115,8 @@ def classified_settings(settings: ModelSettings, names: frozenset[str]) -> Model
     if variant is None:
         if len(_VARIANTS) > _VARIANTS_KEPT:
             del _VARIANTS[next(iter(_VARIANTS))]
+        if len(variants[1]) >= _VARIANTS_PER_MODEL:
+            del variants[1][next(iter(variants[1]))]
         outputs = tuple(
             dataclasses.replace(spec, datatype="BYTES") if spec.name in names else spec
             for spec in settings.outputs
@@ -119,6 +127,8 @@ def classified_settings(settings: ModelSettings, names: frozenset[str]) -> Model
 
 _VARIANTS: dict[int, tuple[ModelSettings, dict[frozenset[str], ModelSettings]]] = {}
 _VARIANTS_KEPT = 64
+# Sets of classified outputs kept per model: a few KB each.
+_VARIANTS_PER_MODEL = 32
 
 
 def read_labels(folder: Path, settings: ModelSettings) -> dict[str, tuple[str, ...]]:
@@ -150,5 +160,16 @@ def read_labels(folder: Path, settings: ModelSettings) -> dict[str, tuple[str, .
             raise ValueError(
                 f"output '{spec.name}': cannot read label file {spec.label_filename}: {exc}"
             ) from None
-        labels[spec.name] = tuple(text.splitlines())
+        labels[spec.name] = _label_lines(text)
     return labels
+
+
+def _label_lines(text: str) -> tuple[str, ...]:
+    """One label per line, lines ended by "\n" alone (Triton reads the file with
+    std::getline): splitlines() would also end one at a form feed or a Unicode line
+    separator inside a label, moving every label after it to the next class. The "\r" of
+    a CRLF line goes, as it did."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file's last line ends with "\n"
+    return tuple(line.removesuffix("\r") for line in lines)

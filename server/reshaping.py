@@ -29,13 +29,14 @@ class ReshapingInstance:
         self._batching = settings.batchable
         self._inputs = {s.name: s.reshape for s in settings.inputs if s.reshape is not None}
         self._outputs = {s.name: s.dims for s in settings.outputs if s.reshape is not None}
+        self._reshapes = {s.name: s.reshape for s in settings.outputs if s.reshape is not None}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.instance, name)
 
     def run(self, inputs: Mapping[str, Array], output_names: Sequence[str]) -> Tensors:
         outputs = self.instance.run(self._reshaped(inputs, self._inputs), output_names)
-        return self._reshaped(outputs, self._outputs)
+        return self._answered(outputs)
 
     def run_batch(
         self, parts: Sequence[Mapping[str, Array]], rows: int, output_names: Sequence[str]
@@ -43,7 +44,28 @@ class ReshapingInstance:
         outputs, padded = self.instance.run_batch(
             [self._reshaped(part, self._inputs) for part in parts], rows, output_names
         )
-        return self._reshaped(outputs, self._outputs), padded
+        return self._answered(outputs), padded
+
+    def _answered(self, outputs: Mapping[str, Array]) -> dict[str, Array]:
+        """The outputs in their config dims. Inputs always fit (the config check at load
+        and the requests' checks see to it), but a graph whose dims are symbolic may answer
+        a shape its reshape does not hold: say which output, rather than numpy's words."""
+        try:
+            return self._reshaped(outputs, self._outputs)
+        except ValueError:
+            for name, dims in self._outputs.items():
+                array = outputs.get(name)
+                if array is None:
+                    continue
+                try:
+                    self._reshaped({name: array}, {name: dims})
+                except ValueError:
+                    raise ValueError(
+                        f"output '{name}': the model answered {list(array.shape)}, which does "
+                        f"not hold the elements of its config dims {list(dims)} "
+                        f"(reshape {list(self._reshapes[name])})"
+                    ) from None
+            raise
 
     def _reshaped(
         self, arrays: Mapping[str, Array], shapes: Mapping[str, tuple[int, ...]]
