@@ -227,7 +227,8 @@ def _known_input(
         if given < 0 or (given != wanted and wanted != -1):
             return None
         elements *= given
-    if tensor.HasField("contents"):
+    # No element: `_check_shape` bounds its other dimensions, which numpy multiplies.
+    if not elements or tensor.HasField("contents"):
         return None
     return _KnownInput(
         tensor.name, shape, NUMPY_DTYPES[datatype], elements, elements * itemsize,
@@ -440,10 +441,19 @@ def _check_shape(
         )
     # Exact whatever the size (Python integers do not overflow); the limit is checked on
     # the shape, before anything is allocated.
-    if math.prod(shape) > limits.max_elements:
+    elements = math.prod(shape)
+    if elements > limits.max_elements:
         raise invalid_input(
             f"input '{spec.name}': shape {list(shape)} has more than "
             f"{limits.max_elements} elements, the limit per tensor (--max-tensor-elements)"
+        )
+    # A shape with a 0 has no element, but numpy (and onnxruntime) multiply its other
+    # dimensions all the same: past int64 it is numpy's "array is too big".
+    if not elements and math.prod(d for d in shape if d) > limits.max_elements:
+        raise invalid_input(
+            f"input '{spec.name}': shape {list(shape)} has no element, but its other "
+            f"dimensions multiply to more than {limits.max_elements}, the limit per tensor "
+            "(--max-tensor-elements)"
         )
     return shape
 
