@@ -17,7 +17,9 @@ GHZ_VERSION=v0.120.0
 if ! { [ -x .tools/bin/ghz ] && go version -m .tools/bin/ghz 2>/dev/null \
     | grep -q "mod[[:space:]]*github.com/bojand/ghz[[:space:]]*${GHZ_VERSION}"; }; then
   if command -v go >/dev/null; then
-    GOBIN="$PWD/.tools/bin" go install "github.com/bojand/ghz/cmd/ghz@${GHZ_VERSION}"
+    # -X main.version: what `ghz --version` prints (a plain go install says "dev").
+    GOBIN="$PWD/.tools/bin" go install -ldflags "-X main.version=${GHZ_VERSION}" \
+      "github.com/bojand/ghz/cmd/ghz@${GHZ_VERSION}"
   else
     echo "install-test-tools: Go not found, skipping ghz (the benchmark smoke test will skip)" >&2
   fi
@@ -25,13 +27,13 @@ fi
 
 # protoc plugins for the Go example client (examples/clients/go), pinned like ghz. protoc
 # itself is grpcio-tools' (python -m grpc_tools.protoc, in .venv).
-go_install_pinned() {  # binary, module whose version go records, package@version
+go_install_pinned() {  # binary, module whose version go records, package@version [go flags]
   local binary=$1 module=$2 package=$3 version=${3##*@}
   if [ -x ".tools/bin/$binary" ] && go version -m ".tools/bin/$binary" 2>/dev/null \
       | grep -q "mod[[:space:]]*${module}[[:space:]]*${version}"; then
     return 0
   fi
-  GOBIN="$PWD/.tools/bin" go install "$package"
+  GOBIN="$PWD/.tools/bin" go install "${@:4}" "$package"
 }
 if command -v go >/dev/null; then
   go_install_pinned protoc-gen-go google.golang.org/protobuf \
@@ -39,8 +41,9 @@ if command -v go >/dev/null; then
   go_install_pinned protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc \
     google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.2
   # grpcurl: what a person types at Ferry; the tests check its JSON requests and answers.
+  # -X main.version: what `grpcurl -version` prints (a plain go install says "dev build").
   go_install_pinned grpcurl github.com/fullstorydev/grpcurl \
-    github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
+    github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3 -ldflags "-X main.version=v1.9.3"
   (cd examples/clients/go && go mod download)
 else
   echo "install-test-tools: Go not found, skipping the Go client's tools" >&2
