@@ -21,7 +21,7 @@ from .config import ModelSettings
 from .errors import ErrorKind, FerryError, Status, invalid_input
 from .loaded_model import LoadedModel
 from .outcomes import OutcomeObserver, RequestOutcome
-from .repository import IndexEntry
+from .repository import IndexEntry, shown
 from .rows import Array, Tensors
 from .tensors import DecodedRequest
 
@@ -128,7 +128,7 @@ class DataPlane:
             status = Status.CANCELLED
             raise
         except Exception as exc:  # never leak a traceback to the caller
-            log.exception("unexpected error serving model '%s'", model_name)
+            log.exception("unexpected error serving model '%s'", shown(model_name))
             message = f"internal error: {type(exc).__name__}"
             raise FerryError(ErrorKind.INTERNAL, message) from exc
         finally:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
+from .client_text import bounded
 from .errors import Status
 from .outcomes import RequestOutcome
 
@@ -30,14 +31,16 @@ rejection_log = logging.getLogger("ferry.rejections")
 # Outcomes a client brings on itself by leaving; not worth a line.
 QUIET_STATUSES = frozenset({Status.OK, Status.CANCELLED})
 MAX_MESSAGE_CHARS = 500
+# Any record's message, whatever it quotes (a name a load request sent, a path): no
+# legitimate line comes near it, and a client's megabytes cannot make one.
+MAX_RECORD_CHARS = 16 * 1024
 
 
 def printable(text: str) -> str:
     """An error message fit for one log line: it may quote what a caller sent (a model
-    name, say), so control characters are escaped and the length is bounded."""
-    if len(text) > MAX_MESSAGE_CHARS:
-        text = text[:MAX_MESSAGE_CHARS] + "..."
-    return escaped(text)
+    name, say), so control characters are escaped and the length is bounded (cut in
+    its middle: the end of a message says what the server has)."""
+    return escaped(bounded(text, MAX_MESSAGE_CHARS))
 
 
 def escaped(text: str) -> str:
@@ -48,13 +51,16 @@ def escaped(text: str) -> str:
 
 
 class _OneLine(logging.Filter):
-    """Every message the handler writes is escaped as `escaped` does: a model name, a
-    path or any other string a client sent cannot start a line of its own. (A traceback,
-    formatted apart from the message, keeps its lines.)"""
+    """Every message the handler writes is escaped as `escaped` does, and bounded to
+    MAX_RECORD_CHARS: a model name, a path or any other string a client sent cannot
+    start a line of its own, nor make one megabytes long. (A traceback, formatted apart
+    from the message, keeps its lines.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.isprintable():
+        if len(message) > MAX_RECORD_CHARS:
+            record.msg, record.args = escaped(bounded(message, MAX_RECORD_CHARS)), None
+        elif not message.isprintable():
             record.msg, record.args = escaped(message), None
         return True
 
@@ -167,9 +173,13 @@ class RejectionLog:
         if reported is None:
             return
         suppressed, more = reported
+        # A request refused before it reached a loaded model (unknown, not loaded, the
+        # server stopping) has no model to name here, as in the metrics (label _unknown):
+        # the message names the one it asked for.
+        whose = f"requests to model '{model}'" if model else "requests that reached no model"
         rejection_log.warning(
-            "requests to model '%s' fail with %s%s: %s",
-            model or "(unknown)", code, more, printable(message) or "(no detail)",
+            "%s fail with %s%s: %s",
+            whose, code, more, printable(message) or "(no detail)",
             extra={"fields": {"model": model, "code": code, "suppressed": suppressed}},
         )
 

@@ -51,7 +51,7 @@ from .handoff import (
 )
 from .loaded_model import LoadedModel, pick_version
 from .outcomes import OutcomeObserver, RequestOutcome
-from .repository import NOT_LOADED, IndexEntry, ModelState
+from .repository import NOT_LOADED, IndexEntry, ModelState, shown
 from .rows import Tensors
 from .stats import ModelStatistics, add_statistics
 
@@ -482,7 +482,7 @@ class RemoteModels:
             versions = self._models.get(name)
             if versions:
                 return pick_version(name, versions, version)
-            raise not_found(f"unknown model '{name}'")
+            raise not_found(f"unknown model '{shown(name)}'")
         if self._closing:
             raise FerryError(ErrorKind.UNAVAILABLE, "server is shutting down")
         if not self._ready.is_set():

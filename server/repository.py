@@ -142,7 +142,7 @@ class ModelRepository:
         override = parse_config_json(config_json) if config_json is not None else None
         if self.single_file:
             if name != self.path.stem:
-                raise not_found(f"unknown model '{name}'")
+                raise not_found(f"unknown model '{shown(name)}'")
             return ModelSource(name, self.path.parent, override, {1: self.path})
         folder = self._model_folder(name)
         config_path = folder / "config.pbtxt"
@@ -191,7 +191,7 @@ class ModelRepository:
                 f"model '{name}' resolves outside the model repository",
             )
         if not folder.is_dir():
-            raise not_found(f"model '{name}' is not in the model repository")
+            raise not_found(f"model '{shown(name)}' is not in the model repository")
         return folder
 
 

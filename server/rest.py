@@ -166,7 +166,8 @@ class RestFrontDoor:
         add("POST", "/v2/repository/index", repo, self.repository_index)
         add("POST", "/v2/repository/models/{model}/load", repo, self.load)
         add("POST", "/v2/repository/models/{model}/unload", repo, self.unload)
-        app.router.add_route("*", "/{path:.*}", self.no_route)
+        # [\s\S], not ".": a path holding a line break (%0a) is no route too.
+        app.router.add_route("*", r"/{path:[\s\S]*}", self.no_route)
         return app
 
     def _expect_continue(

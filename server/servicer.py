@@ -16,8 +16,9 @@ from ferry.proto import grpc_service_pb2 as pb
 from ferry.proto import grpc_service_pb2_grpc as pb_grpc
 
 from . import __version__
+from .client_text import bounded
 from .dataplane import DataPlane, refuse_oversized_answer, statistics_of, text_bytes
-from .errors import FerryError, Status, cut
+from .errors import FerryError, Status
 from .grpc_status import status_code
 from .loaded_model import LoadedModel
 from .raw_contents import SplitRequest
@@ -350,15 +351,22 @@ def typed_floor(name: str, array: Array) -> int:
 
 
 def bounded_message(message: str) -> str:
-    message = cut(message, MAX_ERROR_MESSAGE_CHARS - 3)
-    if message.isascii():
-        return message
-    wire_bytes = 0
-    for index, char in enumerate(message):
-        wire_bytes += 1 if " " <= char <= "~" and char != "%" else 3 * _utf8_length(char)
-        if wire_bytes > MAX_ERROR_MESSAGE_WIRE_BYTES - 3:
-            return message[:index] + "..."
-    return message
+    """The message as a caller gets it: cut in its middle (`client_text.bounded`), so
+    that it still ends with what the server has, to fit MAX_ERROR_MESSAGE_CHARS and, once
+    percent-encoded, MAX_ERROR_MESSAGE_WIRE_BYTES."""
+    shown = bounded(message, MAX_ERROR_MESSAGE_CHARS)
+    limit = MAX_ERROR_MESSAGE_CHARS
+    # At most 12 wire bytes a character: a few rounds at most, and only for long
+    # messages that are not ASCII.
+    while not shown.isascii() and _wire_bytes(shown) > MAX_ERROR_MESSAGE_WIRE_BYTES:
+        limit = limit * 3 // 4
+        shown = bounded(message, limit)
+    return shown
+
+
+def _wire_bytes(message: str) -> int:
+    return sum(1 if " " <= char <= "~" and char != "%" else 3 * _utf8_length(char)
+               for char in message)
 
 
 def _utf8_length(char: str) -> int:

@@ -21,7 +21,7 @@ from ferry.proto.codec import CONTENTS_FIELDS, NUMPY_DTYPES, BytesFormatError, f
 from .classification import CLASSIFICATION_PARAMETER, ClassifiedOutputs
 from .classification import check_request as check_classification
 from .config import ModelSettings, TensorSpec
-from .errors import ErrorKind, FerryError, invalid_input
+from .errors import ErrorKind, FerryError, cut, invalid_input
 from .padding import ABSENT_INPUT, PaddingSettings
 from .varints import Scalar, decode_packed, packed_payload
 
@@ -308,7 +308,7 @@ def _decode_inputs(
         spec = specs.get(tensor.name)
         if spec is None:
             raise invalid_input(
-                f"unknown input '{tensor.name}': model '{model.name}' takes "
+                f"unknown input '{cut(tensor.name, 100)}': model '{model.name}' takes "
                 + ", ".join(f"'{name}'" for name in specs)
             )
         if tensor.name in arrays:
@@ -692,7 +692,7 @@ def _requested_outputs(request: pb.ModelInferRequest, model: ModelSettings) -> t
     for output in requested:
         if output.name not in names:
             raise invalid_input(
-                f"unknown output '{output.name}': model '{model.name}' gives "
+                f"unknown output '{cut(output.name, 100)}': model '{model.name}' gives "
                 + ", ".join(f"'{n}'" for n in names)
             )
         if output.name in wanted:

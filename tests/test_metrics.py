@@ -337,6 +337,23 @@ def test_rejections_are_logged_once_per_class_and_interval(
     assert "4 more" in lines[2]
 
 
+def test_a_rejection_before_any_model_names_no_model_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request refused before it reached a loaded model (not loaded, shutting down) is
+    counted under no model: its line said "requests to model '(unknown)'" though the
+    request named one (the message quotes it)."""
+    caplog.set_level(logging.INFO, logger="ferry")
+    message = "model 'double' is in the model repository but not loaded"
+    RejectionLog().request_finished(outcome("", "NOT_FOUND", 1, message))
+    RejectionLog().request_finished(outcome("m", "NOT_FOUND", 1, "unknown version 9"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "ferry.rejections"]
+    assert lines == [
+        f"requests that reached no model fail with NOT_FOUND: {message}",
+        "requests to model 'm' fail with NOT_FOUND: unknown version 9",
+    ]
+
+
 def malformed_http_record(error: BaseException) -> logging.LogRecord:
     """A record as aiohttp's server logs a request it could not parse."""
     return logging.LogRecord(
