@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+# The caller's deadline is taken as `now + time_remaining` a moment after gRPC reads it,
+# so a handler that gRPC cancels at the deadline may see the clock a little short of it.
+_DEADLINE_SLACK_S = 0.001
+
 # The fewest bytes one output can take in an answer, from its array alone (its raw bytes,
 # the lengths of its BYTES elements, a floor of its JSON text): each front door has its own.
 OutputFloor = Callable[[str, Array], int]
@@ -125,7 +129,13 @@ class DataPlane:
             message = error.message
             raise
         except asyncio.CancelledError:
+            # grpc.aio cancels the handler both when its caller leaves and when the
+            # caller's deadline passes: in the second case the caller saw DEADLINE_EXCEEDED.
             status = Status.CANCELLED
+            if time_remaining is not None and (
+                self._clock() >= now + time_remaining - _DEADLINE_SLACK_S
+            ):
+                status = Status.DEADLINE_EXCEEDED
             raise
         except Exception as exc:  # never leak a traceback to the caller
             log.exception("unexpected error serving model '%s'", shown(model_name))

@@ -150,7 +150,8 @@ class _ModelObserver:
             total += seconds
         queue.total = total
         figures.compute.observe(timings.infer_ns / NS_PER_S)
-        figures.inferences += timings.rows
+        answered = timings.answered_rows  # None: every row of the batch
+        figures.inferences += timings.rows if answered is None else answered
         figures.batches += 1
         figures.padded_rows += timings.padded_rows
         sizes = figures.sizes
@@ -311,7 +312,8 @@ class ServerMetrics:
         )
         counters = {
             "inferences": CounterMetricFamily(
-                "ferry_inferences", "Rows inferred in successful batches", labels=["model"]
+                "ferry_inferences", "Rows of successful batches answered to their callers",
+                labels=["model"],
             ),
             "batches": CounterMetricFamily(
                 "ferry_batches",

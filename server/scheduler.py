@@ -41,6 +41,10 @@ class BatchTimings(NamedTuple):  # one per batch: a tuple is the cheapest record
     # A padding model's positions along its padded axis (see ExecutedBatch).
     real_elements: int = 0
     padded_elements: int = 0
+    # Rows whose callers got them: fewer than `rows` when a caller left (cancelled, or
+    # its deadline passed) while its batch ran. None: every row. `requests` and
+    # `queue_ns` count only the answered requests.
+    answered_rows: int | None = None
 
 
 class BatchObserver(Protocol):
@@ -384,6 +388,7 @@ class ModelScheduler:
             )
         else:
             partly = False
+            left: list[PendingRequest[Work]] = []  # ran, but their callers had gone
             for pending, result in zip(requests, outcome.outputs, strict=True):
                 future = pending.payload.future
                 if isinstance(result, BaseException):  # its part failed on its own
@@ -391,8 +396,12 @@ class ModelScheduler:
                     partly = True
                 elif not future.done():  # its caller may have left (_resolve, inlined)
                     future.set_result(result)
+                else:
+                    left.append(pending)
             infer_ns = outcome.infer_ns
-            if not partly:
+            if left:  # not the common batch
+                record = self._record_with_callers_gone(batch, outcome, start_ns, left)
+            elif not partly:
                 record = BatchTimings(
                     batch.rows, len(requests),
                     tuple([start_ns - r.payload.arrival_ns for r in requests]),
@@ -425,6 +434,34 @@ class ModelScheduler:
             self._dispatch()
         else:
             self._notify_if_idle()
+
+    def _record_with_callers_gone(
+        self,
+        batch: Batch[Work],
+        outcome: ExecutedBatch,
+        start_ns: int,
+        left: list[PendingRequest[Work]],
+    ) -> BatchTimings:
+        """The timings of a batch that ran although some callers had left: it counts as
+        one execution of the rows that ran, while only the answered requests count as
+        inferences, with their queue and compute times (each caller that left is
+        counted once, as its own failure, by the data plane)."""
+        ran = [
+            r for r, result in zip(batch.requests, outcome.outputs, strict=True)
+            if not isinstance(result, BaseException)
+        ]
+        answered = [r for r in ran if r not in left]
+        elements = sum(r.rows * r.length for r in ran)
+        partly = len(ran) < len(batch.requests)
+        return BatchTimings(
+            sum(r.rows for r in ran), len(answered),
+            tuple([start_ns - r.payload.arrival_ns for r in answered]),
+            outcome.input_ns, outcome.infer_ns, outcome.output_ns, not ran,
+            outcome.padded_rows,
+            elements if partly else outcome.real_elements,
+            elements if partly else outcome.padded_elements,
+            sum(r.rows for r in answered),
+        )
 
     def _execution_error(self, exc: BaseException) -> FerryError:
         if isinstance(exc, FerryError):

@@ -64,7 +64,9 @@ class ModelStatistics:
         n = timings.requests
         input_ns, infer_ns, output_ns = timings.input_ns, timings.infer_ns, timings.output_ns
         rows = timings.rows
-        self.inference_count += rows
+        # Rows whose callers left while their batch ran are not inferences of anyone.
+        answered = timings.answered_rows
+        self.inference_count += rows if answered is None else answered
         self.execution_count += 1
         self.last_inference_ms = time.time_ns() // 1_000_000
         queue = self.queue
