@@ -17,10 +17,11 @@ from ._channel import (
     CHANNEL_OPTIONS,
     DEFAULT_URL,
     call_metadata,
+    call_timeout,
     channel_target,
     credentials,
 )
-from .errors import from_rpc_error
+from .errors import FerryClientError, from_rpc_error
 from .metadata import ModelMetadata, ServerMetadata
 
 
@@ -28,7 +29,8 @@ class FerryClient:
     """Calls a Ferry (or any Open Inference Protocol gRPC server) at `url`, "host:port".
 
     Every method raises FerryClientError when the call fails, including when the server
-    cannot be reached; `timeout` is in seconds.
+    cannot be reached or the client is closed; `timeout` is in seconds (None or inf: no
+    deadline; 0, negative or NaN: ValueError).
 
     TLS is on when `tls` is true or any PEM argument is given (bytes of a PEM file):
     `root_certificates` to trust (default: the system's), and `private_key` with
@@ -55,6 +57,7 @@ class FerryClient:
             else grpc.insecure_channel(self.url, options=CHANNEL_OPTIONS)
         )
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._closed = False
 
     def infer(
         self,
@@ -73,6 +76,7 @@ class FerryClient:
             model, inputs, outputs, version=version, request_id=request_id, parameters=parameters
         )
         response: pb.ModelInferResponse = self._call(self._stub.ModelInfer, request, timeout)
+        _convert.check_response_of(response, request)
         return _convert.infer_outputs(response, outputs)
 
     def is_server_live(self, *, timeout: float | None = None) -> bool:
@@ -108,6 +112,8 @@ class FerryClient:
         return _convert.model_metadata(response)
 
     def close(self) -> None:
+        """Close the channel; calls in flight fail with CANCELLED. Closing twice is fine."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> FerryClient:
@@ -122,7 +128,20 @@ class FerryClient:
         self.close()
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline_s = call_timeout(timeout)
+        if self._closed:
+            raise _closed_error()
         try:
-            return method(request, timeout=timeout, metadata=self._metadata)
+            return method(request, timeout=deadline_s, metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!", if close() won
+            if self._closed:
+                raise _closed_error() from None
+            raise
+
+
+def _closed_error() -> FerryClientError:
+    return FerryClientError(
+        grpc.StatusCode.CANCELLED, "this FerryClient is closed; create a new one"
+    )
