@@ -18,8 +18,7 @@ pins="$(cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)"
 installed() { [ -f "$stamp" ] && grep -qxF "$pins $1" "$stamp"; }
 if installed "$extras"; then exit 0; fi
 if [ "$extras" = cpu ] && installed "cpu,test"; then exit 0; fi
-echo "setup: installing Ferry and its pinned dependencies into .venv ($extras; a minute" \
-  "or two the first time)" >&2
+echo "setup: installing Ferry and its pinned dependencies into .venv (takes a while the first time)" >&2
 .venv/bin/python -m pip install --quiet --upgrade "pip>=24"
 .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[${extras}]"
 echo "$pins $extras" >> "$stamp"
