@@ -253,9 +253,11 @@ def test_forging_strings_in_every_field_stay_inside_their_log_line(
 # Metrics and memory: nothing keyed by a name a client invents ----------------------------
 
 
-def test_ten_thousand_unknown_model_names_add_no_series_and_no_memory(
+def test_thousands_of_unknown_model_names_add_no_series_and_no_memory(
     repository: Path,
 ) -> None:
+    """3,000 names of 4 KB each: were anything to keep them (a series, a lock or a state
+    per name), the server would hold 12 MB more."""
     with FerryProcess(repository, "--http-port", "0", "--metrics-port", "0") as ferry:
         http_port = int(re.findall(r"REST binding on http://\S+:(\d+)", ferry.log)[0])
         connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
@@ -267,7 +269,7 @@ def test_ten_thousand_unknown_model_names_add_no_series_and_no_memory(
 
             def send(first: int, count: int) -> None:
                 for index in range(first, first + count):
-                    name = f"unknown-{index}-" + "q" * 200
+                    name = f"unknown-{index}-" + "q" * 4000
                     if index % 2:
                         try:
                             stub.ModelInfer(infer_request(model=name, id=name))
@@ -280,11 +282,11 @@ def test_ten_thousand_unknown_model_names_add_no_series_and_no_memory(
             send(0, 500)  # warm: every path and allocator pool in use once
             series = series_of(ferry.scrape())
             rss_kib = ferry.status_value("VmRSS")
-            send(500, 10_000)
+            send(500, 3_000)
             after = series_of(ferry.scrape())
         connection.close()
         assert after == series, sorted(after ^ series)[:10]
-        assert ferry.status_value("VmRSS") - rss_kib < 16 * 1024
+        assert ferry.status_value("VmRSS") - rss_kib < 6 * 1024
         assert ferry.stop() == 0
     assert "unknown-" not in "".join(after)
 
