@@ -19,7 +19,8 @@ echo "== import contracts"
 # The layers written down in pyproject.toml ([tool.importlinter]); a new violation fails here.
 .venv/bin/lint-imports --no-cache
 echo "== pytest"
-.venv/bin/python -m pytest "$@"
+# The 20 slowest tests are listed at the end: where the suite's time goes, run after run.
+.venv/bin/python -m pytest --durations=20 "$@"
 echo "== pytest, the in-process core on the standard library's event loop (--event-loop asyncio)"
 # The run above is on uvloop, the servers' default; these cover the other loop.
 FERRY_TEST_EVENT_LOOP=asyncio .venv/bin/python -m pytest -q \
