@@ -388,7 +388,7 @@ class ModelScheduler:
             )
         else:
             partly = False
-            left: list[PendingRequest[Work]] = []  # ran, but their callers had gone
+            left: list[PendingRequest[Work]] | None = None  # ran, but their callers had gone
             for pending, result in zip(requests, outcome.outputs, strict=True):
                 future = pending.payload.future
                 if isinstance(result, BaseException):  # its part failed on its own
@@ -396,30 +396,20 @@ class ModelScheduler:
                     partly = True
                 elif not future.done():  # its caller may have left (_resolve, inlined)
                     future.set_result(result)
+                elif left is None:
+                    left = [pending]
                 else:
                     left.append(pending)
             infer_ns = outcome.infer_ns
-            if left:  # not the common batch
-                record = self._record_with_callers_gone(batch, outcome, start_ns, left)
-            elif not partly:
+            if not partly and left is None:  # the common batch
                 record = BatchTimings(
                     batch.rows, len(requests),
                     tuple([start_ns - r.payload.arrival_ns for r in requests]),
                     outcome.input_ns, infer_ns, outcome.output_ns, False, outcome.padded_rows,
                     outcome.real_elements, outcome.padded_elements,
                 )
-            else:  # a failed batch run again in parts (padded: one request at a time)
-                counted = [
-                    r for r, result in zip(requests, outcome.outputs, strict=True)
-                    if not isinstance(result, BaseException)
-                ]
-                elements = sum(r.rows * r.length for r in counted)
-                record = BatchTimings(
-                    sum(r.rows for r in counted), len(counted),
-                    tuple([start_ns - r.payload.arrival_ns for r in counted]),
-                    outcome.input_ns, infer_ns, outcome.output_ns, not counted,
-                    outcome.padded_rows, elements, elements,
-                )
+            else:
+                record = self._record_in_part(batch, outcome, start_ns, partly, left or [])
             if not record.failed:
                 # What a batch costs lately, to decide whether one may run inline.
                 infer_s = infer_ns / 1e9
@@ -435,24 +425,26 @@ class ModelScheduler:
         else:
             self._notify_if_idle()
 
-    def _record_with_callers_gone(
+    def _record_in_part(
         self,
         batch: Batch[Work],
         outcome: ExecutedBatch,
         start_ns: int,
+        partly: bool,
         left: list[PendingRequest[Work]],
     ) -> BatchTimings:
-        """The timings of a batch that ran although some callers had left: it counts as
-        one execution of the rows that ran, while only the answered requests count as
-        inferences, with their queue and compute times (each caller that left is
-        counted once, as its own failure, by the data plane)."""
+        """The timings of a batch not every caller of which got its rows: a failed batch
+        run again in parts (`partly`; padded: one request at a time), or one that ran
+        although callers had `left`. It counts as one execution of the rows that ran,
+        while only the answered requests count as inferences, with their queue and
+        compute times (each caller that left is counted once, as its own failure, by the
+        data plane)."""
         ran = [
             r for r, result in zip(batch.requests, outcome.outputs, strict=True)
             if not isinstance(result, BaseException)
         ]
-        answered = [r for r in ran if r not in left]
+        answered = [r for r in ran if r not in left] if left else ran
         elements = sum(r.rows * r.length for r in ran)
-        partly = len(ran) < len(batch.requests)
         return BatchTimings(
             sum(r.rows for r in ran), len(answered),
             tuple([start_ns - r.payload.arrival_ns for r in answered]),
